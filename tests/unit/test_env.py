@@ -1,0 +1,94 @@
+"""megatron_navil.env: collect() keys, the CLI table and --json, and the pinned versions."""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import json
+import subprocess
+import sys
+
+import pytest
+
+import megatron_navil
+from megatron_navil import env
+
+EXPECTED_KEYS = {
+    "megatron_navil",
+    "python",
+    "platform",
+    "torch",
+    "torch_build",
+    "megatron_core",
+    "megatron_core_pinned",
+    "megatron_core_matches_pin",
+    "transformer_engine",
+    "flash_attn",
+    "apex",
+    "cuda_available",
+    "gpu_count",
+    "gpus",
+    "nvcc",
+    "nvcc_version",
+    "native_ext",
+    "native_ext_error",
+    "cuda_ext",
+    "cuda_ext_error",
+    "distributed_backend",
+    "warnings",
+}
+
+
+def test_collect_keys_and_values():
+    info = env.collect()
+    assert set(info) == EXPECTED_KEYS
+    assert info["megatron_navil"] == megatron_navil.__version__
+    assert info["megatron_core_pinned"] == megatron_navil.MCORE_VERSION
+    assert info["distributed_backend"] == ("nccl" if info["cuda_available"] else "gloo")
+    assert info["gpu_count"] == len(info["gpus"])
+    json.dumps(info)  # serialisable
+
+
+def test_collect_warns_on_megatron_core_mismatch(monkeypatch):
+    monkeypatch.setattr(megatron_navil, "MCORE_VERSION", "0.0.0")
+    info = env.collect()
+    assert not info["megatron_core_matches_pin"]
+    assert any("does not match the pinned 0.0.0" in w for w in info["warnings"])
+    assert "MISMATCH" in env.format_table(info)
+
+
+def test_missing_distribution_reported_not_installed():
+    assert env._dist_version("no-such-dist-xyz", module="no_such_module_xyz") == "not installed"
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_navil.env", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cli_json_parses():
+    proc = _run_cli("--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert set(info) == EXPECTED_KEYS
+
+
+def test_cli_table():
+    proc = _run_cli()
+    assert proc.returncode == 0, proc.stderr
+    for label in ("megatron_navil", "torch", "megatron-core", "apex", "distributed backend"):
+        assert label in proc.stdout
+
+
+def test_installed_metadata_pins_megatron_core():
+    """setup.py reads MCORE_VERSION from megatron_navil/__init__.py: one source of truth."""
+    try:
+        requires = metadata.requires("megatron_navil") or []
+    except metadata.PackageNotFoundError:
+        pytest.skip("megatron_navil is not pip-installed")
+    assert metadata.version("megatron_navil") == megatron_navil.__version__
+    assert f"megatron-core=={megatron_navil.MCORE_VERSION}" in requires
