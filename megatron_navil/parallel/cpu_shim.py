@@ -525,7 +525,8 @@ def _distopt_gather(set_: Callable) -> None:
     always=True,
 )
 def _distopt_ckpt(set_: Callable) -> None:
-    dist_opt = _mod("optimizer.distrib_optimizer").DistributedOptimizer
+    distrib = _mod("optimizer.distrib_optimizer")
+    dist_opt = distrib.DistributedOptimizer
     sharded_state_dict, load_state_dict = dist_opt.sharded_state_dict, dist_opt.load_state_dict
 
     def sharded_state_dict_(
@@ -535,7 +536,9 @@ def _distopt_ckpt(set_: Callable) -> None:
         *args: Any,
         **kwargs: Any,
     ) -> Any:
-        if is_loading and not any(self.optimizer.state.values()):
+        # (a) only torch-native Adam reads `step` from per-param states (apex/TE keep it in
+        # the param groups).
+        if is_loading and not distrib.HAVE_APEX_OR_TE and not any(self.optimizer.state.values()):
             self._init_optimizer_states_with_dummy_values()
         return sharded_state_dict(self, model_sharded_state_dict or {}, is_loading, *args, **kwargs)
 

@@ -1,0 +1,48 @@
+"""The spawn runner: results per rank, the child's traceback on failure, a hard timeout."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from megatron_navil.testing.multiproc import DistributedTestError, run_distributed
+
+
+def _rank_and_world() -> tuple[int, int, str]:
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), os.environ["OMP_NUM_THREADS"]
+
+
+def _fail_on_rank_one() -> None:
+    if os.environ["RANK"] == "1":
+        raise ValueError("rank one is unhappy")
+
+
+def _hang() -> None:
+    time.sleep(60)
+
+
+def _die() -> None:
+    os._exit(7)
+
+
+def test_results_in_rank_order():
+    assert run_distributed(_rank_and_world, 2, timeout=60) == [(0, 2, "1"), (1, 2, "1")]
+
+
+def test_child_traceback_is_shown():
+    with pytest.raises(DistributedTestError, match=r"(?s)rank 1.*ValueError: rank one is unhappy"):
+        run_distributed(_fail_on_rank_one, 2, timeout=60)
+
+
+def test_hard_timeout_kills_the_ranks():
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError, match="timed out after 3s"):
+        run_distributed(_hang, 2, timeout=3)
+    assert time.monotonic() - start < 20
+
+
+def test_a_dead_rank_is_reported():
+    with pytest.raises(DistributedTestError, match="ranks died"):
+        run_distributed(_die, 2, timeout=60)
