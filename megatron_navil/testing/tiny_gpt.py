@@ -36,6 +36,7 @@ class TinyGPTSpec:
     dispatcher: str = "alltoall"  # or "allgather"
     global_batch: int = 8
     micro_batch: int = 1
+    learnable: bool = False  # False: random tokens; True: t[i+1] = (5 t[i] + 3) % vocab
 
 
 def transformer_config(spec: TinyGPTSpec, layout: ParallelLayout, **overrides: Any) -> Any:
@@ -215,9 +216,17 @@ def max_rel_diff(shards: Shards, reference: dict[str, torch.Tensor]) -> tuple[fl
 
 
 def make_batch(spec: TinyGPTSpec, seed: int) -> dict[str, torch.Tensor]:
-    """The global batch: random tokens, labels = next token."""
+    """The global batch, labels = next token. Random tokens, or (``spec.learnable``) sequences
+    of the affine recurrence t -> (5t + 3) mod vocab from a random start, which a model can
+    learn (the demo shows the loss falling)."""
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, spec.vocab, (spec.global_batch, spec.seq + 1), generator=gen)
+    if spec.learnable:
+        tokens = torch.empty(spec.global_batch, spec.seq + 1, dtype=torch.long)
+        tokens[:, 0] = torch.randint(0, spec.vocab, (spec.global_batch,), generator=gen)
+        for i in range(spec.seq):
+            tokens[:, i + 1] = (5 * tokens[:, i] + 3) % spec.vocab
+    else:
+        tokens = torch.randint(0, spec.vocab, (spec.global_batch, spec.seq + 1), generator=gen)
     return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
 
 
