@@ -14,9 +14,15 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$venv/bin/python"
+# pip here warns once per package about local index folders that do not exist: drop that noise
+# (pipefail keeps pip's own exit status).
+pip_install() {
+  "$py" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 echo "install: torch 2.13.0 (CPU), build tools, megatron_navil[dev] into $venv"
-"$py" -m pip install -q --disable-pip-version-check torch==2.13.0
-"$py" -m pip install -q --disable-pip-version-check setuptools wheel pybind11 ninja
-"$py" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev]"
+pip_install torch==2.13.0
+pip_install setuptools wheel pybind11 ninja
+pip_install --no-build-isolation -e ".[dev]"
 "$py" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 echo "$want" > "$stamp"

@@ -59,8 +59,10 @@ class Patch:
             return
 
         def _set(obj: Any, attr: str, value: Any) -> None:
-            had = attr in vars(obj) if hasattr(obj, "__dict__") else hasattr(obj, attr)
-            self._saved.append((obj, attr, getattr(obj, attr, None), had))
+            # Save the raw attribute (a classmethod/staticmethod object, not what getattr
+            # binds) so revert restores exactly what was there, or deletes what was inherited.
+            own = vars(obj)
+            self._saved.append((obj, attr, own.get(attr), attr in own))
             setattr(obj, attr, value)
 
         self.install(_set)
@@ -133,7 +135,8 @@ def _cpu_rng_tracker_class() -> type:
     "rng",
     assumes="the model-parallel RNG tracker forks CUDA generator states "
     "(torch.cuda.get_rng_state, torch.cuda.manual_seed, _get/_set_cuda_rng_state)",
-    where="tensor_parallel/random.py: CudaRNGStatesTracker, _get/_set_cuda_rng_state",
+    where="tensor_parallel/random.py: CudaRNGStatesTracker, _get/_set_cuda_rng_state, "
+    "model_parallel_cuda_manual_seed",
     why_safe="on CPU every random op uses the CPU default generator, so forking that "
     "generator's state is exactly what the tracker does for CUDA",
 )
@@ -142,9 +145,17 @@ def _rng(set_: Callable) -> None:
     set_(random, "CudaRNGStatesTracker", _cpu_rng_tracker_class())
     set_(random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
     set_(random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
-    # model_parallel_cuda_manual_seed seeds the "default" CUDA generator; on CPU that is the
-    # CPU default generator (torch.cuda.manual_seed would be silently deferred forever).
-    set_(random.torch.cuda, "manual_seed", torch.manual_seed)
+    seed_all = random.model_parallel_cuda_manual_seed
+
+    def model_parallel_cuda_manual_seed(seed: int, *args: Any, **kwargs: Any) -> None:
+        # megatron seeds the device's default generator with `seed` (torch.cuda.manual_seed,
+        # silently deferred forever without CUDA); on CPU that generator is torch's default.
+        seed_all(seed, *args, **kwargs)
+        torch.manual_seed(seed)
+
+    set_(random, "model_parallel_cuda_manual_seed", model_parallel_cuda_manual_seed)
+    tensor_parallel = _mod("tensor_parallel")
+    set_(tensor_parallel, "model_parallel_cuda_manual_seed", model_parallel_cuda_manual_seed)
     random.initialize_rng_tracker(force_reset=True)
 
 

@@ -119,10 +119,7 @@ def initialize(
     from megatron.core import parallel_state, tensor_parallel
 
     cuda = torch.cuda.is_available()
-    if not cuda:
-        cpu_shim.apply(disable=shim_disable)
-    else:
-        cpu_shim.apply(disable=shim_disable, cuda=True)
+    cpu_shim.apply(disable=shim_disable, cuda=cuda)
     layout = ParallelLayout(tp, pp, ep, vpp, etp)
 
     if not torch.distributed.is_initialized():

@@ -108,8 +108,11 @@ def run_distributed(
             if errors:
                 break
     finally:
+        # Ranks that finished exit within moments; after a failure or a timeout the others
+        # may be stuck in a collective, so they get no grace period.
+        grace = 5.0 if len(outs) == world_size else 0.5
         for p in procs:
-            p.join(timeout=5 if not errors else 0.5)
+            p.join(timeout=grace)
             if p.is_alive():
                 p.kill()
                 p.join()
