@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,8 +26,6 @@ from typing import Any
 import torch
 
 from megatron_navil import MCORE_VERSION
-
-log = logging.getLogger(__name__)
 
 DISABLE_ENV = "MEGATRON_NAVIL_SHIM_DISABLE"
 CPU = torch.device("cpu")
