@@ -2,3 +2,30 @@
 
 Imports nothing else from the project.
 """
+
+from megatron_navil.config.model import (
+    SPECIAL_TOKENS,
+    VISUAL_TOKENS,
+    ConnectorConfig,
+    ExpertsConfig,
+    ImageConfig,
+    LanguageConfig,
+    NaViLConfig,
+    VisionConfig,
+)
+from megatron_navil.config.params import param_counts
+from megatron_navil.config.registry import REGISTRY, get_config
+
+__all__ = [
+    "REGISTRY",
+    "SPECIAL_TOKENS",
+    "VISUAL_TOKENS",
+    "ConnectorConfig",
+    "ExpertsConfig",
+    "ImageConfig",
+    "LanguageConfig",
+    "NaViLConfig",
+    "VisionConfig",
+    "get_config",
+    "param_counts",
+]

@@ -1,0 +1,250 @@
+"""Typed configs of the NaViL model, composed into :class:`NaViLConfig` with ``validate()``.
+
+Every field has a docstring-comment; ``validate()`` raises ValueError naming the field and the
+bad value. Sizes follow ../shared/NAVIL.md (the paper and the released inference code).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "</box>",
+    "<box>",
+    "<IMG_CONTEXT>",
+    "</img>",
+    "<img>",
+    "</quad>",
+    "<quad>",
+    "</ref>",
+    "<ref>",
+    "<img_uncond>",
+    "<IMG_LINE_BREAK>",
+    "<IMG_FRAME_BREAK>",
+)
+"""The 12 special tokens, in the row order of the ``special_token_embedding`` table."""
+
+VISUAL_TOKENS: tuple[str, ...] = ("<IMG_CONTEXT>", "<img>")
+"""Tokens routed to the visual experts; every other token (line/scale breaks, ``</img>``,
+generated text) uses the text experts."""
+
+
+def _check(ok: bool, owner: str, name: str, value: object, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{owner}.{name}={value!r}: {why}")
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value > 0, type(obj).__name__, name, value, "must be > 0")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The native vision encoder, trained from scratch (no CLS token, no absolute positions)."""
+
+    depth: int  # number of transformer blocks
+    width: int  # hidden size W
+    mlp: int  # GELU MLP inner size (fc1: W -> mlp, fc2: mlp -> W, both with bias)
+    heads: int  # attention heads (head dim = width / heads, 64 in the released models)
+    patch: int = 16  # pixels per patch side; the patch embedding sees 3 x patch x patch values
+    channels: int = 3  # input channels
+    rope_theta: float = 10000.0  # 2D RoPE base: half the frequencies rows, half columns
+    norm_eps: float = 1e-6  # RMSNorm epsilon (norm1, norm2, and the full-width QK-norm)
+    layer_scale_init: float = 0.1  # initial value of ls1/ls2
+    window: int | None = None  # window attention side in merge units (None: full attention)
+    full_attention_layers: tuple[int, ...] = ()  # layers that stay global under window attention
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    def validate(self) -> None:
+        _positive(self, "depth", "width", "mlp", "heads", "patch", "channels")
+        _check(
+            self.width % self.heads == 0,
+            "VisionConfig",
+            "heads",
+            self.heads,
+            f"must divide width={self.width}",
+        )
+        _check(
+            self.head_dim % 4 == 0,
+            "VisionConfig",
+            "heads",
+            self.heads,
+            f"head dim {self.head_dim} must be a multiple of 4 (2D RoPE: rows and columns "
+            "each rotate pairs)",
+        )
+        if self.window is not None:
+            _check(self.window > 0, "VisionConfig", "window", self.window, "must be > 0")
+        for layer in self.full_attention_layers:
+            _check(
+                0 <= layer < self.depth,
+                "VisionConfig",
+                "full_attention_layers",
+                self.full_attention_layers,
+                f"layer {layer} outside [0, {self.depth})",
+            )
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """Pixel shuffle (merge x merge patches -> one token) + LayerNorm -> Linear -> GELU ->
+    Linear into the LLM width."""
+
+    merge: int = 2  # patches per side merged into one LLM token
+    norm_eps: float = 1e-5  # LayerNorm epsilon over merge^2 * W features
+
+    def validate(self) -> None:
+        _positive(self, "merge")
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    """The causal LLM; every layer has a text and a visual expert (q/k/v/o and SwiGLU FFN)."""
+
+    variant: Literal["internlm2", "qwen3"]  # backbone family (2B: InternLM2, 9B: Qwen3)
+    hidden: int  # hidden size H
+    layers: int  # decoder layers
+    heads: int  # query heads
+    kv_heads: int  # key/value heads (grouped-query attention)
+    head_dim: int  # per-head size (128 in both backbones)
+    ffn: int  # SwiGLU inner size
+    vocab: int  # embedding rows (the 12 special tokens' own table is separate)
+    rope_theta: float = 1e6  # 1D RoPE base over the flat sequence
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    tie_embeddings: bool = False  # share input embedding and LM head (neither backbone does)
+    wo_then_wo_ve: bool = False  # released 2B code: visual attention output goes through wo,
+    # then wo_ve; off = the paper's formula (wo_ve alone). On only to load official 2B weights.
+
+    def validate(self) -> None:
+        _positive(self, "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab")
+        _check(
+            self.variant in ("internlm2", "qwen3"),
+            "LanguageConfig",
+            "variant",
+            self.variant,
+            "must be 'internlm2' or 'qwen3'",
+        )
+        _check(
+            self.heads % self.kv_heads == 0,
+            "LanguageConfig",
+            "kv_heads",
+            self.kv_heads,
+            f"must divide heads={self.heads}",
+        )
+        _check(
+            self.head_dim % 2 == 0,
+            "LanguageConfig",
+            "head_dim",
+            self.head_dim,
+            "must be even (RoPE rotates pairs)",
+        )
+        _check(
+            not (self.wo_then_wo_ve and self.variant != "internlm2"),
+            "LanguageConfig",
+            "wo_then_wo_ve",
+            self.wo_then_wo_ve,
+            "is a quirk of the released 2B (InternLM2) code only",
+        )
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """Modality experts. One expert per modality with hard routing is exactly NaViL; more
+    experts per modality add learned top-k routing inside each modality's group."""
+
+    per_modality: int = 1  # FFN experts per modality (text, visual)
+    topk: int = 1  # experts a token uses inside its modality's group
+    aux_loss_coeff: float = 0.0  # load-balancing loss per modality (only with per_modality > 1)
+
+    def validate(self) -> None:
+        _positive(self, "per_modality", "topk")
+        _check(
+            self.topk <= self.per_modality,
+            "ExpertsConfig",
+            "topk",
+            self.topk,
+            f"cannot exceed per_modality={self.per_modality}",
+        )
+        _check(
+            self.aux_loss_coeff >= 0,
+            "ExpertsConfig",
+            "aux_loss_coeff",
+            self.aux_loss_coeff,
+            "must be >= 0",
+        )
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """NaViL's image processing: native resolution, zero padding, multi-scale packing."""
+
+    min_patches: int = 256  # fewer 16x16 patches than this: upscale (keep aspect ratio)
+    max_patches: int = 24576  # more than this: downscale (keep aspect ratio)
+    max_aspect: float = 200.0  # reject longer/shorter side ratios above this
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    multi_scale: bool = True  # visual multi-scale packing (VMP)
+    scale_ratio: float = math.sqrt(2) / 2  # per-side factor between scales (area halves)
+
+    def validate(self) -> None:
+        _positive(self, "min_patches", "max_patches", "max_aspect")
+        _check(
+            self.min_patches <= self.max_patches,
+            "ImageConfig",
+            "min_patches",
+            self.min_patches,
+            f"exceeds max_patches={self.max_patches}",
+        )
+        _check(all(s > 0 for s in self.std), "ImageConfig", "std", self.std, "must be > 0")
+        _check(
+            0 < self.scale_ratio < 1,
+            "ImageConfig",
+            "scale_ratio",
+            self.scale_ratio,
+            "must be in (0, 1)",
+        )
+
+
+@dataclass(frozen=True)
+class NaViLConfig:
+    """The whole model: vision encoder, connector, modality-expert LLM, tokens, images."""
+
+    name: str
+    vision: VisionConfig
+    language: LanguageConfig
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    special_token_first_id: int | None = None  # id of '</box>' when the 12 ids are contiguous
+    # (2B: 92544..92555 appended to InternLM2's vocab); None: the tokenizer resolves them.
+
+    def validate(self) -> NaViLConfig:
+        """Check every part and their agreement; returns self for chaining."""
+        for part in (self.vision, self.language, self.connector, self.experts, self.image):
+            part.validate()
+        first = self.special_token_first_id
+        if first is not None:
+            _check(first >= 0, "NaViLConfig", "special_token_first_id", first, "must be >= 0")
+        return self
+
+    @property
+    def merged_width(self) -> int:
+        """Features per LLM image token after pixel shuffle: merge^2 * W."""
+        return self.connector.merge**2 * self.vision.width
+
+    def replace(self, **parts: object) -> NaViLConfig:
+        """A copy with some parts (or fields) replaced, e.g. ``cfg.replace(experts=...)``."""
+        known = {f.name for f in fields(self)}
+        unknown = set(parts) - known
+        if unknown:
+            raise ValueError(f"NaViLConfig has no field(s) {sorted(unknown)}")
+        import dataclasses
+
+        return dataclasses.replace(self, **parts)  # type: ignore[arg-type]
