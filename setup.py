@@ -43,7 +43,9 @@ def _extensions() -> tuple[list, dict]:
     # No -std flag: BuildExtension appends the standard the installed torch's headers need
     # (C++20 for torch 2.13, whose headers warn under -std=c++17). Our own sources stay
     # C++17-clean: tests/unit/test_cuda_compile.py builds the .cu with -std=c++17.
-    cxx_flags = ["-O3"]
+    # -ffp-contract=off: no fused multiply-add, so csrc/patchify.cpp's float arithmetic rounds
+    # step by step exactly like the PyTorch reference (aarch64 would otherwise fuse by default).
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     exts = [
         ce.CppExtension(
             "megatron_navil._C",

@@ -3,6 +3,8 @@
 #include <torch/extension.h>
 
 #include "grid.h"
+#include "patchify.h"
+#include "resize.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megatron_navil native (C++) ops";
@@ -10,4 +12,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("patch") = 16, py::arg("merge") = 2,
         "Patch grid (h_patches, w_patches) of an image zero-padded to a multiple of "
         "patch * merge. Raises ValueError for non-positive inputs.");
+  m.def("smart_resize", &megatron_navil::smart_resize, py::arg("height"), py::arg("width"),
+        py::arg("patch") = 16, py::arg("merge") = 2, py::arg("min_patches") = 256,
+        py::arg("max_patches") = 24576, py::arg("max_aspect") = 200.0,
+        "(new_height, new_width) under NaViL's rule: unchanged when the padded patch count is "
+        "in [min_patches, max_patches], else an aspect-preserving rescale into the bounds. "
+        "Raises ValueError for bad arguments or an aspect ratio above max_aspect.");
+  // The GIL is released while the ops run: they touch no Python objects, and data-loader
+  // threads can patchify concurrently.
+  m.def("patchify", &megatron_navil::patchify, py::arg("image"), py::arg("patch"),
+        py::arg("merge"), py::arg("mean"), py::arg("std"), py::arg("dtype"),
+        py::call_guard<py::gil_scoped_release>(),
+        "uint8 [H, W, 3] image -> (patches [gh * gw, 3 * patch * patch] in merge-unit order, "
+        "(gh, gw)). Raises ValueError for bad inputs.");
+  m.def("patchify_batch", &megatron_navil::patchify_batch, py::arg("images"), py::arg("patch"),
+        py::arg("merge"), py::arg("mean"), py::arg("std"), py::arg("dtype"),
+        py::call_guard<py::gil_scoped_release>(),
+        "List of uint8 [H, W, 3] images -> (packed patches [sum n_i, 3 * patch * patch], "
+        "[(gh, gw), ...]). Raises ValueError for bad inputs.");
 }

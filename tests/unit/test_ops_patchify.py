@@ -1,0 +1,441 @@
+"""megatron_navil.ops.patchify: native == reference bitwise, layout oracle, Qwen2-VL parity.
+
+Layouts: image [H, W, 3] uint8; patches [gh * gw, 3 * patch * patch] in merge-unit order, each
+row channel-major [C, ph, pw]; packed batches concatenate images' patches in input order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_navil.ops import (
+    merged_grid_reference,
+    patchify,
+    patchify_batch,
+    patchify_batch_reference,
+    patchify_reference,
+    smart_resize,
+)
+
+# The package attribute `megatron_navil.ops.patchify` is the function; this is the module.
+pmod = importlib.import_module("megatron_navil.ops.patchify")
+needs_native = pytest.mark.skipif(pmod._native() is None, reason="native patchify not built")
+
+NAVIL = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _oracle(img: np.ndarray, patch: int, merge: int, mean, std) -> tuple[np.ndarray, tuple]:
+    """Patch-by-patch numpy loop, independent of the reference's reshape/permute."""
+    h, w, _ = img.shape
+    unit = patch * merge
+    ph, pw = math.ceil(h / unit) * unit, math.ceil(w / unit) * unit
+    padded = np.zeros((ph, pw, 3), np.uint8)
+    padded[:h, :w] = img
+    scaled = (padded.astype(np.float64) * (1.0 / 255.0)).astype(np.float32)
+    values = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    gh, gw = ph // patch, pw // patch
+    rows = []
+    for uy in range(gh // merge):
+        for ux in range(gw // merge):
+            for my in range(merge):
+                for mx in range(merge):
+                    py, px = uy * merge + my, ux * merge + mx
+                    block = values[py * patch : (py + 1) * patch, px * patch : (px + 1) * patch]
+                    rows.append(block.transpose(2, 0, 1).reshape(-1))  # [C, ph, pw]
+    return np.stack(rows), (gh, gw)
+
+
+# Image sizes: small and odd, 1-pixel wide, and extreme aspect ratios both ways.
+sizes = st.one_of(
+    st.tuples(st.integers(1, 300), st.integers(1, 300)),
+    st.tuples(st.integers(1, 4), st.integers(1, 3000)),
+    st.tuples(st.integers(1, 3000), st.integers(1, 4)),
+)
+norms = st.one_of(
+    st.sampled_from([NAVIL, CLIP]),
+    st.tuples(
+        st.tuples(*[st.floats(-2, 2)] * 3),
+        st.tuples(*[st.floats(1e-3, 4)] * 3),
+    ),
+)
+dtypes = st.sampled_from([torch.float32, torch.bfloat16])
+
+
+@needs_native
+@settings(max_examples=200, deadline=None)
+@given(
+    size=sizes,
+    patch=st.sampled_from([1, 2, 3, 7, 14, 16]),
+    merge=st.integers(1, 4),
+    norm=norms,
+    dtype=dtypes,
+    as_numpy=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_native_equals_reference(size, patch, merge, norm, dtype, as_numpy, seed):
+    img = _image(*size, seed=seed)
+    arg = img if as_numpy else torch.from_numpy(img)
+    mean, std = norm
+    got, grid = patchify(arg, patch, merge, mean, std, dtype)
+    want, want_grid = patchify_reference(arg, patch, merge, mean, std, dtype)
+    assert grid == want_grid == merged_grid_reference(size[0], size[1], patch, merge)
+    assert got.dtype == want.dtype == dtype
+    assert got.shape == (grid[0] * grid[1], 3 * patch * patch)
+    assert torch.equal(got, want)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    size=st.tuples(st.integers(1, 70), st.integers(1, 70)),
+    patch=st.integers(1, 8),
+    merge=st.integers(1, 3),
+    norm=norms,
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_matches_patch_by_patch_oracle(size, patch, merge, norm, seed):
+    img = _image(*size, seed=seed)
+    want, want_grid = _oracle(img, patch, merge, *norm)
+    for fn in (patchify, patchify_reference):
+        got, grid = fn(img, patch, merge, *norm)
+        assert grid == want_grid
+        assert torch.equal(got, torch.from_numpy(want))
+
+
+def test_bfloat16_is_rounded_float32():
+    img = _image(45, 77, seed=3)
+    for mean, std in (NAVIL, CLIP):
+        f32, _ = patchify(img, mean=mean, std=std)
+        bf16, _ = patchify(img, mean=mean, std=std, dtype=torch.bfloat16)
+        assert torch.equal(bf16, f32.to(torch.bfloat16))
+
+
+def test_padding_and_value_range():
+    img = np.zeros((1, 1, 3), np.uint8)
+    img[0, 0] = (255, 0, 128)
+    for fn in (patchify, patchify_reference):
+        patches, grid = fn(img)
+        assert grid == (2, 2) and patches.shape == (4, 768)
+        first = patches[0].reshape(3, 16, 16)
+        assert first[0, 0, 0] == 1.0 and first[1, 0, 0] == -1.0
+        assert first[2, 0, 0] == pytest.approx(128 / 255 * 2 - 1, abs=1e-7)
+        first[:, 0, 0] = -1.0
+        assert torch.all(patches == -1.0)  # all padding is (0 - 0.5) / 0.5
+
+
+def test_merge_unit_order_small_example():
+    """A 2x4-patch image (patch 1, merge 2): units (0,0) then (0,1), row-major inside each."""
+    img = np.zeros((2, 4, 3), np.uint8)
+    img[..., 0] = np.arange(8, dtype=np.uint8).reshape(2, 4)  # pixel id in the red channel
+    patches, grid = patchify(img, patch=1, merge=2, mean=(0, 0, 0), std=(1 / 255,) * 3)
+    assert grid == (2, 4)
+    red = patches[:, 0].round().to(torch.int64).tolist()
+    assert red == [0, 1, 4, 5, 2, 3, 6, 7]
+
+
+def test_input_forms_agree():
+    img = _image(37, 61, seed=5)
+    want, grid = patchify_reference(img)
+    t = torch.from_numpy(img)
+    variants = [
+        img,
+        t,
+        np.asfortranarray(img),  # non-contiguous numpy
+        t.permute(1, 0, 2).contiguous().permute(1, 0, 2),  # non-contiguous tensor view
+        _image(74, 122, seed=5)[::2, ::2] * 0 + img,  # strided result array
+    ]
+    readonly = img.copy()
+    readonly.flags.writeable = False
+    variants.append(readonly)
+    for v in variants:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. torch's non-writable numpy array warning
+            for fn in (patchify, patchify_reference):
+                got, g = fn(v)
+                assert g == grid and torch.equal(got, want)
+
+
+def _batch_images(seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shapes = [(1, 1), (33, 70), (1, 900), (64, 64), (5, 3), (250, 17), (2, 2)]
+    shapes += [tuple(int(v) for v in rng.integers(1, 120, 2)) for _ in range(20)]
+    return [_image(h, w, seed=seed + k) for k, (h, w) in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_equals_singles(dtype):
+    images = _batch_images(11)
+    packed, grids = patchify_batch(images, dtype=dtype, mean=CLIP[0], std=CLIP[1])
+    ref_packed, ref_grids = patchify_batch_reference(images, dtype=dtype, mean=CLIP[0], std=CLIP[1])
+    singles = [patchify(img, dtype=dtype, mean=CLIP[0], std=CLIP[1]) for img in images]
+    assert grids == ref_grids == [g for _, g in singles]
+    assert torch.equal(packed, ref_packed)
+    assert torch.equal(packed, torch.cat([p for p, _ in singles]))
+
+
+@needs_native
+def test_batch_independent_of_thread_count():
+    """The native op splits patch rows of all images across threads; any split is the same."""
+    images = _batch_images(7)
+    want, _ = patchify_batch_reference(images)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            got, _ = patchify_batch(images)
+            assert torch.equal(got, want), threads
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("fn", [patchify_batch, patchify_batch_reference])
+def test_empty_batch(fn):
+    packed, grids = fn([], dtype=torch.bfloat16)
+    assert packed.shape == (0, 768) and packed.dtype == torch.bfloat16 and grids == []
+
+
+# ---- bad inputs ----------------------------------------------------------------------------
+
+BAD_IMAGES = [
+    (np.zeros((0, 5, 3), np.uint8), "image is empty"),
+    (np.zeros((5, 0, 3), np.uint8), "image is empty"),
+    (torch.zeros((0, 0, 3), dtype=torch.uint8), "image is empty"),
+    (np.zeros((5, 5, 4), np.uint8), r"image must have shape \[H, W, 3\].*\(5, 5, 4\)"),
+    (np.zeros((5, 5), np.uint8), r"image must have shape \[H, W, 3\].*\(5, 5\)"),
+    (torch.zeros((1, 5, 5, 3), dtype=torch.uint8), r"image must have shape \[H, W, 3\]"),
+    (
+        torch.zeros((3, 5, 5), dtype=torch.uint8),
+        r"image must have shape \[H, W, 3\]",
+    ),  # channels first
+    (np.zeros((5, 5, 3), np.float32), "image must be uint8, got float32"),
+    (np.zeros((5, 5, 3), np.int16), "image must be uint8, got int16"),
+    (torch.zeros((5, 5, 3)), "image must be uint8, got torch.float32"),
+    (torch.zeros((5, 5, 3), dtype=torch.uint8, device="meta"), "image must be on the CPU"),
+    ([[[0, 0, 0]]], "image must be a numpy array or torch tensor"),
+]
+
+
+@pytest.mark.parametrize("fn", [patchify, patchify_reference])
+@pytest.mark.parametrize(("image", "match"), BAD_IMAGES)
+def test_bad_images(fn, image, match):
+    with pytest.raises(ValueError, match="patchify: " + match):
+        fn(image)
+
+
+@pytest.mark.parametrize("fn", [patchify_batch, patchify_batch_reference])
+@pytest.mark.parametrize(("image", "match"), BAD_IMAGES)
+def test_bad_images_in_batch_name_the_index(fn, image, match):
+    good = _image(8, 8)
+    with pytest.raises(ValueError, match="patchify_batch: image 2: " + match):
+        fn([good, good, image, good])
+
+
+BAD_PARAMS = [
+    ({"patch": 0}, "patch must be an integer in"),
+    ({"patch": 2.0}, "patch must be an integer in"),
+    ({"merge": -1}, "merge must be an integer in"),
+    ({"merge": True}, "merge must be an integer in"),
+    ({"mean": (0.5, 0.5)}, "mean must be 3 finite numbers"),
+    ({"mean": (0.5, float("nan"), 0.5)}, "mean must be 3 finite numbers"),
+    ({"mean": "abc"}, "mean must be 3 finite numbers"),
+    ({"std": (0.5, 0.0, 0.5)}, "std must be 3 finite positive numbers"),
+    ({"std": (0.5, 0.5, -1.0)}, "std must be 3 finite positive numbers"),
+    ({"std": None}, "std must be 3 finite positive numbers"),
+    ({"dtype": torch.float16}, "dtype must be torch.float32 or torch.bfloat16"),
+    ({"dtype": np.float32}, "dtype must be torch.float32 or torch.bfloat16"),
+]
+
+
+@pytest.mark.parametrize("fn", [patchify, patchify_reference, patchify_batch])
+@pytest.mark.parametrize(("kwargs", "match"), BAD_PARAMS)
+def test_bad_parameters(fn, kwargs, match):
+    img = _image(8, 8)
+    arg = [img] if fn is patchify_batch else img
+    with pytest.raises(ValueError, match="patchify: " + match):
+        fn(arg, **kwargs)
+
+
+@needs_native
+def test_native_errors_are_value_errors():
+    """Direct calls to the C++ op: std::invalid_argument surfaces as ValueError."""
+    c = pmod._C
+    ok = torch.zeros((4, 4, 3), dtype=torch.uint8)
+    m, s = [0.5] * 3, [0.5] * 3
+    cases = [
+        (lambda: c.patchify(ok.float(), 16, 2, m, s, torch.float32), "must be uint8"),
+        (
+            lambda: c.patchify(ok[..., :2], 16, 2, m, s, torch.float32),
+            r"image must have shape \[H, W, 3\]",
+        ),
+        (lambda: c.patchify(ok[:0], 16, 2, m, s, torch.float32), "image is empty"),
+        (lambda: c.patchify(ok, 0, 2, m, s, torch.float32), "patch must be an integer"),
+        (lambda: c.patchify(ok, 16, 2, m[:2], s, torch.float32), "mean must be 3"),
+        (lambda: c.patchify(ok, 16, 2, m, [0.5, 0, 1], torch.float32), "std must be 3"),
+        (lambda: c.patchify(ok, 16, 2, m, s, torch.float16), "dtype must be"),
+        (lambda: c.patchify(ok, 2**31 - 1, 2, m, s, torch.float32), "too large"),
+        (lambda: c.patchify_batch([ok, ok[:0]], 16, 2, m, s, torch.float32), "image 1: image"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+    # a non-contiguous tensor is accepted and made contiguous
+    view = torch.from_numpy(_image(9, 13)).transpose(0, 1)
+    got, _ = c.patchify(view, 16, 2, m, s, torch.float32)
+    assert torch.equal(got, patchify_reference(view.contiguous())[0])
+
+
+def test_fallback_to_reference_without_native(monkeypatch):
+    img = _image(20, 50)
+    want = patchify(img)
+    monkeypatch.setattr(pmod, "_C", None)
+    assert pmod._native() is None
+    got = patchify(img)
+    assert got[1] == want[1] and torch.equal(got[0], want[0])
+    packed, grids = patchify_batch([img, img])
+    assert grids == [want[1]] * 2 and torch.equal(packed, torch.cat([want[0]] * 2))
+
+
+def test_native_extension_built_in_ci():
+    if os.environ.get("CI"):
+        assert pmod._native() is not None, "megatron_navil._C lacks patchify"
+    elif pmod._native() is None:
+        pytest.skip("native extension not built")
+
+
+# ---- parity with transformers' Qwen2-VL image processor ------------------------------------
+
+
+def _qwen_processor_classes() -> list:
+    """Qwen2-VL image processors importable here (no hub download: built from the class)."""
+    classes = []
+    try:  # transformers 5.x: PIL/numpy backend, no torchvision needed
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
+
+        classes.append(Qwen2VLImageProcessorPil)
+    except ImportError:
+        pass
+    try:  # 5.x: torchvision backend (needs torchvision); 4.x: the numpy processor
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+        classes.append(Qwen2VLImageProcessor)
+    except ImportError:
+        pass
+    return classes
+
+
+QWEN_CLASSES = _qwen_processor_classes()
+needs_qwen = pytest.mark.skipif(not QWEN_CLASSES, reason="transformers Qwen2-VL processor missing")
+
+
+def _qwen(cls, mean, std):
+    """Qwen2-VL configured as NaViL: patch 16, merge 2, temporal patch 1, NaViL's bounds."""
+    return cls(
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=1,
+        image_mean=list(mean),
+        image_std=list(std),
+        min_pixels=256 * 16 * 16,
+        max_pixels=24576 * 16 * 16,
+    )
+
+
+def _run_qwen(proc, images: list[np.ndarray]) -> tuple[torch.Tensor, list]:
+    out = proc(images=images, return_tensors="pt", input_data_format="channels_last")
+    return out["pixel_values"], out["image_grid_thw"].tolist()
+
+
+# Sides multiples of 32 with 256 to 24576 patches (Qwen2-VL does not resample these): square,
+# portrait, landscape, thin (32 px high), the exact minimum and the exact maximum.
+PARITY_SIZES = [
+    (256, 256),
+    (512, 320),
+    (320, 224),
+    (32, 2048),
+    (2048, 32),
+    (448, 800),
+    (2048, 3072),
+]
+
+
+@needs_qwen
+@pytest.mark.parametrize("cls", QWEN_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("norm", [NAVIL, CLIP], ids=["navil", "clip"])
+def test_qwen_parity_multiples_of_32(cls, norm):
+    proc = _qwen(cls, *norm)
+    images = [_image(h, w, seed=k) for k, (h, w) in enumerate(PARITY_SIZES)]
+    theirs, thw = _run_qwen(proc, images)
+    ours, grids = patchify_batch(images, mean=norm[0], std=norm[1])
+    assert thw == [[1, gh, gw] for gh, gw in grids]
+    assert theirs.shape == ours.shape and theirs.dtype == torch.float32
+    max_abs = (theirs - ours).abs().max().item()
+    assert max_abs <= 1e-6, max_abs
+    if cls.__name__ == "Qwen2VLImageProcessorPil":
+        assert max_abs == 0.0  # same float64 rescale and float32 normalise: bitwise equal
+    for img, (gh, gw) in zip(images, grids, strict=True):  # and image by image
+        single, single_thw = _run_qwen(proc, [img])
+        assert single_thw == [[1, gh, gw]]
+        assert (single - patchify(img, mean=norm[0], std=norm[1])[0]).abs().max() <= 1e-6
+
+
+# Sizes NaViL keeps (padded count in bounds) that are not multiples of 32: both sides at least
+# 225 (padded >= 256), or 11 to 32 rows and a long width (one unit row of >= 128 patches,
+# aspect ratio <= 200).
+kept_sizes = st.one_of(
+    st.tuples(st.integers(225, 700), st.integers(225, 700)),
+    st.tuples(st.integers(11, 32), st.integers(2017, 2200)),
+    st.tuples(st.integers(2017, 2200), st.integers(11, 32)),
+)
+
+
+@needs_qwen
+@pytest.mark.parametrize("cls", QWEN_CLASSES, ids=lambda c: c.__name__)
+@settings(max_examples=15, deadline=None)
+@given(size=kept_sizes, seed=st.integers(0, 2**32 - 1))
+def test_qwen_parity_on_zero_padded_image(cls, size, seed):
+    """Any size NaViL keeps: Qwen2-VL on the image zero-padded to 32 equals ours on the image."""
+    h, w = size
+    ph, pw = 32 * math.ceil(h / 32), 32 * math.ceil(w / 32)
+    assert smart_resize(h, w) == (h, w)  # NaViL does not resample it
+    img = _image(h, w, seed=seed)
+    padded = np.zeros((ph, pw, 3), np.uint8)
+    padded[:h, :w] = img
+    theirs, thw = _run_qwen(_qwen(cls, *NAVIL), [padded])
+    ours, (gh, gw) = patchify(img)
+    assert thw == [[1, gh, gw]]
+    max_abs = (theirs - ours).abs().max().item()
+    assert max_abs <= 1e-6, max_abs
+
+
+@needs_qwen
+@pytest.mark.parametrize("cls", QWEN_CLASSES, ids=lambda c: c.__name__)
+def test_qwen_bfloat16_is_its_float32_rounded(cls):
+    img = _image(256, 320, seed=9)
+    theirs, _ = _run_qwen(_qwen(cls, *NAVIL), [img])
+    ours, _ = patchify(img, dtype=torch.bfloat16)
+    assert torch.equal(ours, theirs.to(torch.bfloat16))
+
+
+@needs_qwen
+def test_qwen_difference_unpadded_size():
+    """Documented difference: in bounds but not a multiple of 32, Qwen2-VL resamples to the
+    nearest multiples of 32 (500x333 -> 512x320, grid 32x20) where NaViL pads (grid 32x22)."""
+    img = _image(500, 333)
+    _, thw = _run_qwen(_qwen(QWEN_CLASSES[0], *NAVIL), [img])
+    assert thw == [[1, 32, 20]]
+    assert patchify(img)[1] == (32, 22)
