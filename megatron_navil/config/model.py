@@ -194,7 +194,14 @@ class ImageConfig:
     scale_ratio: float = math.sqrt(2) / 2  # per-side factor between scales (area halves)
 
     def validate(self) -> None:
-        _positive(self, "min_patches", "max_patches", "max_aspect")
+        _positive(self, "min_patches", "max_patches")
+        _check(
+            math.isfinite(self.max_aspect) and self.max_aspect >= 1,
+            "ImageConfig",
+            "max_aspect",
+            self.max_aspect,
+            "must be a finite ratio >= 1 (long/short side)",
+        )
         _check(
             self.min_patches <= self.max_patches,
             "ImageConfig",

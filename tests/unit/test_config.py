@@ -74,6 +74,7 @@ def test_experts_add_parameters_not_activation():
         ("language", dict(hidden=0), r"LanguageConfig.hidden=0: must be > 0"),
         ("image", dict(min_patches=100), r"ImageConfig.min_patches=100: exceeds max_patches=64"),
         ("image", dict(scale_ratio=1.0), r"ImageConfig.scale_ratio=1.0"),
+        ("image", dict(max_aspect=0.5), r"ImageConfig.max_aspect=0.5: must be a finite ratio"),
         ("experts", dict(topk=2), r"ExpertsConfig.topk=2: cannot exceed per_modality=1"),
     ],
 )
