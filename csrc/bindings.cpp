@@ -4,6 +4,7 @@
 
 #include "grid.h"
 #include "patchify.h"
+#include "positions.h"
 #include "resize.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -30,4 +31,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "List of uint8 [H, W, 3] images -> (packed patches [sum n_i, 3 * patch * patch], "
         "[(gh, gw), ...]). Raises ValueError for bad inputs.");
+  m.def("patch_positions", &megatron_navil::patch_positions, py::arg("grids"), py::arg("merge"),
+        py::arg("dtype"), py::call_guard<py::gil_scoped_release>(),
+        "[(gh, gw), ...] patch grids -> positions [sum gh * gw, 2] (row, col) in patchify's "
+        "merge-unit order, int32 or int64. Raises ValueError for bad grids.");
+  m.def("vision_cu_seqlens", &megatron_navil::vision_cu_seqlens, py::arg("grids"),
+        py::arg("merge"), py::call_guard<py::gil_scoped_release>(),
+        "[(gh, gw), ...] patch grids -> int32 cu_seqlens [len(grids) + 1], one segment per "
+        "grid. Raises ValueError for bad grids.");
+  m.def("window_permutation", &megatron_navil::window_permutation, py::arg("grids"),
+        py::arg("window"), py::arg("merge"), py::call_guard<py::gil_scoped_release>(),
+        "[(gh, gw), ...] patch grids -> (perm [n] int64, inverse [n] int64, window cu_seqlens "
+        "int32) for windows of window x window merge units. Raises ValueError for bad input.");
 }

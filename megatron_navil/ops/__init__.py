@@ -15,17 +15,41 @@ from megatron_navil.ops.patchify import (
     patchify_batch_reference,
     patchify_reference,
 )
+from megatron_navil.ops.positions import (
+    patch_positions,
+    patch_positions_reference,
+    vision_cu_seqlens,
+    vision_cu_seqlens_reference,
+    window_permutation,
+    window_permutation_reference,
+)
 from megatron_navil.ops.resize import smart_resize, smart_resize_reference
+from megatron_navil.ops.vmp import (
+    image_token_layout,
+    image_token_layout_reference,
+    scales_for_image,
+    scales_for_image_reference,
+)
 
 __all__ = [
+    "image_token_layout",
+    "image_token_layout_reference",
     "merged_grid",
     "merged_grid_reference",
     "native_available",
     "native_import_error",
+    "patch_positions",
+    "patch_positions_reference",
     "patchify",
     "patchify_batch",
     "patchify_batch_reference",
     "patchify_reference",
+    "scales_for_image",
+    "scales_for_image_reference",
     "smart_resize",
     "smart_resize_reference",
+    "vision_cu_seqlens",
+    "vision_cu_seqlens_reference",
+    "window_permutation",
+    "window_permutation_reference",
 ]
