@@ -259,3 +259,31 @@ def patchify_batch(
         return torch.cat([p for p, _ in outs]), [g for _, g in outs]
     packed, grids = native.patchify_batch(imgs, patch, merge, list(mean), list(std), dtype)
     return packed, [(int(gh), int(gw)) for gh, gw in grids]
+
+
+@torch.library.custom_op("megatron_navil::patchify", mutates_args=())
+def patchify_op(
+    image: torch.Tensor,
+    patch: int,
+    merge: int,
+    mean: list[float],
+    std: list[float],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`patchify` as a ``torch.library`` op (``torch.ops.megatron_navil.patchify``): the
+    patches only, so it composes with ``torch.compile`` (its fake implementation derives the
+    output shape from the image shape; the grid is ``merged_grid(H, W, patch, merge)``)."""
+    return patchify(image, patch, merge, mean, std, dtype)[0]
+
+
+@patchify_op.register_fake
+def _patchify_fake(
+    image: torch.Tensor,
+    patch: int,
+    merge: int,
+    mean: list[float],
+    std: list[float],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    gh, gw = merged_grid_reference(image.shape[0], image.shape[1], patch, merge)
+    return image.new_empty((gh * gw, CHANNELS * patch * patch), dtype=dtype)

@@ -439,3 +439,22 @@ def test_qwen_difference_unpadded_size():
     _, thw = _run_qwen(_qwen(QWEN_CLASSES[0], *NAVIL), [img])
     assert thw == [[1, 32, 20]]
     assert patchify(img)[1] == (32, 22)
+
+
+def test_torch_library_op_matches_and_compiles():
+    """torch.ops.megatron_navil.patchify: same patches, a consistent fake implementation
+    (opcheck), and no graph break under torch.compile."""
+    module = importlib.import_module("megatron_navil.ops.patchify")
+    image = torch.randint(0, 256, (45, 70, 3), dtype=torch.uint8)
+    args = (image, 16, 2, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], torch.float32)
+    want, _ = module.patchify(*args)
+    assert torch.equal(torch.ops.megatron_navil.patchify(*args), want)
+    torch.library.opcheck(torch.ops.megatron_navil.patchify.default, args)
+
+    def encode_input(img: torch.Tensor) -> torch.Tensor:
+        return (
+            torch.ops.megatron_navil.patchify(img, 16, 2, [0.5] * 3, [0.5] * 3, torch.float32) * 2.0
+        )
+
+    compiled = torch.compile(encode_input, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(image), want * 2.0)
