@@ -153,25 +153,29 @@ def _grad_of(param: torch.nn.Parameter) -> torch.Tensor | None:
 Shards = dict[str, list[tuple[tuple[int, ...], tuple, torch.Tensor]]]
 
 
+def _owner(params: list[torch.nn.Parameter], view: torch.Tensor, key: str) -> torch.nn.Parameter:
+    """The parameter ``view`` (a sharded tensor's data) is a view of. Matched by storage *and*
+    element range: with the distributed optimizer all params are views of one param buffer."""
+    ptr, start = view.untyped_storage().data_ptr(), view.storage_offset()
+    for p in params:
+        if (
+            p.untyped_storage().data_ptr() == ptr
+            and p.storage_offset() <= start < p.storage_offset() + p.numel()
+        ):
+            return p
+    raise KeyError(f"no parameter owns sharded tensor {key}")
+
+
 def local_shards(chunks: list[torch.nn.Module], what: str = "param") -> Shards:
     """This rank's pieces of every parameter (``what='param'``) or gradient (``'grad'``), as
     ``{key: [(global_shape, global_slice, tensor)]}`` (several pieces under factories)."""
     params = [p for c in chunks for p in c.parameters()]
     out: dict[str, list[tuple[tuple, torch.Tensor]]] = {}
     for sh in _sharded_tensors(chunks):
-        owner = next(
-            (
-                p
-                for p in params
-                if p.untyped_storage().data_ptr() == sh.data.untyped_storage().data_ptr()
-            ),
-            None,
-        )
-        if owner is None:
-            raise KeyError(f"no parameter owns sharded tensor {sh.key}")
         if what == "param":
             piece = sh.data
         else:
+            owner = _owner(params, sh.data, sh.key)
             grad = _grad_of(owner)
             if grad is None:
                 continue
