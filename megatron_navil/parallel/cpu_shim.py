@@ -580,7 +580,7 @@ def _distopt_ckpt(set_: Callable) -> None:
     "ckpt_fork_manager",
     assumes="the torch_dist checkpoint writer may start a *spawn* multiprocessing Manager for "
     "its results queue; spawn re-imports `__main__`, so a training script without an "
-    "`if __name__ == '__main__':` guard re-runs itself (and hangs), and each save pays ~6 s "
+    "`if __name__ == '__main__':` guard re-runs itself (and fails), and each save pays ~5 s "
     "of interpreter start-up",
     where="dist_checkpointing/strategies/filesystem_async.py: _get_write_results_queue",
     why_safe="a fork-context Manager serves the same queue; on CPU there is no CUDA context "
