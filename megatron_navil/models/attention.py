@@ -1,0 +1,99 @@
+"""Variable-length (packed) attention: one call for many independent segments.
+
+Layouts: packed ``[t, heads, head_dim]`` (``_thd``) with ``cu_seqlens`` int32 ``[segments + 1]``
+(segment ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i + 1]``). Tokens attend only inside their
+own segment, so a change in one segment never reaches another (the LLM packs several samples
+into one sequence; the vision encoder packs several images and scales).
+
+Backends: flash-attn's ``flash_attn_varlen_func`` on a GPU with fp16/bf16 inputs when it is
+installed (imported lazily, never required); otherwise a loop of
+``torch.nn.functional.scaled_dot_product_attention`` over the segments. The loop is the CPU
+path: it is exact per segment (no block-diagonal mask of ``t x t`` floats), and a segment's
+result does not depend on the others bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.cache
+def _flash_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, where: str) -> list[int]:
+    """``cu_seqlens`` as a Python list after checking it starts at 0, never decreases and ends
+    at ``total`` (the packed length); ValueError naming ``where`` otherwise."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{where}: cu_seqlens must be 1-D with >= 1 entry, got {cu_seqlens}")
+    if cu_seqlens.dtype.is_floating_point:
+        raise ValueError(f"{where}: cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in itertools.pairwise(bounds)):
+        raise ValueError(
+            f"{where}: cu_seqlens must rise from 0 to the packed length {total}, got "
+            f"{bounds if len(bounds) <= 16 else [*bounds[:8], '...', *bounds[-4:]]}"
+        )
+    return bounds
+
+
+def varlen_attention(
+    q_thd: torch.Tensor,
+    k_thd: torch.Tensor,
+    v_thd: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention inside each segment of a packed sequence.
+
+    Args:
+        q_thd: ``[t, heads, head_dim]`` queries.
+        k_thd, v_thd: ``[t, kv_heads, head_dim]``; ``heads`` must be a multiple of ``kv_heads``
+            (grouped-query attention: each group of queries shares one key/value head).
+        cu_seqlens: integer ``[segments + 1]``, 0 first, ``t`` last.
+        causal: each token sees only itself and earlier tokens of its segment (LLM); False is
+            bidirectional within the segment (vision encoder).
+        softmax_scale: defaults to ``head_dim ** -0.5``.
+
+    Returns:
+        ``[t, heads, head_dim]`` in the dtype of ``q_thd``.
+    """
+    t, heads, head_dim = q_thd.shape
+    if k_thd.shape[0] != t or v_thd.shape != k_thd.shape or k_thd.shape[2] != head_dim:
+        raise ValueError(
+            f"varlen_attention: q {tuple(q_thd.shape)}, k {tuple(k_thd.shape)} and v "
+            f"{tuple(v_thd.shape)} must be [t, heads, d] / [t, kv_heads, d] with the same t, d"
+        )
+    kv_heads = k_thd.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"varlen_attention: {heads} heads not a multiple of {kv_heads} kv heads")
+    flash = _flash_varlen() if q_thd.is_cuda else None
+    if flash is not None and q_thd.dtype in (torch.float16, torch.bfloat16):
+        cu = cu_seqlens.to(device=q_thd.device, dtype=torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        return flash(
+            q_thd, k_thd, v_thd, cu, cu, max_len, max_len,
+            softmax_scale=softmax_scale, causal=causal,
+        )  # fmt: skip
+    bounds = check_cu_seqlens(cu_seqlens, t, "varlen_attention")
+    out = q_thd.new_empty(q_thd.shape)
+    for start, end in itertools.pairwise(bounds):
+        if end == start:
+            continue
+        # [len, h, d] -> [1, h, len, d]
+        q, k, v = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q_thd, k_thd, v_thd))
+        o = F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=softmax_scale, enable_gqa=kv_heads != heads
+        )
+        out[start:end] = o.squeeze(0).transpose(0, 1)
+    return out
