@@ -1,0 +1,193 @@
+"""From a :class:`NaViLConfig` and a parallel layout to megatron-core's TransformerConfig and
+this rank's model chunks (one per virtual pipeline stage).
+
+Pipeline layout: virtual stage ``v = chunk * pp + pp_rank`` (megatron-core's interleaved
+order); stage 0 holds the vision encoder, connector and embeddings, and may be given fewer LLM
+layers (``first_stage_layers``) because the encoder's cost counts against it; the last stage
+holds the final norm and LM head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_navil.config.model import NaViLConfig
+
+
+def stage_layer_ranges(
+    num_layers: int, stages: int, first_stage_layers: int | None = None
+) -> list[range]:
+    """Global LLM layer indices of each (virtual) pipeline stage, in stage order.
+
+    Without ``first_stage_layers`` the layers split evenly (``num_layers`` must divide). With
+    it, stage 0 gets that many (0 allowed: only the vision tower and embeddings) and the rest
+    split over the other stages, the earlier ones taking one more when it does not divide.
+    """
+    if stages < 1:
+        raise ValueError(f"pipeline stages must be >= 1, got {stages}")
+    if first_stage_layers is None:
+        if num_layers % stages:
+            raise ValueError(
+                f"LanguageConfig.layers={num_layers} does not split evenly over {stages} "
+                "pipeline stages; pass first_stage_layers to give stage 0 fewer"
+            )
+        sizes = [num_layers // stages] * stages
+    else:
+        if stages == 1 and first_stage_layers != num_layers:
+            raise ValueError(
+                f"first_stage_layers={first_stage_layers} with one pipeline stage must equal "
+                f"the {num_layers} layers"
+            )
+        if not 0 <= first_stage_layers <= num_layers:
+            raise ValueError(f"first_stage_layers={first_stage_layers} outside [0, {num_layers}]")
+        rest = num_layers - first_stage_layers
+        base, extra = divmod(rest, max(stages - 1, 1))
+        sizes = [first_stage_layers] + [base + (i < extra) for i in range(stages - 1)]
+    out, start = [], 0
+    for size in sizes:
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def transformer_config(
+    cfg: NaViLConfig,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    vpp: int | None = None,
+    etp: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> Any:
+    """megatron-core TransformerConfig of the LLM (the vision tower derives its own from it).
+
+    Sequence parallelism is on whenever TP > 1 (megatron-core's MoE requires it). Fusions that
+    need TransformerEngine/apex are off unless overridden; CPU-safe initialisation."""
+    from megatron.core.transformer import TransformerConfig
+
+    lm, ex = cfg.language, cfg.experts
+    kwargs: dict[str, Any] = dict(
+        num_layers=lm.layers,
+        hidden_size=lm.hidden,
+        num_attention_heads=lm.heads,
+        num_query_groups=lm.kv_heads,
+        kv_channels=lm.head_dim,
+        ffn_hidden_size=lm.ffn,
+        normalization="RMSNorm",
+        layernorm_epsilon=lm.norm_eps,
+        qk_layernorm=lm.qk_norm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        num_moe_experts=2 * ex.per_modality,
+        moe_ffn_hidden_size=lm.ffn,
+        moe_router_topk=ex.topk,
+        moe_router_pre_softmax=ex.topk == 1,  # top-1 needs it (megatron-core checks)
+        moe_aux_loss_coeff=ex.aux_loss_coeff,
+        moe_router_load_balancing_type="none",  # ModalityRouter balances per modality itself
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp or tp,
+        sequence_parallel=tp > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        batch_p2p_comm=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def special_token_ids(cfg: NaViLConfig, ids: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The 12 special tokens' ids in ``SPECIAL_TOKENS`` order: ``ids`` when given (from the
+    tokenizer), else ``special_token_first_id + row``."""
+    from megatron_navil.config.model import SPECIAL_TOKENS
+
+    if ids is None:
+        first = cfg.special_token_first_id
+        if first is None:
+            raise ValueError(
+                f"{cfg.name}: special_token_first_id is None; pass the 12 special token ids "
+                "from the tokenizer"
+            )
+        ids = range(first, first + len(SPECIAL_TOKENS))
+    ids = tuple(int(i) for i in ids)
+    if len(ids) != len(SPECIAL_TOKENS) or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise ValueError(
+            f"special token ids must be {len(SPECIAL_TOKENS)} distinct ids >= 0: {ids}"
+        )
+    return ids
+
+
+def vision_tp_group(cfg: NaViLConfig) -> Any:
+    """The vision tower's TP group: the LLM's when the vision heads split over it, else a
+    group of this rank alone (the tower is then replicated over TP; navil-2b has 23 heads).
+    Collective: every rank must call it (``new_group`` for each singleton)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    if cfg.vision.heads % group.size() == 0:
+        return group
+    mine = None
+    for rank in range(dist.get_world_size()):
+        g = dist.new_group([rank])
+        if rank == dist.get_rank():
+            mine = g
+    return mine
+
+
+def build_model(
+    cfg: NaViLConfig,
+    config: Any,
+    *,
+    special_ids: Sequence[int] | None = None,
+    first_stage_layers: int | None = None,
+    use_te: bool = False,
+) -> list[Any]:
+    """This rank's NaViLModel chunks, one per virtual pipeline stage (a list of one without
+    interleaving), for the parallel state megatron_navil.parallel.initialize set up."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_navil.models.navil import NaViLModel
+
+    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+    ranges = stage_layer_ranges(cfg.language.layers, pp * vpp, first_stage_layers)
+    ids = special_token_ids(cfg, special_ids)
+    vision_group = vision_tp_group(cfg)
+    chunks = []
+    for chunk in range(vpp):
+        stage = chunk * pp + pp_rank
+        chunks.append(
+            NaViLModel(
+                cfg,
+                config,
+                ranges[stage],
+                pre_process=stage == 0,
+                post_process=stage == pp * vpp - 1,
+                special_token_ids=ids,
+                vision_tp_group=vision_group,
+                use_te=use_te,
+            )
+        )
+    return chunks
