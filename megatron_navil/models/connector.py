@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from megatron_navil.models.tp import (
     ProcessGroup,
     ShardedModule,
-    check_group,
     linear_config,
     mark_tensor_parallel,
 )
@@ -53,8 +52,7 @@ class Connector(ShardedModule):
         hidden: H, the LLM hidden size; must be divisible by the TP group's size.
         config: the model's megatron-core TransformerConfig (a copy without sequence
             parallelism builds the linears).
-        tp_group: the group the hidden units are split over (None only without
-            torch.distributed, to count on the meta device).
+        tp_group: the group the hidden units are split over (required; size 1: replicated).
         merge: patches per side of a merge unit (ConnectorConfig.merge).
         norm_eps: LayerNorm epsilon (ConnectorConfig.norm_eps).
         replica_group: see VisionEncoder (checkpoint replica ids only).
@@ -65,7 +63,7 @@ class Connector(ShardedModule):
         vision_width: int,
         hidden: int,
         config: Any,
-        tp_group: ProcessGroup | None,
+        tp_group: ProcessGroup,
         *,
         merge: int = 2,
         norm_eps: float = 1e-5,
@@ -74,7 +72,6 @@ class Connector(ShardedModule):
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         from megatron.core.utils import init_method_normal
 
-        check_group(tp_group, "tp_group", "Connector")
         super().__init__(config, tp_group, replica_group)
         tp = self.tp_size
         if hidden % tp:

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-ProcessGroup = Any  # torch.distributed.ProcessGroup (or None when torch.distributed is off)
+ProcessGroup = Any  # torch.distributed.ProcessGroup (anything with size() and rank())
 
 
 def group_size(group: ProcessGroup | None) -> int:
-    """Ranks in ``group``; 1 for None (only allowed without torch.distributed)."""
+    """Ranks in ``group``; 1 for None (an optional group that is absent)."""
     return 1 if group is None else group.size()
 
 
@@ -41,12 +41,12 @@ def group_rank(group: ProcessGroup | None) -> int:
 
 
 def check_group(group: ProcessGroup | None, name: str, where: str) -> None:
-    """``group`` may be None only while torch.distributed is not initialised (building on the
-    meta device to count parameters); otherwise mcore would silently use its global group."""
-    if group is None and torch.distributed.is_initialized():
+    """``group`` must be given: with None, mcore's linears would fall back to megatron's global
+    TP group (or fail in their first collective)."""
+    if group is None:
         raise ValueError(
-            f"{where}: {name} is None but torch.distributed is initialised; pass the group "
-            "explicitly (a group of size 1 for a replicated module)"
+            f"{where}: {name} is None; pass the process group explicitly (a group of size 1 "
+            "for a replicated module)"
         )
 
 
@@ -106,8 +106,9 @@ class ShardedModule(MegatronModule):
     """MegatronModule whose ``sharded_state_dict`` follows the TP attributes of its params."""
 
     def __init__(
-        self, config: Any, tp_group: ProcessGroup | None, replica_group: ProcessGroup | None
+        self, config: Any, tp_group: ProcessGroup, replica_group: ProcessGroup | None
     ) -> None:
+        check_group(tp_group, "tp_group", type(self).__name__)
         super().__init__(config)
         self.tp_group = tp_group
         self.replica_group = replica_group

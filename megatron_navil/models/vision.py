@@ -60,7 +60,6 @@ from megatron_navil.models.rope import apply_vision_rope, vision_rope_cos_sin
 from megatron_navil.models.tp import (
     ProcessGroup,
     ShardedModule,
-    check_group,
     linear_config,
     mark_tensor_parallel,
 )
@@ -124,7 +123,7 @@ class VisionAttention(ShardedModule):
         self,
         cfg: VisionConfig,
         config: Any,
-        tp_group: ProcessGroup | None,
+        tp_group: ProcessGroup,
         replica_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(config, tp_group, replica_group)
@@ -177,7 +176,7 @@ class VisionMLP(ShardedModule):
         self,
         cfg: VisionConfig,
         config: Any,
-        tp_group: ProcessGroup | None,
+        tp_group: ProcessGroup,
         replica_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(config, tp_group, replica_group)
@@ -211,7 +210,7 @@ class VisionBlock(ShardedModule):
         self,
         cfg: VisionConfig,
         config: Any,
-        tp_group: ProcessGroup | None,
+        tp_group: ProcessGroup,
         replica_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(config, tp_group, replica_group)
@@ -239,7 +238,7 @@ class VisionEmbeddings(ShardedModule):
         self,
         cfg: VisionConfig,
         config: Any,
-        tp_group: ProcessGroup | None,
+        tp_group: ProcessGroup,
         replica_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(config, tp_group, replica_group)
@@ -264,8 +263,8 @@ class VisionEncoder(ShardedModule):
         cfg: sizes (validated).
         config: the model's megatron-core TransformerConfig (dtype, initialisation, CPU init);
             a copy without sequence parallelism builds the linears.
-        tp_group: heads are split over it; must divide ``cfg.heads`` and ``cfg.mlp``. None
-            only while torch.distributed is off (building on the meta device to count).
+        tp_group: heads are split over it; its size must divide ``cfg.heads`` and
+            ``cfg.mlp``. Required (a group of size 1 for a replicated encoder).
         replica_group: ranks holding identical copies of this rank's shards beyond DP (the
             model-TP group when ``tp_group`` is a sub-group of it, e.g. of size 1); used only
             for checkpoint replica ids.
@@ -275,11 +274,10 @@ class VisionEncoder(ShardedModule):
         self,
         cfg: VisionConfig,
         config: Any,
-        tp_group: ProcessGroup | None,
+        tp_group: ProcessGroup,
         *,
         replica_group: ProcessGroup | None = None,
     ) -> None:
-        check_group(tp_group, "tp_group", "VisionEncoder")
         cfg.validate()
         super().__init__(config, tp_group, replica_group)
         self.cfg = cfg
