@@ -1,0 +1,367 @@
+"""NaViL's native vision encoder (trained from scratch), tensor-parallel over attention heads.
+
+Layouts (packed, one row per patch; ``t`` patches of all images and scales of a batch):
+  patches_td    [t, C*p*p]   patchify output: merge-unit order, channel-major per patch
+  positions     [t, 2] int   (row, col) of each patch in its grid (ops.patch_positions)
+  cu_seqlens    [segments+1] int32, one segment per image and per scale (ops.vision_cu_seqlens)
+  x             [t, W]       residual stream, replicated over the TP group
+  q, k, v       [t, heads/tp, head_dim] this rank's heads
+  output        [t, W]       in the input's patch order, replicated over the TP group
+
+Block i (pre-norm, layer scale, no CLS token, no absolute positions, no final norm)::
+
+    x = x + ls1 * attn(norm1(x))        attn: qkv (no bias) -> full-width RMSNorm of q and of k
+    x = x + ls2 * mlp(norm2(x))               -> 2D RoPE -> bidirectional attention inside each
+                                              cu_seqlens segment -> proj (bias)
+                                        mlp: fc1 (bias) -> GELU (erf) -> fc2 (bias)
+
+Parameter names follow the official HF checkpoint below ``vision_model.``:
+``embeddings.patch_embedding.{weight,bias}``, ``encoder.layers.{i}.{norm1,norm2}.weight``,
+``.ls1``, ``.ls2``, ``.attn.qkv.weight``, ``.attn.{q_norm,k_norm}.weight``,
+``.attn.proj.{weight,bias}``, ``.mlp.{fc1,fc2}.{weight,bias}``. Two layouts differ from it:
+
+* ``patch_embedding.weight`` is ``[W, C*p*p]``, a Linear over the flattened patch; the official
+  Conv2d weight ``[W, C, p, p]`` is the same numbers: ``conv.reshape(W, C*p*p)`` (patches are
+  flattened channel-major ``[C, ph, pw]``, the Conv2d kernel's own order).
+* ``attn.qkv.weight`` ``[3W, W]`` is interleaved per head: rows ``[q_0; k_0; v_0; q_1; k_1;
+  v_1; ...]`` (``head_dim`` rows each), so the TP column split hands rank ``r`` its contiguous
+  heads as ``[q_h; k_h; v_h]`` per head and the global tensor is the same for every TP size
+  (checkpoints reshard). Official ``[q; k; v]`` (each ``[W, W]``, heads inside) converts with
+  ``ours = official.view(3, heads, hd, W).transpose(0, 1).reshape(3W, W)`` and back with
+  ``official = ours.view(heads, 3, hd, W).transpose(0, 1).reshape(3W, W)``.
+
+Tensor parallelism (heads split over ``tp_group``): qkv and fc1 are mcore ColumnParallelLinear,
+proj and fc2 RowParallelLinear, built without sequence parallelism. q_norm / k_norm hold this
+rank's heads' slice of the full-width weight (tensor-parallel, partition_dim 0) and all-reduce
+their sum of squares (norms.py). The patch embedding, norm1/norm2 and ls1/ls2 are replicated.
+Any group works, including a group of size 1 inside a larger model-TP group (navil-2b's 23
+heads): its parameters are then not tensor-parallel.
+
+Window attention (``VisionConfig.window``, Qwen2.5-VL style): the embedded patches and their
+RoPE angles are permuted into window order (ops.window_permutation), layers outside
+``full_attention_layers`` attend inside each window, the others inside each image/scale (the
+permutation keeps each grid's patches in its own range, so ``cu_seqlens`` still applies), and
+the output is permuted back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from megatron_navil.config.model import VisionConfig
+from megatron_navil.models.attention import check_cu_seqlens, varlen_attention
+from megatron_navil.models.norms import RMSNorm
+from megatron_navil.models.rope import apply_vision_rope, vision_rope_cos_sin
+from megatron_navil.models.tp import (
+    ProcessGroup,
+    ShardedModule,
+    linear_config,
+    mark_tensor_parallel,
+)
+from megatron_navil.ops import patch_positions, vision_cu_seqlens, window_permutation
+
+
+class WindowIndex(NamedTuple):
+    """Window order of the packed patches (ops.window_permutation)."""
+
+    perm: torch.Tensor  # [t] int64: x_window = x[perm]
+    inverse: torch.Tensor  # [t] int64: x = x_window[inverse]
+    cu_seqlens: torch.Tensor  # [windows + 1] int32
+
+
+@dataclass(frozen=True)
+class VisionPacking:
+    """What the encoder needs besides the patches, for a list of grids (one per image scale)."""
+
+    positions: torch.Tensor  # [t, 2] int64
+    cu_seqlens: torch.Tensor  # [len(grids) + 1] int32
+    window: WindowIndex | None  # set when the config uses window attention
+
+
+def vision_packing(
+    grids: Sequence[Sequence[int]], cfg: VisionConfig, merge: int = 2
+) -> VisionPacking:
+    """Positions, segments and (with ``cfg.window``) the window index of packed ``grids``
+    (patch grids in packing order, as patchify_batch returns them)."""
+    window = None
+    if cfg.window is not None:
+        window = WindowIndex(*window_permutation(grids, cfg.window, merge))
+    return VisionPacking(patch_positions(grids, merge), vision_cu_seqlens(grids, merge), window)
+
+
+def _linears(config: Any) -> tuple[type, type, Any]:
+    """mcore's ColumnParallelLinear, RowParallelLinear and the config to build them with."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    return ColumnParallelLinear, RowParallelLinear, linear_config(config)
+
+
+def _init_methods(config: Any, depth: int) -> tuple[Any, Any]:
+    """N(0, std) for input projections, N(0, std / sqrt(2 * depth)) for output projections
+    (megatron's scheme with the encoder's own depth)."""
+    from megatron.core.utils import init_method_normal, scaled_init_method_normal
+
+    std = config.init_method_std
+    return init_method_normal(std), scaled_init_method_normal(std, depth)
+
+
+def _apply(linear: torch.nn.Module, x_td: torch.Tensor) -> torch.Tensor:
+    """mcore linears take ``[s, b, h]``: run on ``[t, 1, h]`` and drop the batch axis."""
+    out, _ = linear(x_td.unsqueeze(1))
+    return out.squeeze(1)
+
+
+class VisionAttention(ShardedModule):
+    """Full-width QK-norm + 2D RoPE + bidirectional varlen attention; heads split over TP."""
+
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        config: Any,
+        tp_group: ProcessGroup,
+        replica_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(config, tp_group, replica_group)
+        tp = self.tp_size
+        if cfg.heads % tp:
+            raise ValueError(
+                f"VisionAttention: heads={cfg.heads} do not split over a TP group of {tp} ranks; "
+                "pass a group of size 1 (replicated encoder)"
+            )
+        w, self.head_dim = cfg.width, cfg.head_dim
+        self.local_heads = cfg.heads // tp
+        local_w = self.local_heads * self.head_dim
+        column, row, lin_cfg = _linears(config)
+        init_in, init_out = _init_methods(config, cfg.depth)
+        self.qkv = column(
+            w, 3 * w, config=lin_cfg, init_method=init_in, bias=False, gather_output=False,
+            tp_group=tp_group,
+        )  # fmt: skip
+        norm = dict(full_width=w, group=tp_group, dtype=config.params_dtype)
+        self.q_norm = RMSNorm(local_w, cfg.norm_eps, **norm)
+        self.k_norm = RMSNorm(local_w, cfg.norm_eps, **norm)
+        self.proj = row(
+            w, w, config=lin_cfg, init_method=init_out, bias=True, input_is_parallel=True,
+            skip_bias_add=False, tp_group=tp_group,
+        )  # fmt: skip
+        split = 0 if tp > 1 else None
+        mark_tensor_parallel(self.qkv.weight, split)
+        mark_tensor_parallel(self.q_norm.weight, split)
+        mark_tensor_parallel(self.k_norm.weight, split)
+        mark_tensor_parallel(self.proj.weight, 1 if tp > 1 else None)
+        mark_tensor_parallel(self.proj.bias, None)
+
+    def forward(
+        self, x_td: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
+    ) -> torch.Tensor:
+        t = x_td.shape[0]
+        qkv = _apply(self.qkv, x_td).view(t, self.local_heads, 3, self.head_dim)
+        q, k, v = qkv.unbind(2)
+        q = self.q_norm(q.reshape(t, -1)).view(t, self.local_heads, self.head_dim)
+        k = self.k_norm(k.reshape(t, -1)).view(t, self.local_heads, self.head_dim)
+        q, k = apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
+        o = varlen_attention(q, k, v, cu_seqlens, causal=False, softmax_scale=self.head_dim**-0.5)
+        return _apply(self.proj, o.reshape(t, -1))
+
+
+class VisionMLP(ShardedModule):
+    """fc1 (column-parallel, bias) -> GELU -> fc2 (row-parallel, bias)."""
+
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        config: Any,
+        tp_group: ProcessGroup,
+        replica_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(config, tp_group, replica_group)
+        tp = self.tp_size
+        if cfg.mlp % tp:
+            raise ValueError(f"VisionMLP: mlp={cfg.mlp} does not split over {tp} TP ranks")
+        column, row, lin_cfg = _linears(config)
+        init_in, init_out = _init_methods(config, cfg.depth)
+        self.fc1 = column(
+            cfg.width, cfg.mlp, config=lin_cfg, init_method=init_in, bias=True,
+            gather_output=False, tp_group=tp_group,
+        )  # fmt: skip
+        self.fc2 = row(
+            cfg.mlp, cfg.width, config=lin_cfg, init_method=init_out, bias=True,
+            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )  # fmt: skip
+        split = 0 if tp > 1 else None
+        mark_tensor_parallel(self.fc1.weight, split)
+        mark_tensor_parallel(self.fc1.bias, split)
+        mark_tensor_parallel(self.fc2.weight, 1 if tp > 1 else None)
+        mark_tensor_parallel(self.fc2.bias, None)
+
+    def forward(self, x_td: torch.Tensor) -> torch.Tensor:
+        return _apply(self.fc2, F.gelu(_apply(self.fc1, x_td)))
+
+
+class VisionBlock(ShardedModule):
+    """``x + ls1 * attn(norm1(x))`` then ``x + ls2 * mlp(norm2(x))``."""
+
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        config: Any,
+        tp_group: ProcessGroup,
+        replica_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(config, tp_group, replica_group)
+        dtype, w = config.params_dtype, cfg.width
+        self.norm1 = RMSNorm(w, cfg.norm_eps, dtype=dtype)
+        self.attn = VisionAttention(cfg, config, tp_group, replica_group)
+        self.ls1 = torch.nn.Parameter(torch.full((w,), cfg.layer_scale_init, dtype=dtype))
+        self.norm2 = RMSNorm(w, cfg.norm_eps, dtype=dtype)
+        self.mlp = VisionMLP(cfg, config, tp_group, replica_group)
+        self.ls2 = torch.nn.Parameter(torch.full((w,), cfg.layer_scale_init, dtype=dtype))
+        for p in (self.norm1.weight, self.norm2.weight, self.ls1, self.ls2):
+            mark_tensor_parallel(p, None)
+
+    def forward(
+        self, x_td: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
+    ) -> torch.Tensor:
+        x_td = x_td + self.ls1 * self.attn(self.norm1(x_td), cos, sin, cu_seqlens)
+        return x_td + self.ls2 * self.mlp(self.norm2(x_td))
+
+
+class VisionEmbeddings(ShardedModule):
+    """``patch_embedding``: Linear(C*p*p -> W) with bias, replicated (see the module doc)."""
+
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        config: Any,
+        tp_group: ProcessGroup,
+        replica_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(config, tp_group, replica_group)
+        self.patch_embedding = torch.nn.Linear(
+            cfg.channels * cfg.patch**2, cfg.width, dtype=config.params_dtype
+        )
+        if config.perform_initialization:
+            with torch.no_grad():
+                config.init_method(self.patch_embedding.weight)
+                self.patch_embedding.bias.zero_()
+        for p in self.patch_embedding.parameters():
+            mark_tensor_parallel(p, None)
+
+    def forward(self, patches_td: torch.Tensor) -> torch.Tensor:
+        return self.patch_embedding(patches_td)
+
+
+class VisionEncoder(ShardedModule):
+    """The vision encoder: ``forward(patches_td, positions, cu_seqlens, window=None) -> [t, W]``.
+
+    Args:
+        cfg: sizes (validated).
+        config: the model's megatron-core TransformerConfig (dtype, initialisation, CPU init);
+            a copy without sequence parallelism builds the linears.
+        tp_group: heads are split over it; its size must divide ``cfg.heads`` and
+            ``cfg.mlp``. Required (a group of size 1 for a replicated encoder).
+        replica_group: ranks holding identical copies of this rank's shards beyond DP (the
+            model-TP group when ``tp_group`` is a sub-group of it, e.g. of size 1); used only
+            for checkpoint replica ids.
+    """
+
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        config: Any,
+        tp_group: ProcessGroup,
+        *,
+        replica_group: ProcessGroup | None = None,
+    ) -> None:
+        cfg.validate()
+        super().__init__(config, tp_group, replica_group)
+        self.cfg = cfg
+        self.embeddings = VisionEmbeddings(cfg, config, tp_group, replica_group)
+        layers = [VisionBlock(cfg, config, tp_group, replica_group) for _ in range(cfg.depth)]
+        self.encoder = torch.nn.ModuleDict({"layers": torch.nn.ModuleList(layers)})
+        self._full_layers = frozenset(cfg.full_attention_layers)
+
+    def _check(
+        self,
+        patches_td: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        window: WindowIndex | None,
+    ) -> None:
+        cfg = self.cfg
+        width = cfg.channels * cfg.patch**2
+        if patches_td.dim() != 2 or patches_td.shape[1] != width:
+            raise ValueError(
+                f"VisionEncoder: patches_td must be [t, {cfg.channels}*{cfg.patch}*{cfg.patch}"
+                f"={width}], got {tuple(patches_td.shape)}"
+            )
+        t = patches_td.shape[0]
+        if positions.shape != (t, 2) or positions.dtype.is_floating_point:
+            raise ValueError(
+                f"VisionEncoder: positions must be an integer [t={t}, 2] tensor of (row, col), "
+                f"got {positions.dtype} {tuple(positions.shape)}"
+            )
+        check_cu_seqlens(cu_seqlens, t, "VisionEncoder")
+        if (window is None) != (cfg.window is None):
+            raise ValueError(
+                f"VisionEncoder: window index {'missing' if window is None else 'given'} but "
+                f"VisionConfig.window={cfg.window} (build inputs with vision_packing)"
+            )
+        if window is not None:
+            for name in ("perm", "inverse"):
+                if getattr(window, name).shape != (t,):
+                    raise ValueError(
+                        f"VisionEncoder: window.{name} must be [t={t}], got "
+                        f"{tuple(getattr(window, name).shape)}"
+                    )
+            check_cu_seqlens(window.cu_seqlens, t, "VisionEncoder (window.cu_seqlens)")
+
+    def forward(
+        self,
+        patches_td: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        window: WindowIndex | None = None,
+    ) -> torch.Tensor:
+        """``[t, C*p*p]`` patches -> ``[t, W]`` features, replicated over the TP group.
+
+        Raises:
+            ValueError: a wrong patch width, positions not ``[t, 2]`` integers, cu_seqlens not
+                rising from 0 to ``t``, a window index missing/unexpected for the config or of
+                the wrong length.
+        """
+        self._check(patches_td, positions, cu_seqlens, window)
+        x = self.embeddings(patches_td)
+        cos, sin = vision_rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        if window is not None:
+            x, cos, sin = x[window.perm], cos[window.perm], sin[window.perm]
+        for i, layer in enumerate(self.encoder["layers"]):
+            full = window is None or i in self._full_layers
+            x = layer(x, cos, sin, cu_seqlens if full else window.cu_seqlens)
+        if window is not None:
+            x = x[window.inverse]
+        return x
+
+
+def tp_size_for(cfg: VisionConfig, model_tp: int) -> int:
+    """The TP size the encoder can use inside a model-TP group of ``model_tp`` ranks:
+    ``model_tp`` when it divides heads and MLP, else 1 (replicated)."""
+    return model_tp if cfg.heads % model_tp == 0 and cfg.mlp % model_tp == 0 else 1
+
+
+__all__ = [
+    "VisionAttention",
+    "VisionBlock",
+    "VisionEmbeddings",
+    "VisionEncoder",
+    "VisionMLP",
+    "VisionPacking",
+    "WindowIndex",
+    "tp_size_for",
+    "vision_packing",
+]
