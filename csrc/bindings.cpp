@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "grid.h"
+#include "pack.h"
 #include "patchify.h"
 #include "positions.h"
 #include "resize.h"
@@ -43,4 +44,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("window"), py::arg("merge"), py::call_guard<py::gil_scoped_release>(),
         "[(gh, gw), ...] patch grids -> (perm [n] int64, inverse [n] int64, window cu_seqlens "
         "int32) for windows of window x window merge units. Raises ValueError for bad input.");
+  m.def("plan_packing", &megatron_navil::plan_packing, py::arg("llm_tokens"),
+        py::arg("patches"), py::arg("seq_length"), py::arg("max_patches"), py::arg("oversize"),
+        py::call_guard<py::gil_scoped_release>(),
+        "First-fit-decreasing pack plan of int64 [n] llm_tokens / patches into sequences of at "
+        "most seq_length tokens and max_patches patches (None: no limit) -> (seq_offsets, "
+        "sample_ids, tokens_per_seq, patches_per_seq, skipped) int64 tensors. oversize is "
+        "'error' or 'skip'. Raises ValueError for bad input.");
 }

@@ -9,6 +9,7 @@ from megatron_navil.ops.grid import (
     native_available,
     native_import_error,
 )
+from megatron_navil.ops.pack import PackPlan, plan_packing, plan_packing_reference
 from megatron_navil.ops.patchify import (
     patchify,
     patchify_batch,
@@ -32,6 +33,7 @@ from megatron_navil.ops.vmp import (
 )
 
 __all__ = [
+    "PackPlan",
     "image_token_layout",
     "image_token_layout_reference",
     "merged_grid",
@@ -44,6 +46,8 @@ __all__ = [
     "patchify_batch",
     "patchify_batch_reference",
     "patchify_reference",
+    "plan_packing",
+    "plan_packing_reference",
     "scales_for_image",
     "scales_for_image_reference",
     "smart_resize",
