@@ -138,22 +138,25 @@ def special_token_ids(cfg: NaViLConfig, ids: Sequence[int] | None = None) -> tup
     return ids
 
 
-def vision_tp_group(cfg: NaViLConfig) -> Any:
-    """The vision tower's TP group: the LLM's when the vision heads split over it, else a
-    group of this rank alone (the tower is then replicated over TP; navil-2b has 23 heads).
-    Collective: every rank must call it (``new_group`` for each singleton)."""
+def vision_tp_groups(cfg: NaViLConfig) -> tuple[Any, Any]:
+    """``(tp_group, replica_group)`` of the vision tower: the LLM's TP group when the vision
+    heads and MLP split over it (replica group None), else a group of this rank alone with the
+    LLM's TP group as the replica group (the tower is then replicated over TP: navil-2b has 23
+    vision heads). Collective: every rank must call it (``new_group`` for each singleton)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from megatron_navil.models.vision import tp_size_for
+
     group = parallel_state.get_tensor_model_parallel_group()
-    if cfg.vision.heads % group.size() == 0:
-        return group
+    if tp_size_for(cfg.vision, group.size()) == group.size():
+        return group, None
     mine = None
     for rank in range(dist.get_world_size()):
-        g = dist.new_group([rank])
+        single = dist.new_group([rank])
         if rank == dist.get_rank():
-            mine = g
-    return mine
+            mine = single
+    return mine, group
 
 
 def build_model(
@@ -174,7 +177,7 @@ def build_model(
     vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
     ranges = stage_layer_ranges(cfg.language.layers, pp * vpp, first_stage_layers)
     ids = special_token_ids(cfg, special_ids)
-    vision_group = vision_tp_group(cfg)
+    vision_group, vision_replicas = vision_tp_groups(cfg)
     chunks = []
     for chunk in range(vpp):
         stage = chunk * pp + pp_rank
@@ -187,6 +190,7 @@ def build_model(
                 post_process=stage == pp * vpp - 1,
                 special_token_ids=ids,
                 vision_tp_group=vision_group,
+                vision_replica_group=vision_replicas,
                 use_te=use_te,
             )
         )

@@ -1,0 +1,264 @@
+"""``NaViLModel``: one pipeline chunk of NaViL (vision tower + embeddings on the first stage,
+modality-expert decoder layers, final norm + LM head on the last stage).
+
+Layouts (one packed sequence per micro-batch):
+  input_ids, position_ids, labels   ``[t]`` int64; position ids restart at 0 in every sample
+  cu_seqlens                        int32 ``[samples + 1]``: causal attention inside a sample
+  patches                           ``[p, 3 * 16 * 16]`` (``ops.patchify_batch``, merge-unit order)
+  patch_positions                   ``[p, 2]`` (row, col) per patch; ``vision_cu_seqlens``
+                                    int32: one segment per image and scale; ``vision_window``
+                                    (window attention only): ``models.vision.WindowIndex``
+  hidden between stages             ``[t / tp, 1, H]`` (sequence parallel) or ``[t, 1, H]``
+
+Tokens ``<IMG_CONTEXT>`` and ``<img>`` use the visual experts. The connector's outputs replace
+the ``<IMG_CONTEXT>`` embeddings in order (their count must match); the 12 special tokens take
+their rows of the separate ``special_token_embedding`` table instead of the LLM embedding.
+Labels equal to ``IGNORE_INDEX`` carry no loss (the data pipeline marks everything but text
+targets so); the last stage returns the per-token loss ``[t]`` (0 where ignored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from megatron_navil.config.model import SPECIAL_TOKENS, VISUAL_TOKENS, NaViLConfig
+from megatron_navil.models.language import (
+    LayerInputs,
+    ModalityDecoderLayer,
+    norm_class,
+    rope_tables,
+)
+from megatron_navil.models.modality import ModalitySplit
+
+IGNORE_INDEX = -100
+
+
+def _megatron_module() -> type:
+    from megatron.core.transformer.module import MegatronModule
+
+    return MegatronModule
+
+
+class LayerStack(_megatron_module()):  # type: ignore[misc]
+    """This stage's decoder layers as children named by their *global* index, so parameter
+    names and checkpoint keys (``layers.<i>.``) are the same in every pipeline layout. A
+    MegatronModule (unlike ``nn.ModuleDict``) so checkpoint sharding recurses into the layers
+    instead of treating their tensor-parallel shards as replicated tensors."""
+
+    def __init__(self, config: Any, layers: dict[int, torch.nn.Module]) -> None:
+        super().__init__(config)
+        for index, layer in layers.items():
+            self.add_module(str(index), layer)
+
+
+class NaViLModel(_megatron_module()):  # type: ignore[misc]
+    """One (virtual) pipeline stage of NaViL; build all of a rank's with :func:`build_model`.
+
+    Args:
+        cfg: the model config.
+        config: megatron-core TransformerConfig of the LLM (``build.transformer_config``).
+        layers: global indices of this stage's LLM layers.
+        pre_process / post_process: first / last pipeline stage.
+        special_token_ids: ids of the 12 special tokens (``build.special_token_ids``).
+        tp_group: the LLM's tensor-parallel group; ``vision_tp_group``: the vision tower's
+            (the same group, or a group of one rank when the vision heads do not split, with
+            ``vision_replica_group`` = the LLM's TP group; see ``build.vision_tp_groups``).
+        use_te: TransformerEngine/grouped-GEMM experts (GPU clusters).
+    """
+
+    def __init__(
+        self,
+        cfg: NaViLConfig,
+        config: Any,
+        layers: Sequence[int],
+        *,
+        pre_process: bool,
+        post_process: bool,
+        special_token_ids: Sequence[int],
+        tp_group: Any = None,
+        vision_tp_group: Any = None,
+        vision_replica_group: Any = None,
+        use_te: bool = False,
+    ) -> None:
+        super().__init__(config)
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+        from megatron.core.transformer.enums import ModelType
+
+        # Read by megatron-core's schedules and finalize_model_grads.
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False
+        if cfg.language.tie_embeddings:
+            raise ValueError(
+                "LanguageConfig.tie_embeddings=True is not supported (neither NaViL backbone "
+                "ties its input embedding and LM head)"
+            )
+
+        lm = cfg.language
+        self.cfg = cfg
+        self.tp_group = tp_group or parallel_state.get_tensor_model_parallel_group()
+        self.pre_process, self.post_process = pre_process, post_process
+        self.sequence_parallel = bool(config.sequence_parallel)
+        if len(special_token_ids) != len(SPECIAL_TOKENS):
+            raise ValueError(f"special_token_ids needs {len(SPECIAL_TOKENS)} ids")
+        ids = torch.tensor(list(special_token_ids), dtype=torch.long)
+        self.register_buffer("special_ids", ids, persistent=False)
+        self.img_context_id = int(ids[SPECIAL_TOKENS.index("<IMG_CONTEXT>")])
+        visual = [int(ids[SPECIAL_TOKENS.index(tok)]) for tok in VISUAL_TOKENS]
+        self.register_buffer("visual_ids", torch.tensor(visual), persistent=False)
+        self.input_tensor: torch.Tensor | None = None
+
+        if pre_process:
+            from megatron_navil.models.connector import Connector
+            from megatron_navil.models.vision import VisionEncoder
+
+            vision_group = vision_tp_group or self.tp_group
+            self.vision_model = VisionEncoder(
+                cfg.vision, config, vision_group, replica_group=vision_replica_group
+            )
+            self.mlp1 = Connector(
+                cfg.vision.width, lm.hidden, config, vision_group,
+                merge=cfg.connector.merge, norm_eps=cfg.connector.norm_eps,
+                replica_group=vision_replica_group,
+            )  # fmt: skip
+            self.embedding = VocabParallelEmbedding(
+                lm.vocab, lm.hidden, init_method=config.init_method, config=config,
+                reduce_scatter_embeddings=False, tp_group=self.tp_group,
+            )  # fmt: skip
+            table = torch.empty(len(SPECIAL_TOKENS), lm.hidden, dtype=config.params_dtype)
+            if config.perform_initialization:
+                config.init_method(table)
+            self.special_token_embedding = torch.nn.Parameter(table)
+        self.layers = LayerStack(
+            config,
+            {i: ModalityDecoderLayer(config, lm, i + 1, self.tp_group, use_te) for i in layers},
+        )
+        if post_process:
+            self.final_layernorm = norm_class()(
+                config=config, hidden_size=lm.hidden, eps=lm.norm_eps
+            )
+            self.output_layer = ColumnParallelLinear(
+                lm.hidden, lm.vocab, config=config, init_method=config.init_method,
+                bias=False, gather_output=False, tp_group=self.tp_group,
+            )  # fmt: skip
+
+    def set_input_tensor(self, input_tensor: Any) -> None:
+        """megatron-core's pipeline schedules hand the previous stage's output here."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    # ------------------------------------------------------------------------------------
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        patches: torch.Tensor | None,
+        patch_positions: torch.Tensor | None,
+        vision_cu_seqlens: torch.Tensor | None,
+        vision_window: Any,
+    ) -> torch.Tensor:
+        """``[t]`` ids (+ images) -> ``[t, 1, H]`` embeddings, image features in place."""
+        match = input_ids.unsqueeze(1) == self.special_ids.unsqueeze(0)  # [t, 12]
+        is_special = match.any(dim=1)
+        lookup = torch.where(is_special, torch.zeros_like(input_ids), input_ids)
+        emb = self.embedding(lookup.unsqueeze(0)).transpose(0, 1)  # [t, 1, H]
+        special = self.special_token_embedding[match.to(torch.long).argmax(dim=1)]
+        emb = torch.where(is_special.view(-1, 1, 1), special.unsqueeze(1), emb)
+
+        slots = input_ids == self.img_context_id
+        n_slots = int(slots.sum())
+        if patches is None:
+            if n_slots:
+                raise ValueError(
+                    f"{n_slots} <IMG_CONTEXT> tokens in input_ids but no patches were given"
+                )
+            return emb
+        if patch_positions is None or vision_cu_seqlens is None:
+            raise ValueError("patches need patch_positions and vision_cu_seqlens")
+        features = self.mlp1(
+            self.vision_model(patches, patch_positions, vision_cu_seqlens, vision_window)
+        )  # [n_tokens, H]
+        if features.shape[0] != n_slots:
+            raise ValueError(
+                f"image features ({features.shape[0]} tokens from {patches.shape[0]} patches) "
+                f"and <IMG_CONTEXT> tokens in input_ids ({n_slots}) differ"
+            )
+        emb = emb.masked_scatter(slots.view(-1, 1, 1), features.to(emb.dtype).unsqueeze(1))
+        return emb
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
+        patch_positions: torch.Tensor | None = None,
+        vision_cu_seqlens: torch.Tensor | None = None,
+        vision_window: Any = None,
+    ) -> torch.Tensor:
+        """Hidden states ``[s, 1, H]`` (not the last stage), else the per-token loss ``[t]``
+        (with ``labels``) or vocab-parallel logits ``[t, 1, V / tp]``."""
+        from megatron.core import tensor_parallel as tpl
+
+        t = input_ids.shape[0]
+        if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and position_ids "
+                f"{tuple(position_ids.shape)} must both be [t] (one packed sequence)"
+            )
+        tp = self.tp_group.size()
+        if self.sequence_parallel and t % tp:
+            raise ValueError(f"packed length {t} must be a multiple of TP={tp} (sequence parallel)")
+        visual = torch.isin(input_ids, self.visual_ids)
+        s = t // tp if self.sequence_parallel else t
+        rank = self.tp_group.rank() if self.sequence_parallel else 0
+        lm = self.cfg.language
+        cos, sin = rope_tables(position_ids, lm.head_dim, lm.rope_theta)
+        inputs = LayerInputs(
+            split=ModalitySplit.from_mask(visual),
+            visual_mask_local=visual[rank * s : (rank + 1) * s].view(s, 1),
+            cos=cos,
+            sin=sin,
+            cu_seqlens=cu_seqlens,
+        )
+
+        if self.pre_process:
+            hidden = self._embed(
+                input_ids, patches, patch_positions, vision_cu_seqlens, vision_window
+            )
+            if self.sequence_parallel:
+                hidden = tpl.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
+        else:
+            if self.input_tensor is None:
+                raise ValueError("a non-first pipeline stage needs set_input_tensor() first")
+            hidden = self.input_tensor
+        for layer in self.layers.children():
+            hidden = layer(hidden, inputs)
+        if not self.post_process:
+            return hidden
+
+        hidden = self.final_layernorm(hidden)
+        logits, _ = self.output_layer(hidden)  # [t, 1, V / tp] (gathers under SP)
+        if labels is None:
+            return logits
+        return self._loss(logits, labels)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from megatron.core import tensor_parallel as tpl
+
+        vocab = self.cfg.language.vocab
+        ignore = labels == IGNORE_INDEX
+        bad = ~ignore & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0])
+            raise ValueError(
+                f"label {int(labels[first])} at position {first} is outside the LM head's "
+                f"vocabulary [0, {vocab}) (use {IGNORE_INDEX} for positions without loss)"
+            )
+        safe = torch.where(ignore, torch.zeros_like(labels), labels)
+        per_token = tpl.vocab_parallel_cross_entropy(logits.float(), safe.view(-1, 1))
+        return per_token.view(-1).masked_fill(ignore, 0.0)

@@ -1,0 +1,233 @@
+"""The NaViL model in any TP/PP/VPP/EP/DP layout on synthetic packed batches, holding the same
+weights in every layout, trained through megatron-core's schedules, DDP and optimizer.
+
+Batches are built from the real ops (patch grids -> positions, vision cu_seqlens, the image
+token block of ``image_token_layout``), with random patch values and random text ids, so the
+model sees what the data pipeline will give it. Used by the model's distributed tests and its
+benchmark; weights are set by global name with ``tiny_gpt.set_global_params``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megatron_navil.config.model import SPECIAL_TOKENS, NaViLConfig
+from megatron_navil.models.navil import IGNORE_INDEX
+from megatron_navil.testing import tiny_gpt as T
+
+Grid = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample: ``text_before`` ids, then an image block per entry of ``images`` (each a
+    list of patch grids, one per scale, smallest first), then ``text_after`` ids."""
+
+    text_before: int
+    images: tuple[tuple[Grid, ...], ...] = ()
+    text_after: int = 0
+
+
+# Micro-batch recipes: several samples with images of different sizes and two scales; text
+# only; nearly all image tokens.
+MIXED = (
+    Sample(5, (((2, 4), (4, 6)),), 7),
+    Sample(3, (((2, 2),), ((4, 2), (6, 4))), 4),
+    Sample(9),
+)
+TEXT_ONLY = (Sample(20), Sample(11), Sample(30))
+IMAGE_HEAVY = (Sample(1, (((4, 4), (6, 8)),), 1),)
+
+
+@dataclass
+class BatchSpec:
+    """A global batch: micro-batches (each one packed sequence of ``seq_length`` tokens)."""
+
+    micro_batches: Sequence[Sequence[Sample]] = (MIXED, TEXT_ONLY, IMAGE_HEAVY, MIXED)
+    seq_length: int = 128
+    special_ids: tuple[int, ...] = field(default_factory=lambda: tuple(range(500, 512)))
+
+
+def special_ids_for(cfg: NaViLConfig) -> tuple[int, ...]:
+    """12 ids at the top of the tiny vocabulary (inside it, like Qwen3's)."""
+    top = cfg.language.vocab
+    return tuple(range(top - len(SPECIAL_TOKENS), top))
+
+
+def pack(
+    samples: Sequence[Sample], spec: BatchSpec, cfg: NaViLConfig, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """One packed micro-batch: the model's keyword arguments. A padding sample fills the
+    sequence to ``seq_length`` (its own segment, no loss)."""
+    from megatron_navil.ops import image_token_layout, patch_positions, vision_cu_seqlens
+
+    merge, patch = cfg.connector.merge, cfg.vision.patch
+    special = torch.tensor(spec.special_ids)
+    text_hi = min(spec.special_ids)
+    ids, labels, positions, lengths, grids = [], [], [], [], []
+    for sample in samples:
+        parts = [torch.randint(0, text_hi, (sample.text_before,), generator=gen)]
+        is_text = [torch.ones(sample.text_before, dtype=torch.bool)]
+        for scales in sample.images:
+            kinds = image_token_layout([(h // merge, w // merge) for h, w in scales])
+            parts.append(special[kinds])
+            is_text.append(torch.zeros(kinds.numel(), dtype=torch.bool))
+            grids.extend(scales)
+        parts.append(torch.randint(0, text_hi, (sample.text_after,), generator=gen))
+        is_text.append(torch.ones(sample.text_after, dtype=torch.bool))
+        sample_ids, text = torch.cat(parts), torch.cat(is_text)
+        target = torch.full_like(sample_ids, IGNORE_INDEX)
+        # Next-token loss where the next token is text (never across samples).
+        target[:-1] = torch.where(text[1:], sample_ids[1:], IGNORE_INDEX)
+        ids.append(sample_ids)
+        labels.append(target)
+        positions.append(torch.arange(sample_ids.numel()))
+        lengths.append(sample_ids.numel())
+    used = sum(lengths)
+    if used > spec.seq_length:
+        raise ValueError(f"samples need {used} tokens > seq_length {spec.seq_length}")
+    if used < spec.seq_length:
+        pad = spec.seq_length - used
+        ids.append(torch.zeros(pad, dtype=torch.long))
+        labels.append(torch.full((pad,), IGNORE_INDEX))
+        positions.append(torch.arange(pad))
+        lengths.append(pad)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    batch = dict(
+        input_ids=torch.cat(ids),
+        position_ids=torch.cat(positions),
+        cu_seqlens=cu,
+        labels=torch.cat(labels),
+    )
+    if grids:
+        n = sum(h * w for h, w in grids)
+        batch["patches"] = torch.randn(n, cfg.vision.channels * patch * patch, generator=gen)
+        batch["patch_positions"] = patch_positions(grids, merge)
+        batch["vision_cu_seqlens"] = vision_cu_seqlens(grids, merge)
+    return batch
+
+
+def make_batches(cfg: NaViLConfig, spec: BatchSpec, seed: int) -> list[dict[str, torch.Tensor]]:
+    """All micro-batches of the global batch, a function of ``seed`` only."""
+    gen = torch.Generator().manual_seed(seed)
+    return [pack(samples, spec, cfg, gen) for samples in spec.micro_batches]
+
+
+def forward_step(data_iterator: Iterator, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+    """megatron-core forward_step_func: mean next-token loss over the micro-batch's text
+    targets (0 when it has none)."""
+    batch = next(data_iterator)
+    out = model(**batch)
+    count = (batch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+
+    def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = per_token.sum() / count
+        return loss, {"loss": loss.detach().clone()}  # the schedule scales `loss` in place
+
+    return out, loss_func
+
+
+def train(
+    chunks: list[Any],
+    cfg: NaViLConfig,
+    spec: BatchSpec,
+    *,
+    batch_seed: int,
+    optimizer: Any = None,
+    full_batch: bool = False,
+) -> float:
+    """Forward/backward over the global batch (and one optimizer step when given); the mean
+    micro-batch loss on every rank. ``full_batch``: every rank runs all micro-batches (the
+    single-layout reference inside a larger group)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    batches = make_batches(cfg, spec, batch_seed)
+    if not full_batch:
+        if len(batches) % dp:
+            raise ValueError(f"{len(batches)} micro-batches do not split over DP={dp}")
+        per = len(batches) // dp
+        batches = batches[dp_rank * per : (dp_rank + 1) * per]
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    if optimizer is not None:
+        optimizer.zero_grad()
+    iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iters,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches),
+        seq_length=spec.seq_length,
+        micro_batch_size=1,
+        forward_only=False,
+    )
+    if optimizer is not None:
+        ok, _, _ = optimizer.step()
+        assert ok, "optimizer step was skipped"
+    loss = torch.zeros(1)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        loss += torch.stack([m["loss"] for m in losses]).mean()
+    torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
+    if not full_batch:
+        torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
+        loss /= dp
+    return float(loss)
+
+
+@dataclass
+class Run:
+    """NaViL set up in one layout: DDP-wrapped chunks, config and optional optimizer."""
+
+    cfg: NaViLConfig
+    spec: BatchSpec
+    chunks: list[Any]
+    config: Any
+    optimizer: Any = None
+
+    def step(self, batch_seed: int, *, full_batch: bool = False, update: bool = True) -> float:
+        return train(
+            self.chunks,
+            self.cfg,
+            self.spec,
+            batch_seed=batch_seed,
+            optimizer=self.optimizer if update else None,
+            full_batch=full_batch,
+        )
+
+    def shards(self, what: str = "param") -> T.Shards:
+        return T.local_shards(self.chunks, what)
+
+
+def setup_run(
+    cfg: NaViLConfig,
+    layout: dict[str, int] | None = None,
+    *,
+    spec: BatchSpec | None = None,
+    seed: int = 7,
+    first_stage_layers: int | None = None,
+    optimizer: str | None = None,
+    distributed_optimizer: bool = False,
+    lr: float = 1e-2,
+) -> Run:
+    """(Re)initialise the parallel state for ``layout`` and build the seeded model in it."""
+    from megatron_navil.models.build import build_model, transformer_config
+    from megatron_navil.parallel import initialize
+
+    layout = dict(layout or {})
+    initialize(**layout)
+    layout.pop("seed", None)
+    config = transformer_config(cfg, **layout)
+    spec = spec or BatchSpec(special_ids=special_ids_for(cfg))
+    chunks = build_model(
+        cfg, config, special_ids=spec.special_ids, first_stage_layers=first_stage_layers
+    )
+    T.set_global_params(chunks, seed)
+    chunks = T.wrap_ddp(chunks, config, distributed_optimizer)
+    opt = T.build_optimizer(chunks, optimizer, distributed_optimizer, lr) if optimizer else None
+    return Run(cfg, spec, chunks, config, opt)
