@@ -195,3 +195,46 @@ def build_model(
             )
         )
     return chunks
+
+
+def meta_parameter_counts(cfg: NaViLConfig) -> dict[str, int]:
+    """Parameters of the whole model (one stage, TP=EP=1) built on the meta device, so no
+    memory is allocated: ``total``, ``activated`` (what one token's forward uses: its
+    modality's attention projections and ``topk`` of its group's FFN experts, plus everything
+    shared, the vision tower and connector included) and per part. Needs the parallel state
+    (``megatron_navil.parallel.initialize()`` in one process is enough)."""
+    from megatron_navil.models.navil import NaViLModel
+
+    config = transformer_config(cfg, perform_initialization=False)
+    top = cfg.language.vocab
+    ids = special_token_ids(
+        cfg, range(top, top + 12) if cfg.special_token_first_id is None else None
+    )
+    with torch.device("meta"):
+        model = NaViLModel(
+            cfg, config, range(cfg.language.layers), pre_process=True, post_process=True,
+            special_token_ids=ids,
+        )  # fmt: skip
+    allocated = {p.device.type for p in model.parameters()} - {"meta"}
+    if allocated:
+        raise RuntimeError(f"meta build allocated parameters on {allocated}")
+
+    def size(prefix: str) -> int:
+        return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
+
+    total = sum(p.numel() for p in model.parameters())
+    experts = 2 * cfg.experts.per_modality
+    idle_experts, visual_attention = 0, 0
+    for name, p in model.named_parameters():
+        if ".mlp.experts." in name:
+            idle_experts += p.numel()
+        elif ".self_attention." in name and ".visual." in name:
+            visual_attention += p.numel()
+    inactive = visual_attention + idle_experts * (experts - cfg.experts.topk) // experts
+    return {
+        "total": total,
+        "activated": total - inactive,
+        "vision": size("vision_model."),
+        "connector": size("mlp1."),
+        "llm": total - size("vision_model.") - size("mlp1."),
+    }

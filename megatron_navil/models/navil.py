@@ -104,10 +104,10 @@ class NaViLModel(_megatron_module()):  # type: ignore[misc]
         self.sequence_parallel = bool(config.sequence_parallel)
         if len(special_token_ids) != len(SPECIAL_TOKENS):
             raise ValueError(f"special_token_ids needs {len(SPECIAL_TOKENS)} ids")
-        ids = torch.tensor(list(special_token_ids), dtype=torch.long)
-        self.register_buffer("special_ids", ids, persistent=False)
-        self.img_context_id = int(ids[SPECIAL_TOKENS.index("<IMG_CONTEXT>")])
-        visual = [int(ids[SPECIAL_TOKENS.index(tok)]) for tok in VISUAL_TOKENS]
+        ids = [int(i) for i in special_token_ids]
+        self.register_buffer("special_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        self.img_context_id = ids[SPECIAL_TOKENS.index("<IMG_CONTEXT>")]
+        visual = [ids[SPECIAL_TOKENS.index(tok)] for tok in VISUAL_TOKENS]
         self.register_buffer("visual_ids", torch.tensor(visual), persistent=False)
         self.input_tensor: torch.Tensor | None = None
 
