@@ -67,7 +67,12 @@ def _extensions() -> tuple[list, dict]:
                 _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp"),
                 depends=_sources("csrc/cuda/*.h"),
                 include_dirs=[str(ROOT / "csrc")],
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+                # The host half of csrc/cuda/patchify.cu builds the value table like
+                # csrc/patchify.cpp, so its host compiler gets the same no-FMA flag.
+                extra_compile_args={
+                    "cxx": cxx_flags,
+                    "nvcc": ["-O3", "-Xcompiler=-ffp-contract=off"],
+                },
             )
         )
     use_ninja = importlib.util.find_spec("ninja") is not None

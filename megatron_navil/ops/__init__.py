@@ -16,6 +16,7 @@ from megatron_navil.ops.patchify import (
     patchify_batch_reference,
     patchify_reference,
 )
+from megatron_navil.ops.patchify_cuda import patchify_batch_cuda
 from megatron_navil.ops.positions import (
     patch_positions,
     patch_positions_reference,
@@ -44,6 +45,7 @@ __all__ = [
     "patch_positions_reference",
     "patchify",
     "patchify_batch",
+    "patchify_batch_cuda",
     "patchify_batch_reference",
     "patchify_reference",
     "plan_packing",

@@ -458,3 +458,33 @@ def test_torch_library_op_matches_and_compiles():
 
     compiled = torch.compile(encode_input, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(image), want * 2.0)
+
+
+def test_patchify_batch_cuda_without_extension_says_why(monkeypatch):
+    """No megatron_navil._C_cuda (always so with a CPU-only torch): a ValueError naming the
+    extension and the reason, after the usual argument checks."""
+    from megatron_navil.ops import patchify_batch_cuda
+
+    cuda_mod = importlib.import_module("megatron_navil.ops.patchify_cuda")
+
+    def missing(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(cuda_mod.importlib, "import_module", missing)
+    with pytest.raises(
+        ValueError,
+        match=r"patchify_batch_cuda: the CUDA extension megatron_navil._C_cuda is not available: "
+        r".*(CPU-only build|no CUDA toolkit|not built).*No module named 'megatron_navil._C_cuda'",
+    ):
+        patchify_batch_cuda([_image(8, 8)])
+    # argument errors come first, with patchify_batch's messages
+    with pytest.raises(ValueError, match="patchify_batch: image 0: image is empty"):
+        patchify_batch_cuda([np.zeros((0, 3, 3), np.uint8)])
+    with pytest.raises(ValueError, match="patchify: dtype must be"):
+        patchify_batch_cuda([_image(8, 8)], dtype=torch.float16)
+    with pytest.raises(ValueError, match="must be a CUDA device, got cpu"):
+        patchify_batch_cuda([_image(8, 8)], device="cpu")
+    monkeypatch.undo()
+    if torch.version.cuda is None:  # the real import fails too, saying why
+        with pytest.raises(ValueError, match=r"this torch .* is a CPU-only build"):
+            patchify_batch_cuda([_image(8, 8)])
