@@ -1,0 +1,195 @@
+"""Gather/scatter modality experts vs the released code's compute-all-then-mask, side by side.
+
+Both run the same decoder layer weights (one rank, fp32, CPU), forward + backward:
+  gather/scatter  megatron_navil.models.language.ModalityDecoderLayer: each projection and
+                  FFN expert runs only on its modality's tokens (FFN through megatron-core's
+                  MoE layer and token dispatcher with the modality router)
+  mask            megatron_navil.testing.masked_reference: both experts on all tokens, then
+                  torch.where (NaViL's released inference code does this)
+Timed parts: the whole layer, and the expert parts alone (attention projections + FFN, the
+shared attention core and norms excluded), at a visual-token fraction of 0.5 (default), in
+contiguous runs like real image blocks. Also the tiny model's full training step (vision
+encoder, LLM, loss, backward, Adam) on one packed micro-batch.
+
+Prints a table, writes JSON (default benchmarks/results/modality_experts.json). Median of
+``--repeats`` after ``--warmup`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _median_ms(fns: list[Any], warmup: int, repeats: int) -> list[float]:
+    """Median wall time (ms) of each function; runs alternate between them, so a change in
+    machine load (2 shared cores) hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(b) * 1e3 for b in times]
+
+
+def _visual_mask(t: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """Contiguous visual runs (image blocks of 64..256 tokens) until ``fraction`` is reached."""
+    mask = torch.zeros(t, dtype=torch.bool)
+    target = round(fraction * t)
+    while int(mask.sum()) < target:
+        size = int(torch.randint(64, 257, (1,), generator=gen))
+        start = int(torch.randint(0, t, (1,), generator=gen))
+        mask[start : start + min(size, target - int(mask.sum()))] = True
+    return mask
+
+
+def bench_layer(args: argparse.Namespace) -> dict[str, float]:
+    from megatron.core import parallel_state as ps
+
+    from megatron_navil.config.model import LanguageConfig
+    from megatron_navil.config.registry import get_config
+    from megatron_navil.models.build import transformer_config
+    from megatron_navil.models.language import LayerInputs, ModalityDecoderLayer, rope_tables
+    from megatron_navil.models.modality import ModalitySplit
+    from megatron_navil.testing import masked_reference as M
+
+    lm = LanguageConfig(
+        variant="qwen3", hidden=args.hidden, layers=1, heads=args.heads, kv_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads, ffn=args.ffn, vocab=1024, qk_norm=True,
+    )  # fmt: skip
+    cfg = get_config("tiny").replace(language=lm).validate()
+    layer = ModalityDecoderLayer(
+        transformer_config(cfg), lm, 1, ps.get_tensor_model_parallel_group(), False
+    )
+    gen = torch.Generator().manual_seed(0)
+    t = args.tokens
+    visual = _visual_mask(t, args.visual_fraction, gen)
+    lengths = [t // 4] * 4
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cos, sin = rope_tables(pos, lm.head_dim, lm.rope_theta)
+    inputs = LayerInputs(ModalitySplit.from_mask(visual), visual.view(-1, 1), cos, sin, cu)
+    mask = None  # the masked layer uses the same varlen attention core as ours
+    x = torch.randn(t, lm.hidden, generator=gen, requires_grad=True)
+    grad = torch.randn(t, lm.hidden, generator=gen)
+
+    def ours() -> None:
+        layer(x.view(t, 1, lm.hidden), inputs).view(t, lm.hidden).backward(grad)
+
+    def masked() -> None:
+        M.masked_layer_forward(layer, x, visual, pos, cu, mask, varlen=True).backward(grad)
+
+    # Expert parts alone: per-modality q/k/v/o projections + FFN experts.
+    attn = layer.self_attention
+    ctx = torch.randn(t, lm.heads * lm.head_dim, generator=gen, requires_grad=True)
+    split = inputs.split
+
+    def ours_experts() -> None:
+        xs = split.sort(x)
+        qkv = split.linear(xs, attn.linear_qkv.text.weight, attn.linear_qkv.visual.weight)
+        o = split.linear(split.sort(ctx), attn.linear_proj.text.weight,
+                         attn.linear_proj.visual.weight)  # fmt: skip
+        ffn, _ = layer.mlp(x.view(t, 1, lm.hidden), visual.view(-1, 1))
+        (qkv.sum() + split.unsort(o).mul(grad).sum() + ffn.view(t, -1).mul(grad).sum()).backward()
+
+    def masked_experts() -> None:
+        pick = M._pick
+        qkv = pick(visual, torch.nn.functional.linear(x, attn.linear_qkv.visual.weight),
+                   torch.nn.functional.linear(x, attn.linear_qkv.text.weight))  # fmt: skip
+        o = pick(visual, torch.nn.functional.linear(ctx, attn.linear_proj.visual.weight),
+                 torch.nn.functional.linear(ctx, attn.linear_proj.text.weight))  # fmt: skip
+        experts = layer.mlp.experts.local_experts
+
+        def swiglu(e: Any) -> torch.Tensor:
+            g, u = torch.nn.functional.linear(x, e.linear_fc1.weight).chunk(2, dim=-1)
+            return torch.nn.functional.linear(torch.nn.functional.silu(g) * u, e.linear_fc2.weight)
+
+        ffn = pick(visual, swiglu(experts[1]), swiglu(experts[0]))
+        (qkv.sum() + o.mul(grad).sum() + ffn.mul(grad).sum()).backward()
+
+    out = {}
+    for name, fn in (("layer", (ours, masked)), ("experts", (ours_experts, masked_experts))):
+        ms_ours, ms_mask = _median_ms(list(fn), args.warmup, args.repeats)
+        out[f"{name}_gather_scatter_ms"] = ms_ours
+        out[f"{name}_mask_ms"] = ms_mask
+        out[f"{name}_ratio"] = ms_mask / ms_ours
+    out["visual_fraction"] = float(visual.float().mean())
+    return out
+
+
+def bench_tiny_step(args: argparse.Namespace) -> dict[str, float]:
+    from megatron_navil.config.registry import get_config
+    from megatron_navil.testing import navil_run as N
+
+    cfg = get_config("tiny")
+    spec = N.BatchSpec(micro_batches=(N.MIXED,), special_ids=N.special_ids_for(cfg))
+    run = N.setup_run(cfg, spec=spec, optimizer="adam", lr=1e-4)
+    (ms,) = _median_ms([lambda: run.step(batch_seed=0)], args.warmup, args.repeats)
+    return {"tiny_train_step_ms": ms, "tiny_tokens": spec.seq_length}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=2048, help="packed tokens (default 2048)")
+    parser.add_argument("--hidden", type=int, default=512, help="LLM hidden size (512)")
+    parser.add_argument("--heads", type=int, default=8, help="query heads (8)")
+    parser.add_argument("--kv-heads", type=int, default=4, help="key/value heads (4)")
+    parser.add_argument("--ffn", type=int, default=2048, help="SwiGLU inner size (2048)")
+    parser.add_argument("--visual-fraction", type=float, default=0.5,
+                        help="fraction of visual tokens (0.5)")  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs (2)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs, median (7)")
+    parser.add_argument("--json", type=Path,
+                        default=Path(__file__).parent / "results" / "modality_experts.json",
+                        help="where to write the numbers")  # fmt: skip
+    args = parser.parse_args(argv)
+    if not 0 < args.visual_fraction < 1:
+        parser.error("--visual-fraction must be in (0, 1)")
+
+    warnings.filterwarnings("ignore")
+    from megatron_navil.parallel import initialize
+    from megatron_navil.testing.multiproc import free_port
+
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    initialize(seed=0)
+    results = {
+        "torch_threads": torch.get_num_threads(),
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        **bench_layer(args),
+        **bench_tiny_step(args),
+    }
+    rows = [
+        ("decoder layer, fwd+bwd", "layer"),
+        ("expert parts only (q/k/v/o + FFN)", "experts"),
+    ]
+    print(f"{'':36s} {'gather/scatter':>15s} {'mask (released)':>16s} {'ratio':>7s}")
+    for label, key in rows:
+        print(
+            f"{label:36s} {results[key + '_gather_scatter_ms']:12.1f} ms "
+            f"{results[key + '_mask_ms']:13.1f} ms {results[key + '_ratio']:6.2f}x"
+        )
+    print(f"tiny NaViL training step (1 micro-batch of {results['tiny_tokens']} tokens, Adam): "
+          f"{results['tiny_train_step_ms']:.1f} ms")  # fmt: skip
+    print(f"visual fraction {results['visual_fraction']:.3f}, torch threads "
+          f"{results['torch_threads']}")  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
