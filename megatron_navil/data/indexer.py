@@ -640,8 +640,9 @@ def process_unit(
                     out / "shards" / f"{name}.bin.tmp",
                     out / "shards" / f"{name}.idx.tmp",
                     placeholder,
+                    merge,
                 )
-            writer.add(built.ids, built.mask, built.images, merge, d, record)
+            writer.add(built.ids, built.mask, built.images, d, record)
             counts["written"] += 1
             progress.add(1, size + built.bytes_in)
         close()

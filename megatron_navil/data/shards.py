@@ -107,7 +107,8 @@ HEADER_DTYPE = np.dtype(
         ("scales_offset", "<u8"),
         ("runs_offset", "<u8"),
         ("file_size", "<u8"),
-        ("reserved", "S24"),
+        ("merge", "<u4"),  # merge factor the block lengths (llm_tokens) were computed with
+        ("reserved", "S20"),
     ]
 )
 assert HEADER_DTYPE.itemsize == HEADER_SIZE
@@ -296,10 +297,15 @@ class ShardWriter:
     """
 
     def __init__(
-        self, bin_path: str | os.PathLike, idx_path: str | os.PathLike, placeholder_id: int
+        self,
+        bin_path: str | os.PathLike,
+        idx_path: str | os.PathLike,
+        placeholder_id: int,
+        merge: int = 2,
     ):
         self.bin_path, self.idx_path = Path(bin_path), Path(idx_path)
         self.placeholder_id = int(placeholder_id)
+        self.merge = int(merge)
         self._bin = open(self.bin_path, "wb")
         self._hash = hashlib.sha256()
         self._pos = 0
@@ -337,7 +343,6 @@ class ShardWriter:
         tokens: Sequence[int] | np.ndarray,
         loss_mask: Sequence[bool] | np.ndarray,
         images: Sequence[ImageEntry],
-        merge: int,
         dataset: int,
         record: int,
     ) -> tuple[int, int]:
@@ -379,7 +384,7 @@ class ShardWriter:
             )
             for (h, w), (gh, gw) in zip(im.scales, im.grids, strict=True):
                 self._scales.append((h, w, gh, gw))
-            t, p = image_cost(im.grids, merge)
+            t, p = image_cost(im.grids, self.merge)
             llm_tokens += t
             patches += p
         self._tokens += len(toks)
@@ -438,6 +443,7 @@ class ShardWriter:
         for name, off in zip(("samples", "images", "scales", "runs"), offsets, strict=True):
             header[f"{name}_offset"] = off
         header["file_size"] = pos
+        header["merge"] = self.merge
         parts, pos = [header.tobytes()], HEADER_SIZE
         for arr, off in zip(sections, offsets, strict=True):
             parts += [b"\0" * (off - pos), arr.tobytes()]
@@ -581,6 +587,26 @@ class ShardReader:
                 raise bad("image without scales or with a zero size")
         elif len(sc):
             raise bad("scales without images")
+        if len(sc):
+            # the derived counts must agree with the grids (catches a flipped grid or count)
+            merge = np.uint64(max(1, int(m["header"]["merge"])))
+            gh, gw = sc["gh"].astype(np.uint64), sc["gw"].astype(np.uint64)
+            sc_tok = (gh // merge) * (gw // merge + np.uint64(1)) + np.uint64(1)
+            starts = im["scale_start"].astype(np.int64)
+            img_tok = np.add.reduceat(sc_tok, starts) + np.uint64(2) if len(im) else sc_tok[:0]
+            img_pat = np.add.reduceat(gh * gw, starts) if len(im) else sc_tok[:0]
+        if n:
+            llm = s["tok_count"].astype(np.uint64) - s["num_images"].astype(np.uint64)
+            pat = np.zeros(n, np.uint64)
+            has = s["num_images"] > 0
+            if len(im) and has.any():
+                first = s["image_start"][has].astype(np.int64)
+                llm[has] += np.add.reduceat(img_tok, first)
+                pat[has] = np.add.reduceat(img_pat, first)
+            if np.any(llm != s["llm_tokens"].astype(np.uint64)) or np.any(
+                pat != s["patches"].astype(np.uint64)
+            ):
+                raise bad("llm_tokens/patches disagree with the image grids")
         if len(sc) and (
             np.any(sc["h"] == 0)
             or np.any(sc["w"] == 0)
@@ -701,6 +727,21 @@ class ShardDataset:
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"ShardDataset.verify={self.verify!r}: must be one of {VERIFY_MODES}")
         self.manifest, self.root = load_manifest(self.path)
+        try:
+            counts = self._open_shards()
+            for key in ("placeholder_id",):
+                int(self.manifest[key])
+            self.manifest["tokenizer"]["special_ids"]["<img>"]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, ShardError):
+                raise
+            raise ShardError(
+                f"{self.root / MANIFEST_NAME}: malformed manifest ({type(exc).__name__}: {exc})"
+            ) from None
+        self._cum = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def _open_shards(self) -> list[int]:
         self.shards = []
         counts = []
         for entry in self.manifest["shards"]:
@@ -717,10 +758,14 @@ class ShardDataset:
                 for key, p in (("bin", bin_p), ("idx", idx_p)):
                     if sha256_file(p) != entry[f"{key}_sha256"]:
                         raise ShardError(f"{p}: sha256 differs from the manifest (corrupt shard)")
+            count = int(entry["num_samples"])
+            if self.verify != "none":
+                header_count = int(_read_header(idx_p)["num_samples"])
+                if count < 0 or header_count != count:
+                    raise ShardError(f"{idx_p}: {header_count} samples, manifest says {count}")
             self.shards.append(ShardReader(bin_p, idx_p))
-            counts.append(int(entry["num_samples"]))
-        self._cum = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
-        self._arrays: dict[str, np.ndarray] = {}
+            counts.append(count)
+        return counts
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -48,9 +48,9 @@ def _entry(h: int, w: int, seed: int = 0, min_patches: int = 4, max_patches: int
 
 
 def _write(tmp_path, samples, name="s"):
-    w = ShardWriter(tmp_path / f"{name}.bin", tmp_path / f"{name}.idx", PLACEHOLDER)
+    w = ShardWriter(tmp_path / f"{name}.bin", tmp_path / f"{name}.idx", PLACEHOLDER, merge=2)
     for k, (toks, mask, imgs) in enumerate(samples):
-        w.add(toks, mask, imgs, merge=2, dataset=k % 3, record=10 + k)
+        w.add(toks, mask, imgs, dataset=k % 3, record=10 + k)
     info = w.close()
     return ShardReader(tmp_path / f"{name}.bin", tmp_path / f"{name}.idx"), info
 
@@ -121,11 +121,11 @@ def test_loss_runs():
 def test_writer_rejects_inconsistent_samples(tmp_path):
     w = ShardWriter(tmp_path / "a.bin", tmp_path / "a.idx", PLACEHOLDER)
     with pytest.raises(ShardError, match="placeholders"):
-        w.add([1, PLACEHOLDER], [0, 0], [], 2, 0, 0)
+        w.add([1, PLACEHOLDER], [0, 0], [], 0, 0)
     with pytest.raises(ShardError, match="loss mask"):
-        w.add([PLACEHOLDER], [1], [_entry(32, 32)], 2, 0, 0)
+        w.add([PLACEHOLDER], [1], [_entry(32, 32)], 0, 0)
     with pytest.raises(ShardError, match="uint32"):
-        w.add([2**32], [0], [], 2, 0, 0)
+        w.add([2**32], [0], [], 0, 0)
 
 
 def _corpus(tmp_path):
@@ -177,6 +177,13 @@ def test_structural_corruption_is_caught_without_checksum(tmp_path):
     assert len(bad) == len(good)
     idx.write_bytes(bytes(bad))
     with pytest.raises(ShardError, match="token range"):
+        len(ShardReader(tmp_path / "s.bin", idx))
+    # a patch grid changed: the stored llm_tokens/patches no longer agree
+    scales_off = int(np.frombuffer(good[:HEADER_SIZE], HEADER_DTYPE)[0]["scales_offset"])
+    bad = bytearray(good)
+    bad[scales_off + 8] ^= 0x02  # gh of the first scale
+    idx.write_bytes(bytes(bad))
+    with pytest.raises(ShardError, match="disagree"):
         len(ShardReader(tmp_path / "s.bin", idx))
     for mutate, match in (
         (lambda b: b"XXXXXXXX" + b[8:], "magic"),
