@@ -1,0 +1,142 @@
+"""Chat templates and sample rendering into (token ids, loss mask) with image placeholders.
+
+Templates (../shared/NAVIL.md, "Chat templates"), written here exactly as there:
+
+* ``internlm2-chat``: ``<|im_start|>system\\n{SYS}<|im_end|><|im_start|>user\\n{Q}<|im_end|>
+  <|im_start|>assistant\\n{A}<|im_end|>`` (no newline after ``<|im_end|>``); the system block is
+  written only when there is a system message (a ``system`` turn, or the indexer's
+  ``--system``), turns repeat for multi-turn conversations;
+* ``qwen3-chat``: the same, with the assistant prefix followed by an empty think block:
+  ``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n{A}<|im_end|>``.
+
+Loss: the answer ``{A}`` and its ``<|im_end|>`` of every assistant turn (not the prefix).
+Each ``<image>`` in a turn becomes one placeholder id (``<img>``, see data/shards.py); a
+placeholder is never in the loss. A role header and the content of its turn are encoded as one
+string between placeholders (``"user\\n" + Q``), control tokens by id, and the assistant answer
+on its own: so the prompt up to the answer has exactly the ids of the generation prompt an HF
+tokenizer gives at inference (``...<|im_start|>assistant\\n`` or ``...</think>\\n\\n``), and the
+answer the ids of the answer alone. (Tokenizing the whole templated string at once can merge
+across that boundary, e.g. byte-level BPE splits ``"\\n\\nA"`` as ``"\\n" "\\n" "A"`` but the
+prompt's trailing ``"\\n\\n"`` as one token; this project follows the inference split.)
+
+Other sample kinds (no template): caption pairs ``raw`` = ``<img>`` + caption + ``<|im_end|>``
+(loss on caption and ``<|im_end|>``), or ``chat`` = a one-turn conversation with a fixed prompt;
+text-only documents and interleaved documents = their text (and placeholders, in order)
++ ``<|im_end|>``, loss on every text token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from megatron_navil.data.tokenizer import TextTokenizer
+
+IMAGE_MARK = "<image>"
+TEMPLATES = ("internlm2-chat", "qwen3-chat")
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+class SampleRejected(ValueError):
+    """A record that cannot become a sample; ``reason`` is the skip reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class Rendered:
+    """Token ids (placeholders included), per-token loss flags, placeholder count."""
+
+    ids: list[int]
+    mask: list[bool]
+    placeholders: int = 0
+
+    def add(self, ids: Sequence[int], loss: bool) -> None:
+        self.ids.extend(ids)
+        self.mask.extend([loss] * len(ids))
+
+
+class Renderer:
+    """Renders records with one tokenizer and template (see the module doc)."""
+
+    def __init__(self, tok: TextTokenizer, template: str, system: str = ""):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown chat template {template!r}; known: {', '.join(TEMPLATES)}")
+        self.tok, self.template, self.system = tok, template, system
+        ids = tok.special_ids
+        self.placeholder = ids["<img>"]
+        self.im_start, self.im_end = ids["<|im_start|>"], ids["<|im_end|>"]
+        self.think = (ids["<think>"], ids["</think>"])
+
+    def check_text(self, text: str) -> None:
+        found = self.tok.find_reserved(text)
+        if found is not None:
+            raise SampleRejected("reserved_token_in_text", f"text contains {found!r}")
+
+    def _text_with_images(self, out: Rendered, text: str, loss: bool) -> None:
+        pieces = text.split(IMAGE_MARK)
+        for k, piece in enumerate(pieces):
+            if k:
+                out.add([self.placeholder], False)
+                out.placeholders += 1
+            out.add(self.tok.encode_text(piece), loss)
+
+    def conversation(self, turns: Sequence[tuple[str, str]]) -> Rendered:
+        """``turns``: ``(role, text)`` with role ``system``/``user``/``assistant``."""
+        out = Rendered([], [])
+        system = self.system
+        body = list(turns)
+        if body and body[0][0] == "system":
+            system = body.pop(0)[1]
+        for role, text in [("system", system), *body] if system else body:
+            self.check_text(text)
+            out.add([self.im_start], False)
+            if role == "assistant":
+                out.add(self.tok.encode_markup("assistant\n"), False)
+                if self.template == "qwen3-chat":
+                    out.add([self.think[0]], False)
+                    out.add(self.tok.encode_markup("\n\n"), False)
+                    out.add([self.think[1]], False)
+                    out.add(self.tok.encode_markup("\n\n"), False)
+                self._text_with_images(out, text, True)
+                out.add([self.im_end], True)
+            elif role in ("user", "system"):
+                self._text_with_images(out, f"{role}\n{text}", False)
+                out.add([self.im_end], False)
+            else:
+                raise SampleRejected("bad_record", f"unknown role {role!r}")
+        return out
+
+    def caption(self, caption: str, fmt: str, prompt: str) -> Rendered:
+        """An image-caption pair: ``raw`` or ``chat`` (see the module doc)."""
+        if fmt == "chat":
+            return self.conversation([("user", f"{IMAGE_MARK}\n{prompt}"), ("assistant", caption)])
+        self.check_text(caption)
+        if IMAGE_MARK in caption:
+            raise SampleRejected("placeholder_mismatch", "caption contains '<image>'")
+        out = Rendered([self.placeholder], [False], 1)
+        out.add(self.tok.encode_text(caption), True)
+        out.add([self.im_end], True)
+        return out
+
+    def document(self, parts: Sequence[tuple[str, str | None]]) -> Rendered:
+        """Text and images in order: ``("text", s)`` or ``("image", None)``; loss on text."""
+        out = Rendered([], [])
+        for kind, value in parts:
+            if kind == "image":
+                out.add([self.placeholder], False)
+                out.placeholders += 1
+            else:
+                assert value is not None
+                self.check_text(value)  # '<image>' in a document is plain text
+                out.add(self.tok.encode_text(value), True)
+        out.add([self.im_end], True)
+        return out
