@@ -31,8 +31,10 @@ def _tiny() -> NaViLConfig:
             vocab=512,
             qk_norm=True,
         ),
-        # Tiny images (32..128 px sides) so a CPU step stays fast.
-        image=ImageConfig(min_patches=4, max_patches=64),
+        # Tiny images (64..128 px sides after resizing) so a CPU step stays fast; min_patches
+        # above one merge unit (4 patches), else multi-scale packing never falls below it
+        # (every scale pads to >= 4 patches) and halves down to 1-pixel scales.
+        image=ImageConfig(min_patches=16, max_patches=64),
     )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from megatron_navil.config.registry import get_config
 from megatron_navil.data.shards import ShardDataset
 from megatron_navil.data.tokenizer import TextTokenizer
 from megatron_navil.ops import merged_grid, scales_for_image
@@ -89,7 +90,8 @@ def test_round_trip_conversations(syn, tmp_path, template):
         # stored geometry == the ops
         h, w = src.shape[:2]
         assert img.orig_size == (h, w)
-        scales = scales_for_image(h, w, 16, 2, 4, 64)
+        bounds = get_config("tiny").image
+        scales = scales_for_image(h, w, 16, 2, bounds.min_patches, bounds.max_patches)
         assert list(img.scales) == [tuple(x) for x in scales]
         assert list(img.grids) == [tuple(merged_grid(a_, b_)) for a_, b_ in scales]
     m = _manifest(out)
