@@ -216,8 +216,10 @@ def setup_run(
     optimizer: str | None = None,
     distributed_optimizer: bool = False,
     lr: float = 1e-2,
+    stage: str | None = None,
 ) -> Run:
-    """(Re)initialise the parallel state for ``layout`` and build the seeded model in it."""
+    """(Re)initialise the parallel state for ``layout`` and build the seeded model in it;
+    ``stage`` (``s1.1`` ...) freezes what that training stage does not train."""
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
 
@@ -230,6 +232,10 @@ def setup_run(
         cfg, config, special_ids=spec.special_ids, first_stage_layers=first_stage_layers
     )
     T.set_global_params(chunks, seed)
+    if stage is not None:
+        from megatron_navil.training.recipes import apply_freezing, get_stage
+
+        apply_freezing(chunks, get_stage(stage))
     chunks = T.wrap_ddp(chunks, config, distributed_optimizer)
     opt = T.build_optimizer(chunks, optimizer, distributed_optimizer, lr) if optimizer else None
     return Run(cfg, spec, chunks, config, opt)
