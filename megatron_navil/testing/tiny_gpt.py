@@ -350,17 +350,9 @@ def train(
 
 def _checkpoint_state(chunks: list[Any], optimizer: Any, is_loading: bool) -> dict[str, Any]:
     """The sharded state dict of model chunks + optimizer, as Megatron-LM lays it out."""
-    model: dict[str, Any] = {}
-    for i, chunk in enumerate(chunks):
-        model["model" if len(chunks) == 1 else f"model{i}"] = chunk.module.sharded_state_dict()
-    state: dict[str, Any] = dict(model)
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model,
-            is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"},
-        )
-    return state
+    from megatron_navil.training.checkpoint import sharded_state
+
+    return sharded_state(chunks, optimizer, is_loading)
 
 
 def save_checkpoint(chunks: list[Any], optimizer: Any, directory: str) -> None:

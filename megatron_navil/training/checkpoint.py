@@ -1,0 +1,146 @@
+"""Checkpoints through megatron-core dist-checkpointing, written atomically, last K kept.
+
+Layout of a save directory::
+
+    <dir>/iter_0000100/            one complete checkpoint (torch_dist shards + metadata)
+          train_state.json         iteration, LR scheduler, data sampler state, anything else
+          rng/rank_00003.pt        each rank's torch / numpy / python RNG states
+    <dir>/iter_0000200.tmp/        a save in progress (or one that crashed): never loaded
+    <dir>/latest_checkpointed_iteration.txt   Megatron-LM's marker, written last
+
+A save goes to ``iter_N.tmp`` and is renamed to ``iter_N`` by rank 0 after every rank has
+written (rename is atomic on POSIX file systems), so a crash at any point leaves either the
+previous complete checkpoint or the new one, never a half-written directory that looks done.
+:func:`latest` picks the highest complete ``iter_N``. Model and optimizer are saved in
+megatron-core's ``fully_reshardable`` form, so a checkpoint loads at another TP/PP/EP/DP layout
+(megatron-core limitation: a MoE optimizer saved at EP > 1 does not load at EP = 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MARKER = "latest_checkpointed_iteration.txt"
+_ITER = re.compile(r"^iter_(\d{7,})$")
+
+
+def sharded_state(chunks: list[Any], optimizer: Any, is_loading: bool) -> dict[str, Any]:
+    """Model chunks (``model`` / ``model0..``) and optimizer as Megatron-LM lays them out."""
+    state: dict[str, Any] = {}
+    for i, chunk in enumerate(chunks):
+        module = getattr(chunk, "module", chunk)
+        state["model" if len(chunks) == 1 else f"model{i}"] = module.sharded_state_dict()
+    if optimizer is not None:
+        model_state = dict(state)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state,
+            is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"},
+        )
+    return state
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_iterations(directory: str | Path) -> list[int]:
+    """Iterations of the complete checkpoints in ``directory``, ascending."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = [_ITER.match(p.name) for p in root.iterdir() if p.is_dir()]
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def latest(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint directory, or None."""
+    iterations = complete_iterations(directory)
+    return Path(directory) / f"iter_{iterations[-1]:07d}" if iterations else None
+
+
+def save(
+    directory: str | Path,
+    iteration: int,
+    chunks: list[Any],
+    optimizer: Any,
+    train_state: dict[str, Any],
+    keep_last: int | None = None,
+) -> Path:
+    """Save model, optimizer, RNG and ``train_state`` (JSON: scheduler, sampler, ...) as
+    ``iter_<iteration>``; keep the newest ``keep_last`` complete checkpoints. Collective."""
+    from megatron.core import dist_checkpointing
+
+    rank = torch.distributed.get_rank()
+    root = Path(directory)
+    final = root / f"iter_{iteration:07d}"
+    tmp = root / f"iter_{iteration:07d}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # a crashed save of the same iteration
+            shutil.rmtree(tmp)
+        (tmp / "rng").mkdir(parents=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(sharded_state(chunks, optimizer, is_loading=False), str(tmp))
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        payload = {"iteration": iteration, **train_state}
+        (tmp / "train_state.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
+    torch.distributed.barrier()  # every rank has written its part
+    if rank == 0:
+        if final.exists():  # re-saving an iteration (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker_tmp = root / (MARKER + ".tmp")
+        marker_tmp.write_text(str(iteration))
+        os.replace(marker_tmp, root / MARKER)
+        if keep_last is not None:
+            for old in complete_iterations(root)[:-keep_last]:
+                shutil.rmtree(root / f"iter_{old:07d}")
+        for stale in root.glob("iter_*.tmp"):  # crashed saves of other iterations
+            shutil.rmtree(stale, ignore_errors=True)
+    torch.distributed.barrier()
+    return final
+
+
+def load(path: str | Path, chunks: list[Any], optimizer: Any) -> dict[str, Any]:
+    """Load a complete checkpoint into ``chunks`` / ``optimizer`` (any layout); restore this
+    rank's RNG when the checkpoint has one for it (same world size); return ``train_state``."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not _ITER.match(path.name) or not (path / "train_state.json").is_file():
+        raise ValueError(f"{path} is not a complete checkpoint (iter_NNNNNNN with train_state)")
+    loaded = dist_checkpointing.load(sharded_state(chunks, optimizer, is_loading=True), str(path))
+    for i, chunk in enumerate(chunks):
+        module = getattr(chunk, "module", chunk)
+        module.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    rng = path / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt"
+    saved_ranks = len(list((path / "rng").glob("rank_*.pt")))
+    if rng.is_file() and saved_ranks == torch.distributed.get_world_size():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return json.loads((path / "train_state.json").read_text())
