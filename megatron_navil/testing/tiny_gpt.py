@@ -263,23 +263,9 @@ def forward_step(data_iterator: Iterator, model: torch.nn.Module) -> tuple[torch
 
 def wrap_ddp(chunks: list[torch.nn.Module], config: Any, distributed_optimizer: bool) -> list[Any]:
     """megatron-core DDP around each chunk, wired into the schedule like Megatron-LM does."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron_navil.training.optim import wrap_ddp as wrap
 
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=distributed_optimizer,
-    )
-    wrapped = [
-        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
-        for i, chunk in enumerate(chunks)
-    ]
-    config.no_sync_func = [m.no_sync for m in wrapped]
-    if len(wrapped) == 1:
-        config.no_sync_func = config.no_sync_func[0]
-    config.finalize_model_grads_func = finalize_model_grads
-    return wrapped
+    return wrap(chunks, config, distributed_optimizer)
 
 
 def build_optimizer(chunks: list[Any], kind: str, distributed: bool, lr: float = 1e-2) -> Any:
