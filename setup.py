@@ -98,6 +98,7 @@ setup(
         "safetensors",
         "transformers",
         "tensorboard",
+        "matplotlib",  # the loss-curve PNG at the end of training
         "tqdm",
     ],
     extras_require={

@@ -239,3 +239,29 @@ def setup_run(
     chunks = T.wrap_ddp(chunks, config, distributed_optimizer)
     opt = T.build_optimizer(chunks, optimizer, distributed_optimizer, lr) if optimizer else None
     return Run(cfg, spec, chunks, config, opt)
+
+
+class SyntheticSource:
+    """A ``training.loop.BatchSource`` of synthetic packed batches: step ``k`` uses the global
+    batch of seed ``seed + k`` (or always ``seed`` with ``repeat``, which a model can learn),
+    and this rank takes its data-parallel share. State: the number of steps consumed."""
+
+    def __init__(self, cfg: NaViLConfig, spec: BatchSpec, seed: int = 0, repeat: bool = True):
+        self.cfg, self.spec, self.seed, self.repeat = cfg, spec, seed, repeat
+        self.consumed = 0
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        from megatron.core import parallel_state as ps
+
+        seed = self.seed if self.repeat else self.seed + self.consumed
+        batches = make_batches(self.cfg, self.spec, seed)
+        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        per = len(batches) // dp
+        self.consumed += 1
+        return batches[rank * per : (rank + 1) * per]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consumed = int(state["consumed"])

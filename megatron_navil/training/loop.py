@@ -1,0 +1,183 @@
+"""The training loop: steps, logging (TensorBoard, tqdm, one ``progress.txt`` line per step,
+a loss-curve PNG at the end), periodic atomic checkpoints and resume.
+
+Data comes from a :class:`BatchSource` (the data pipeline's loader, or synthetic batches in
+tests): this rank's micro-batches for the next global step, and a small ``state_dict`` saved
+in every checkpoint so a resume continues with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from megatron_navil.training import checkpoint as ckpt
+from megatron_navil.training.step import StepResult, train_step
+
+
+class BatchSource(Protocol):
+    """Where a rank's micro-batches come from."""
+
+    def next_step(self) -> list[dict[str, Any]]:
+        """This rank's micro-batches of the next global step."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position in the data stream."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position."""
+        ...
+
+
+@dataclass
+class LoopConfig:
+    """How long to train, where to save and log."""
+
+    steps: int  # total optimizer steps (a resumed run continues up to this number)
+    seq_length: int  # packed sequence length (pipeline p2p shapes)
+    save_dir: str | None = None  # checkpoints (iter_NNNNNNN/); None: never save
+    save_interval: int = 0  # save every N steps (0: only at the end)
+    keep_last: int | None = 2  # complete checkpoints kept
+    load_dir: str | None = None  # resume from the newest complete checkpoint here, if any
+    log_dir: str | None = None  # TensorBoard events, progress.txt, loss_curve.png
+    nan_policy: str = "stop"  # non-finite loss: "stop" or "skip"
+    progress_bar: bool = True
+    flops_per_step: Callable[[StepResult], float] | None = None  # model FLOPs of a step
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU
+    extra_state: dict[str, Any] = field(default_factory=dict)  # saved with train_state
+
+
+class _Logger:
+    """Rank 0's outputs: TensorBoard scalars, progress.txt, tqdm."""
+
+    def __init__(self, cfg: LoopConfig, start: int) -> None:
+        self.cfg = cfg
+        self.writer = None
+        self.progress_file = None
+        self.bar = None
+        self.history: list[tuple[int, float]] = []
+        if torch.distributed.get_rank() != 0:
+            return
+        if cfg.log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(cfg.log_dir)
+            self.progress_file = open(Path(cfg.log_dir) / "progress.txt", "a")
+        if cfg.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, result: StepResult, seconds: float, world: int) -> None:
+        if torch.distributed.get_rank() != 0:
+            return
+        self.history.append((step, result.loss))
+        scalars = {
+            "loss": result.loss,
+            "lr": result.lr,
+            "tokens_per_s": result.tokens / seconds,
+            "images_patches_per_s": result.patches / seconds,
+            "step_seconds": seconds,
+        }
+        if result.grad_norm is not None:
+            scalars["grad_norm"] = result.grad_norm
+        if self.cfg.flops_per_step is not None and self.cfg.peak_flops:
+            achieved = self.cfg.flops_per_step(result) / seconds
+            scalars["mfu"] = achieved / (world * self.cfg.peak_flops)
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(f"train/{name}", value, step)
+        if self.progress_file is not None:
+            line = {"step": step, "skipped": result.skipped, **scalars}
+            self.progress_file.write(json.dumps(line, sort_keys=True) + "\n")
+            self.progress_file.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.progress_file is not None:
+            self.progress_file.close()
+        if self.cfg.log_dir and self.history and torch.distributed.get_rank() == 0:
+            plot_loss(self.history, Path(self.cfg.log_dir) / "loss_curve.png")
+
+
+def plot_loss(history: list[tuple[int, float]], path: Path) -> None:
+    """The loss curve as a PNG (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = zip(*history, strict=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train(
+    chunks: list[Any],
+    config: Any,
+    optimizer: Any,
+    scheduler: Any,
+    source: BatchSource,
+    cfg: LoopConfig,
+) -> list[StepResult]:
+    """Run (or resume) training up to ``cfg.steps``; returns this run's step results."""
+    start = 0
+    if cfg.load_dir and (path := ckpt.latest(cfg.load_dir)) is not None:
+        state = ckpt.load(path, chunks, optimizer)
+        start = int(state["iteration"])
+        if scheduler is not None and "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
+        if "data" in state:
+            source.load_state_dict(state["data"])
+    logger = _Logger(cfg, start)
+    results: list[StepResult] = []
+    world = torch.distributed.get_world_size()
+
+    def save(iteration: int) -> None:
+        if cfg.save_dir is None:
+            return
+        train_state = {
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "data": source.state_dict(),
+            "results_tail": [asdict(r) for r in results[-1:]],
+            **cfg.extra_state,
+        }
+        ckpt.save(cfg.save_dir, iteration, chunks, optimizer, train_state, cfg.keep_last)
+
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            began = time.perf_counter()
+            micro = source.next_step()
+            result = train_step(
+                chunks, config, optimizer, scheduler, micro, cfg.seq_length, cfg.nan_policy, step
+            )
+            results.append(result)
+            logger.log(step, result, time.perf_counter() - began, world)
+            if cfg.save_interval and step % cfg.save_interval == 0 and step != cfg.steps:
+                save(step)
+        if cfg.steps > start:
+            save(cfg.steps)
+    finally:
+        logger.close()
+    return results
