@@ -143,6 +143,8 @@ def test_navil_shapes_equal_cpu_op(emu, dtype, norm, lead):
 def test_tilings_equal_cpu_op(emu, patch, merge, dtype):
     rng = np.random.default_rng(patch * 10 + merge)
     shapes = [(1, 1), (int(rng.integers(1, 90)), int(rng.integers(1, 90))), (2, 130), (97, 3)]
+    if patch > 1024:  # one 1100 x 1100 patch per image: one image (odd size) is enough
+        shapes = [(3, 1099)]
     images = _images(shapes, seed=patch)
     err, got, _ = _run(emu, images, patch=patch, merge=merge, norm=CLIP, dtype=dtype, lead=3)
     want, _ = patchify_batch(images, patch, merge, CLIP[0], CLIP[1], dtype)
