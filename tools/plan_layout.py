@@ -108,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
         "fragmentation",
     )  # fmt: skip
     s.add_argument("--gpus-per-node", type=int, default=8, help="largest TP size tried")
+    s.add_argument(
+        "--search-recompute", default="none,selective,full",
+        help="comma-separated recompute modes the search may use (LLM and vision alike); "
+        "'none' alone: layouts that need no activation checkpointing",
+    )  # fmt: skip
     s.add_argument("--top", type=int, default=15, help="rows of the search table")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-': stdout)")
     return p
@@ -163,7 +168,8 @@ def _one(cfg, layout, args) -> dict:
 def _search(cfg, base, args) -> dict:
     from megatron_navil.training.planner import GiB, search
 
-    rows = search(cfg, base, args.gpus, args.gpu_mem, args.reserve, args.gpus_per_node)
+    modes = tuple(args.search_recompute.split(","))
+    rows = search(cfg, base, args.gpus, args.gpu_mem, args.reserve, args.gpus_per_node, modes)
     fitting = [r for r in rows if r.fits]
     print(
         f"{cfg.name} on {args.gpus} GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB "
@@ -225,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if args.search and (args.gpus is None or args.gpu_mem is None):
         parser.error("--search needs --gpus and --gpu-mem")
+    bad = set(args.search_recompute.split(",")) - {"none", "selective", "full"}
+    if bad:
+        parser.error(f"--search-recompute: unknown mode(s) {sorted(bad)}")
     if args.sample_length is not None and not 0 < args.sample_length <= args.seq_length:
         parser.error(f"--sample-length {args.sample_length} must be in [1, --seq-length]")
     merge = cfg.connector.merge

@@ -639,10 +639,16 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(cfg: NaViLConfig, base: Layout, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
+def candidates(
+    cfg: NaViLConfig,
+    base: Layout,
+    gpus: int,
+    gpus_per_node: int = 8,
+    recompute: Sequence[str] = RECOMPUTE,
+) -> list[Layout]:
     """Valid layouts for ``gpus`` GPUs: TP within a node, PP dividing the layers (or with the
-    FLOP-balanced ``first_stage_layers``), VPP 1/2, EP dividing the experts, every recompute
-    of the LLM layers and of the vision blocks."""
+    FLOP-balanced ``first_stage_layers``), VPP 1/2, EP dividing the experts, each of the
+    ``recompute`` modes for the LLM layers and for the vision blocks."""
     out: list[Layout] = []
     lm = cfg.language
     for tp in [d for d in _divisors(gpus) if d <= gpus_per_node]:
@@ -657,8 +663,8 @@ def candidates(cfg: NaViLConfig, base: Layout, gpus: int, gpus_per_node: int = 8
                         trial = replace(base, tp=tp, pp=pp, vpp=vpp, ep=ep, dp=dp)
                         firsts.append(balanced_first_stage_layers(cfg, trial))
                     for first in dict.fromkeys(firsts):
-                        for rc in RECOMPUTE:
-                            for vrc in RECOMPUTE:
+                        for rc in recompute:
+                            for vrc in recompute:
                                 layout = replace(
                                     base, tp=tp, pp=pp, vpp=vpp, ep=ep, dp=dp, etp=None,
                                     first_stage_layers=first, recompute=rc,
@@ -714,12 +720,13 @@ def search(
     gpu_mem_gib: float,
     reserve_gib: float,
     gpus_per_node: int = 8,
+    recompute: Sequence[str] = RECOMPUTE,
 ) -> list[SearchRow]:
     """Every candidate with its most loaded rank, sorted: fitting layouts first, by
     :func:`relative_step_time`, then fewer model-parallel ranks (TP x PP), then less memory
     (the first row is the recommendation when it fits)."""
     rows = []
-    for layout in candidates(cfg, base, gpus, gpus_per_node):
+    for layout in candidates(cfg, base, gpus, gpus_per_node, recompute):
         peak = peak_rank(plan_memory(cfg, layout))
         fits = peak.total / GiB + reserve_gib <= gpu_mem_gib
         rows.append(SearchRow(layout, peak, fits, relative_step_time(cfg, layout)))

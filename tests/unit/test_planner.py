@@ -374,6 +374,10 @@ def test_cli_search_json_recommends_a_fitting_layout():
         (["navil-2b", "--pp", "5"], "pass first_stage_layers"),
         (["navil-2b", "--search", "--gpus", "8"], "--search needs --gpus and --gpu-mem"),
         (["tiny", "--patches", "99999", "--seq-length", "128"], "more than --seq-length"),
+        (
+            ["tiny", "--search", "--gpus", "2", "--gpu-mem", "9", "--search-recompute", "most"],
+            "unknown mode(s) ['most']",
+        ),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(args, message):
