@@ -744,14 +744,6 @@ def default_patches(stage: str, seq_length: int, merge: int = 2) -> int:
     return min(2 * STAGE_MAX_PATCHES[stage], merge * merge * seq_length)
 
 
-def mib(x: float) -> float:
-    return x / 2**20
-
-
-def fmt_gib(x: float) -> str:
-    return f"{x / GiB:.1f}"
-
-
 __all__ = [
     "Flops",
     "Layout",
