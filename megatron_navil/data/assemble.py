@@ -25,6 +25,7 @@ the worker, the number of workers or timing.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,8 +41,18 @@ NAVIL_MEAN = (0.5, 0.5, 0.5)
 NAVIL_STD = (0.5, 0.5, 0.5)
 
 
-def load_image_scales(entry: ImageEntry, draft: bool = True) -> list[np.ndarray]:
-    """uint8 ``[h, w, 3]`` arrays of ``entry`` at each of its stored scales (smallest first).
+def _pixels(img: Image.Image) -> torch.Tensor:
+    """uint8 ``[h, w, 3]`` tensor of an RGB image: one copy (``tobytes``), shared zero-copy
+    with torch (``np.asarray`` would give a read-only array that patchify copies again)."""
+    data = img.tobytes()
+    with warnings.catch_warnings():  # "buffer is not writable": nothing writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(data, dtype=torch.uint8)
+    return flat.view(img.height, img.width, 3)
+
+
+def load_image_scales(entry: ImageEntry, draft: bool = True) -> list[torch.Tensor]:
+    """uint8 ``[h, w, 3]`` tensors of ``entry`` at each of its stored scales (smallest first).
 
     Decodes once (JPEG draft mode when ``draft`` and the base scale is smaller than the stored
     image on both sides) and resamples to each scale with bicubic (see the module doc).
@@ -53,9 +64,9 @@ def load_image_scales(entry: ImageEntry, draft: bool = True) -> list[np.ndarray]
     out = []
     for h, w in entry.scales:
         if (img.height, img.width) == (h, w):
-            out.append(np.asarray(img))
+            out.append(_pixels(img))
         else:
-            out.append(np.asarray(img.resize((w, h), Image.Resampling.BICUBIC)))
+            out.append(_pixels(img.resize((w, h), Image.Resampling.BICUBIC)))
     return out
 
 
@@ -141,7 +152,7 @@ class PackedSequenceBuilder:
         """
         draws = np.asarray(draws, np.int64).reshape(-1, 2)
         ids_parts, label_parts, pos_parts, lengths = [], [], [], []
-        arrays: list[np.ndarray] = []
+        arrays: list[torch.Tensor] = []
         grids: list[tuple[int, int]] = []
         for d, s in draws.tolist():
             sample = self.datasets[d].sample(s)

@@ -93,8 +93,12 @@ class PackedDataLoader:
         self.prefetch_factor = prefetch_factor if num_workers else None
         self.multiprocessing_context = multiprocessing_context if num_workers else None
         self.timeout = timeout
-        self.position = sampler.position
         self._partial = 0
+
+    @property
+    def position(self):
+        """Start of the next global batch to deliver (the sampler's position)."""
+        return self.sampler.position
 
     def _loader(self, refs: Iterator[SequenceRef]) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
@@ -126,8 +130,7 @@ class PackedDataLoader:
                 raise RuntimeError(f"loader order broke: got {batch.seq_index}, want {ref.index}")
             self._partial += 1
             if ref.last_of_share:
-                self.position, self._partial = ref.batch_end, 0
-                self.sampler.position = ref.batch_end
+                self.sampler.position, self._partial = ref.batch_end, 0
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -135,8 +138,7 @@ class PackedDataLoader:
         return self.sampler.state_dict(self.position, self._partial)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = self.sampler.position_from_state(state)
-        self.sampler.position = self.position
+        self.sampler.load_state_dict(state)
         self._partial = 0
 
 

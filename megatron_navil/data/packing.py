@@ -123,6 +123,7 @@ class SequenceStream:
         self.names = list(names) if names is not None else [str(i) for i in range(len(patches))]
         self._cache: OrderedDict[tuple[int, int], WindowPlan] = OrderedDict()
         self._cache_size = max(1, int(cache_windows))
+        self._fingerprint: str | None = None
         self.oversize = [np.flatnonzero(self._too_big(i)) for i in range(len(self.llm_tokens))]
         if all(
             len(big) == len(t) or c == 0
@@ -162,13 +163,17 @@ class SequenceStream:
 
     def fingerprint(self) -> str:
         """sha256 of what the stream depends on: the blend, budgets, window and the per-sample
-        counts. A checkpoint made with another stream cannot resume on this one."""
+        counts. A checkpoint made with another stream cannot resume on this one. Computed
+        once (it hashes the per-sample counts)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256(self.blend.fingerprint().encode())
         h.update(f";seq={self.seq_length};patches={self.max_patches};win={self.window}".encode())
         for t, p in zip(self.llm_tokens, self.patches, strict=True):
             h.update(t.astype("<i8").tobytes())
             h.update(p.astype("<i8").tobytes())
-        return h.hexdigest()
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def window_plan(self, epoch: int, w: int) -> WindowPlan:
         """The packed sequences of window ``w`` of epoch ``epoch`` (cached)."""
