@@ -104,7 +104,7 @@ setup(
     extras_require={
         # apex is built from source in the Dockerfile: it has no usable wheel.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "hypothesis"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "hypothesis", "webdataset"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

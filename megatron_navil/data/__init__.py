@@ -1,9 +1,21 @@
-"""Data: the shard format and reader, tokenizers, chat templates and the corpus indexer.
+"""Data: the shard format and reader, tokenizers, chat templates, the corpus indexer, and the
+training loader (blending, windowed pack plan, resumable data-parallel sampler, packed batches).
 
 Imports ``config/`` and ``ops/`` only, never ``models/`` or ``training/`` (DESIGN.md).
 The reader API the data pipeline builds on is documented in :mod:`megatron_navil.data.shards`.
 """
 
+from megatron_navil.data.assemble import PackedSequenceBuilder, load_image_scales
+from megatron_navil.data.batch import IGNORE_INDEX, LOSS_WEIGHTINGS, PackedBatch, loss_weights
+from megatron_navil.data.blend import Blend, apportion
+from megatron_navil.data.loader import (
+    PackedDataLoader,
+    PackedSequenceDataset,
+    build_data_loader,
+    collate_packed,
+)
+from megatron_navil.data.packing import SequenceStream, StreamPosition, WindowPlan
+from megatron_navil.data.sampler import PackedSampler, SequenceRef
 from megatron_navil.data.shards import (
     ImageEntry,
     Sample,
@@ -16,12 +28,29 @@ from megatron_navil.data.shards import (
 )
 
 __all__ = [
+    "IGNORE_INDEX",
+    "LOSS_WEIGHTINGS",
+    "Blend",
     "ImageEntry",
+    "PackedBatch",
+    "PackedDataLoader",
+    "PackedSampler",
+    "PackedSequenceBuilder",
+    "PackedSequenceDataset",
     "Sample",
+    "SequenceRef",
+    "SequenceStream",
     "ShardDataset",
     "ShardError",
     "ShardReader",
     "ShardWriter",
+    "StreamPosition",
+    "WindowPlan",
+    "apportion",
+    "build_data_loader",
+    "collate_packed",
     "expand_image_blocks",
+    "load_image_scales",
     "load_manifest",
+    "loss_weights",
 ]
