@@ -8,6 +8,7 @@ Extensions:
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -46,13 +47,19 @@ def _extensions() -> tuple[list, dict]:
     # -ffp-contract=off: no fused multiply-add, so csrc/patchify.cpp's float arithmetic rounds
     # step by step exactly like the PyTorch reference (aarch64 would otherwise fuse by default).
     cxx_flags = ["-O3", "-ffp-contract=off"]
+    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers
+    # (ATen/ParallelOpenMP.h), so without it csrc/patchify.cpp runs on one thread whatever
+    # torch.get_num_threads() says. Linux only (GCC / Clang with libgomp, which torch links);
+    # elsewhere the ops stay serial.
+    omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     exts = [
         ce.CppExtension(
             "megatron_navil._C",
             _sources("csrc/*.cpp"),
             depends=_sources("csrc/*.h"),  # rebuild on header edits; shipped in sdists
             include_dirs=[str(ROOT / "csrc")],
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": cxx_flags + omp},
+            extra_link_args=omp,
         )
     ]
     # The CUDA part needs both a CUDA build of torch and a CUDA toolkit (nvcc) to compile with.

@@ -32,6 +32,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "List of uint8 [H, W, 3] images -> (packed patches [sum n_i, 3 * patch * patch], "
         "[(gh, gw), ...]). Raises ValueError for bad inputs.");
+  m.def("_patchify_kernel", &megatron_navil::patchify_kernel, py::arg("mean"), py::arg("std"),
+        py::arg("dtype"),
+        "The CPU kernel patchify would use for these parameters: 'avx2' or 'portable' (forced "
+        "by MEGATRON_NAVIL_PATCHIFY_PORTABLE=1); both give identical results.");
   m.def("patch_positions", &megatron_navil::patch_positions, py::arg("grids"), py::arg("merge"),
         py::arg("dtype"), py::call_guard<py::gil_scoped_release>(),
         "[(gh, gw), ...] patch grids -> positions [sum gh * gw, 2] (row, col) in patchify's "

@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -37,5 +38,13 @@ std::pair<torch::Tensor, std::vector<Grid>> patchify_batch(const std::vector<tor
                                                            const std::vector<double>& mean,
                                                            const std::vector<double>& stdev,
                                                            at::ScalarType dtype);
+
+// Which CPU kernel patchify / patchify_batch use for these parameters on this machine: "avx2"
+// (AVX2 + FMA arithmetic, picked at run time where the CPU has it and it reproduces the
+// portable kernel's value table bit for bit) or "portable" (table lookups; also forced by the
+// environment variable MEGATRON_NAVIL_PATCHIFY_PORTABLE=1). Both give identical results.
+// Throws std::invalid_argument for bad mean / std / dtype.
+std::string patchify_kernel(const std::vector<double>& mean, const std::vector<double>& stdev,
+                            at::ScalarType dtype);
 
 }  // namespace megatron_navil

@@ -25,6 +25,12 @@ scaling is transformers' (``rescale`` upcasts to float64), so float32 output als
 ``Qwen2VLImageProcessorPil``'s ``pixel_values`` bitwise for images it does not resample.
 Inputs are validated here, before either path runs, so both raise the same ValueError messages.
 
+The native op has two CPU kernels with identical results: on x86-64 CPUs with AVX2 and FMA it
+computes the values 8 at a time in vector registers (chosen at run time, and only after checking
+that it reproduces the portable kernel's per-channel table of all 256 values bit for bit); the
+portable kernel looks each value up in that table. ``MEGATRON_NAVIL_PATCHIFY_PORTABLE=1`` forces
+the portable one; ``megatron_navil._C._patchify_kernel(mean, std, dtype)`` says which runs.
+
 Note: ``megatron_navil.ops.patchify`` (attribute of the package) is the function; import this
 module with ``importlib.import_module("megatron_navil.ops.patchify")`` when you need it.
 """
@@ -155,7 +161,7 @@ def _reference_one(
     mean_c = torch.tensor(mean, dtype=torch.float32)
     std_c = torch.tensor(std, dtype=torch.float32)
     # x / 255 as float64(x) * float64(1 / 255) rounded once to float32 (transformers' rescale),
-    # then subtraction and division in float32: the C++ lookup table does the same steps.
+    # then subtraction and division in float32: the C++ kernels do the same steps.
     scaled_hwc = (padded_hwc.to(torch.float64) * (1.0 / 255.0)).to(torch.float32)
     values_hwc = (scaled_hwc - mean_c) / std_c
     # [units_h, merge, patch, units_w, merge, patch, C] -> [units_h, units_w, my, mx, C, ph, pw]

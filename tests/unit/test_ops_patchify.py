@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import platform
 import warnings
 
 import numpy as np
@@ -488,3 +489,92 @@ def test_patchify_batch_cuda_without_extension_says_why(monkeypatch):
     if torch.version.cuda is None:  # the real import fails too, saying why
         with pytest.raises(ValueError, match=r"this torch .* is a CPU-only build"):
             patchify_batch_cuda([_image(8, 8)])
+
+
+# ---- the native op's two CPU kernels ---------------------------------------------------------
+
+PORTABLE_ENV = "MEGATRON_NAVIL_PATCHIFY_PORTABLE"
+
+
+def _cpu_has_avx2_fma() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def _kernel(mean, std, dtype) -> str:
+    return pmod._C._patchify_kernel(list(mean), list(std), dtype)
+
+
+@needs_native
+def test_kernel_choice(monkeypatch):
+    """The AVX2 kernel runs on x86-64 CPUs with AVX2 + FMA (for NaViL's and CLIP's values,
+    where multiplying by 1 / std is not exact); the environment variable forces the portable
+    one. The choice is made at each call."""
+    monkeypatch.delenv(PORTABLE_ENV, raising=False)
+    want = "avx2" if platform.machine() in ("x86_64", "AMD64") and _cpu_has_avx2_fma() else None
+    for dtype in (torch.float32, torch.bfloat16):
+        for norm in (NAVIL, CLIP):
+            got = _kernel(*norm, dtype)
+            assert got in ("avx2", "portable")
+            if want is not None:
+                assert got == want
+            monkeypatch.setenv(PORTABLE_ENV, "1")
+            assert _kernel(*norm, dtype) == "portable"
+            monkeypatch.setenv(PORTABLE_ENV, "0")
+            assert _kernel(*norm, dtype) == got
+            monkeypatch.delenv(PORTABLE_ENV)
+    with pytest.raises(ValueError, match="std must be 3"):
+        pmod._C._patchify_kernel([0.5] * 3, [0.5, 0.0, 0.5], torch.float32)
+
+
+def _both_kernels(monkeypatch, fn):
+    """fn() with the dispatched kernel and with the portable one forced."""
+    monkeypatch.delenv(PORTABLE_ENV, raising=False)
+    fast = fn()
+    monkeypatch.setenv(PORTABLE_ENV, "1")
+    portable = fn()
+    monkeypatch.delenv(PORTABLE_ENV)
+    return fast, portable
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [NAVIL, CLIP, ((0.1, -1.7, 3.0), (0.013, 2.9, 1e-3))])
+@pytest.mark.parametrize("patch", [16, 14, 8, 7, 3])
+def test_kernels_bitwise_equal(monkeypatch, dtype, norm, patch):
+    """Dispatched (AVX2 where available) and portable kernels against the reference, bit for
+    bit: odd sizes, 1-pixel wide / high images, widths that leave 1..15 valid columns in the
+    last patch (the AVX2 kernel's overlapping last group and its table fallback below 8)."""
+    rng = np.random.default_rng(patch)
+    sizes = [(1, 1), (1, 37), (45, 1), (17, 9), (33, 70), (64, 64), (31, 8 * patch + 7)]
+    sizes += [(int(h), int(w)) for h, w in rng.integers(1, 150, (8, 2))]
+    images = [_image(h, w, seed=k) for k, (h, w) in enumerate(sizes)]
+    images.append(np.tile(np.arange(256, dtype=np.uint8)[:, None, None], (1, 21, 3)))
+    mean, std = norm
+    fast, portable = _both_kernels(
+        monkeypatch, lambda: patchify_batch(images, patch, 2, mean, std, dtype)[0]
+    )
+    want, _ = patchify_batch_reference(images, patch, 2, mean, std, dtype)
+    assert torch.equal(_bits(fast), _bits(want))
+    assert torch.equal(_bits(portable), _bits(want))
+
+
+@needs_native
+def test_kernels_equal_on_non_finite_values(monkeypatch):
+    """A std that rounds to 0 in float32 gives inf and NaN (0 / 0): both kernels write the
+    same bits (bfloat16 NaN is 0x7FC0, as c10::BFloat16)."""
+    img = _image(19, 40, seed=1)
+    img[0, :3] = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        args = (img, 16, 2, (0.0, 0.5, 1e40), (1e-300, 0.5, 1.0), dtype)
+        fast, portable = _both_kernels(monkeypatch, lambda args=args: patchify(*args)[0])
+        assert torch.isnan(fast).any() and torch.isinf(fast).any()
+        assert torch.equal(_bits(fast), _bits(portable))
