@@ -101,9 +101,10 @@ def save(
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # a crashed save of the same iteration
             shutil.rmtree(tmp)
-        (tmp / "rng").mkdir(parents=True)
+        tmp.mkdir(parents=True)  # empty: megatron-core warns about non-empty directories
     torch.distributed.barrier()
     dist_checkpointing.save(sharded_state(chunks, optimizer, is_loading=False), str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
         payload = {"iteration": iteration, **train_state}

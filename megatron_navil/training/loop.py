@@ -43,6 +43,7 @@ class LoopConfig:
 
     steps: int  # total optimizer steps (a resumed run continues up to this number)
     seq_length: int  # packed sequence length (pipeline p2p shapes)
+    exit_after: int | None = None  # stop (with a checkpoint) after this many steps of this run
     save_dir: str | None = None  # checkpoints (iter_NNNNNNN/); None: never save
     save_interval: int = 0  # save every N steps (0: only at the end)
     keep_last: int | None = 2  # complete checkpoints kept
@@ -166,7 +167,8 @@ def train(
         ckpt.save(cfg.save_dir, iteration, chunks, optimizer, train_state, cfg.keep_last)
 
     try:
-        for step in range(start + 1, cfg.steps + 1):
+        last = cfg.steps if cfg.exit_after is None else min(cfg.steps, start + cfg.exit_after)
+        for step in range(start + 1, last + 1):
             began = time.perf_counter()
             micro = source.next_step()
             result = train_step(
@@ -174,10 +176,10 @@ def train(
             )
             results.append(result)
             logger.log(step, result, time.perf_counter() - began, world)
-            if cfg.save_interval and step % cfg.save_interval == 0 and step != cfg.steps:
+            if cfg.save_interval and step % cfg.save_interval == 0 and step != last:
                 save(step)
-        if cfg.steps > start:
-            save(cfg.steps)
+        if last > start:
+            save(last)
     finally:
         logger.close()
     return results
