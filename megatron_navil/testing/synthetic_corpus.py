@@ -22,8 +22,12 @@ special tokens and the template's control tokens as single special ids.
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 from dataclasses import dataclass
+from fractions import Fraction
+from functools import cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -190,3 +194,186 @@ def train_tokenizer(texts: list[str], path: str | Path, vocab_size: int = 512) -
     tok.train_from_iterator(corpus, trainer=trainer)
     Path(path).write_text(tok.to_str(pretty=True))
     return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# The caption grammar, read back: parsing, the generator's exact distribution, chance levels
+
+FIELDS = ("groups", "count", "colour", "shape", "position", "background")
+"""Fields scored per caption: ``groups`` (one or two groups) and ``background`` once per
+caption; ``count``, ``colour``, ``shape`` and ``position`` once per group of the reference."""
+
+_PHRASE = (
+    r"(?P<count>{counts}) (?P<colour>{colours}) (?P<shape>{shapes})s? "
+    r"(?:on the (?P<side>{sides})|in the center)"
+).format(
+    counts="|".join(COUNT_WORDS),
+    colours="|".join(COLOURS),
+    shapes="|".join(SHAPES),
+    sides="|".join(r for r in SINGLE_REGIONS if r != "center"),
+)
+_PHRASE_RE = re.compile(_PHRASE)
+
+
+def _strip_names(pattern: str) -> str:
+    return re.sub(r"\?P<\w+>", "", pattern)
+
+
+_CAPTION_RE = re.compile(
+    rf"(?P<groups>{_strip_names(_PHRASE)}(?: and {_strip_names(_PHRASE)})*)"
+    rf" on a (?P<background>{'|'.join(BACKGROUNDS)}) background\."
+)
+
+
+def parse_caption(text: str) -> tuple[list[Group], str] | None:
+    """``(groups, background)`` of a caption in the generator's grammar (the inverse of
+    :func:`caption_of`; surrounding whitespace ignored), or None when ``text`` is not one.
+
+    Lenient only in the plural ``s`` (``"two red circle"`` parses as two circles): the fields
+    are what is scored; exact match is scored on the text itself."""
+    m = _CAPTION_RE.fullmatch(text.strip())
+    if m is None:
+        return None
+    groups = []
+    for g in _PHRASE_RE.finditer(m.group("groups")):
+        region = g.group("side") or "center"
+        count = COUNT_WORDS.index(g.group("count")) + 1
+        groups.append(Group(g.group("shape"), g.group("colour"), count, region))
+    return groups, m.group("background")
+
+
+def caption_fields(groups: list[Group], background: str) -> dict[str, list]:
+    """Per field the values of a scene, in slot order (one per group for the group fields)."""
+    return {
+        "groups": [len(groups)],
+        "count": [COUNT_WORDS[g.count - 1] for g in groups],
+        "colour": [g.colour for g in groups],
+        "shape": [g.shape for g in groups],
+        "position": [g.region for g in groups],
+        "background": [background],
+    }
+
+
+FIELD_VALUES: dict[str, tuple] = {
+    "groups": (1, 2),
+    "count": COUNT_WORDS,
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "position": SINGLE_REGIONS,
+    "background": tuple(BACKGROUNDS),
+}
+"""The values each field can take in the grammar."""
+
+
+def _scene_weights() -> tuple[list[tuple[list[Group], str, int]], int]:
+    """Every scene :func:`make_scene` can draw as ``(groups, background, weight)``, with
+    probability ``weight / denominator`` (exact integers; see :func:`scene_distribution`)."""
+    kinds = [(s, c, n) for s in SHAPES for c in sorted(COLOURS) for n in range(1, 5)]
+    backgrounds = sorted(BACKGROUNDS)
+    others = len(SHAPES) * len(COLOURS) - 1  # (shape, colour) pairs unlike the first group's
+    single = Fraction(1, 2) / len(SINGLE_REGIONS) / len(kinds) / len(backgrounds)
+    pair = (Fraction(1, 2) / len(PAIR_REGIONS) / len(kinds) / (others * len(COUNT_WORDS))) / len(
+        backgrounds
+    )
+    denominator = math.lcm(single.denominator, pair.denominator)
+    w_single, w_pair = int(single * denominator), int(pair * denominator)
+    scenes: list[tuple[list[Group], str, int]] = []
+    for region in SINGLE_REGIONS:
+        for s, c, n in kinds:
+            for bg in backgrounds:
+                scenes.append(([Group(s, c, n, region)], bg, w_single))
+    for first, second in PAIR_REGIONS:
+        for s, c, n in kinds:
+            for s2, c2, n2 in kinds:
+                if (s2, c2) == (s, c):
+                    continue
+                pair_groups = [Group(s, c, n, first), Group(s2, c2, n2, second)]
+                for bg in backgrounds:
+                    scenes.append((pair_groups, bg, w_pair))
+    return scenes, denominator
+
+
+@cache
+def scene_distribution() -> dict[str, float]:
+    """Every caption :func:`make_scene` can produce and its exact probability (enumerated from
+    its sampling: one group (p 1/2, region uniform over 5) or two (left+right or top+bottom,
+    uniform); shape, colour and count uniform and independent, the second group's
+    (shape, colour) uniform over the 17 pairs that differ from the first's; background
+    uniform over 3). Image sizes and shape placement do not change the caption."""
+    scenes, denominator = _scene_weights()
+    return {caption_of(g, bg): w / denominator for g, bg, w in scenes}
+
+
+@dataclass(frozen=True)
+class Chance:
+    """Chance levels of one metric."""
+
+    uniform: float
+    """Guessing uniformly: 1 / (distinct captions) for exact match, 1 / (values of the
+    field) for a field."""
+    majority: float
+    """The best constant answer under the generator's distribution: the most probable caption
+    for exact match; per field and slot (first group, second group) its most probable value,
+    averaged over slots with the metric's weights (slots that exist in the reference)."""
+
+
+@cache
+def chance_levels() -> dict[str, Chance]:
+    """:class:`Chance` of ``exact`` and every field of :data:`FIELDS`, from
+    :func:`scene_distribution`."""
+    scenes, denominator = _scene_weights()
+    out = {"exact": Chance(1 / len(scenes), max(w for _, _, w in scenes) / denominator)}
+    for name in FIELDS:
+        mass: dict[tuple[int, object], int] = {}
+        slots = 0  # expected number of slots per caption, times the denominator
+        for groups, bg, w in scenes:
+            for k, value in enumerate(caption_fields(groups, bg)[name]):
+                mass[(k, value)] = mass.get((k, value), 0) + w
+                slots += w
+        best: dict[int, int] = {}
+        for (k, _), m in mass.items():
+            best[k] = max(best.get(k, 0), m)
+        out[name] = Chance(1 / len(FIELD_VALUES[name]), sum(best.values()) / slots)
+    return out
+
+
+def score_captions(pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+    """Accuracy of generated captions against references: ``pairs`` of ``(reference,
+    generated)``. Per metric ``{"accuracy", "correct", "total", "chance", "majority"}``:
+
+    * ``exact``: the stripped texts are equal;
+    * ``parsed``: the generated text is in the grammar (no chance level: NaN);
+    * each of :data:`FIELDS`: per slot of the *reference* (one per caption, or one per group),
+      the generated caption's value in the same slot (groups in caption order); a generated
+      caption that does not parse, or lacks the slot, is wrong there.
+    References must parse (ValueError otherwise)."""
+    correct = dict.fromkeys(("exact", "parsed", *FIELDS), 0)
+    total = dict.fromkeys(("exact", "parsed", *FIELDS), 0)
+    for reference, generated in pairs:
+        ref = parse_caption(reference)
+        if ref is None:
+            raise ValueError(f"reference caption {reference!r} is not in the grammar")
+        gen = parse_caption(generated)
+        total["exact"] += 1
+        total["parsed"] += 1
+        correct["exact"] += reference.strip() == generated.strip()
+        correct["parsed"] += gen is not None
+        ref_fields = caption_fields(*ref)
+        gen_fields = caption_fields(*gen) if gen is not None else None
+        for name in FIELDS:
+            want = ref_fields[name]
+            got = gen_fields[name] if gen_fields is not None else []
+            total[name] += len(want)
+            correct[name] += sum(k < len(got) and got[k] == v for k, v in enumerate(want))
+    chance = chance_levels()
+    out = {}
+    for name in correct:
+        levels = chance.get(name)
+        out[name] = {
+            "accuracy": correct[name] / total[name] if total[name] else float("nan"),
+            "correct": correct[name],
+            "total": total[name],
+            "chance": levels.uniform if levels else float("nan"),
+            "majority": levels.majority if levels else float("nan"),
+        }
+    return out
