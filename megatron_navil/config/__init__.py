@@ -4,6 +4,7 @@ Imports nothing else from the project.
 """
 
 from megatron_navil.config.model import (
+    RECOMPUTE_MODES,
     SPECIAL_TOKENS,
     VISUAL_TOKENS,
     ConnectorConfig,
@@ -11,12 +12,14 @@ from megatron_navil.config.model import (
     ImageConfig,
     LanguageConfig,
     NaViLConfig,
+    Recompute,
     VisionConfig,
 )
 from megatron_navil.config.params import param_counts
 from megatron_navil.config.registry import REGISTRY, get_config
 
 __all__ = [
+    "RECOMPUTE_MODES",
     "REGISTRY",
     "SPECIAL_TOKENS",
     "VISUAL_TOKENS",
@@ -25,6 +28,7 @@ __all__ = [
     "ImageConfig",
     "LanguageConfig",
     "NaViLConfig",
+    "Recompute",
     "VisionConfig",
     "get_config",
     "param_counts",

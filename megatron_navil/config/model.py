@@ -219,6 +219,48 @@ class ImageConfig:
         )
 
 
+RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "full")
+"""Activation recompute modes, shared with ``training/planner.py``'s memory model."""
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """Activation recompute (checkpointing): the backward re-runs parts of the forward instead
+    of keeping their activations. A training choice, not part of the model: handed to
+    ``models.build.build_model`` next to the config; the default is no recompute.
+
+    - ``none``: autograd keeps every activation (no extra work).
+    - ``selective``: the cheap, memory-heavy element-wise parts keep only their inputs and are
+      recomputed in the backward: the RMSNorms (LLM input / post-attention norms and Qwen3's
+      per-head q/k norms; vision norm1 / norm2 and the full-width q/k norms) and the MLP
+      activation (the experts' SwiGLU with its routing-probability scale; the vision GELU).
+      Their outputs are released after the next block and rebuilt when its gradient arrives
+      (megatron-core's ``CheckpointWithoutOutput``, its ``layernorm`` / ``moe_act`` recompute).
+    - ``full``: each LLM decoder layer / vision block keeps only its input and is run again,
+      whole, in the backward (megatron-core's ``tensor_parallel.checkpoint``).
+    """
+
+    llm: str = "none"  # LLM decoder layers: none | selective | full
+    vision: str = "none"  # vision encoder blocks: none | selective | full
+
+    def validate(self) -> Recompute:
+        for name in ("llm", "vision"):
+            value = getattr(self, name)
+            _check(
+                value in RECOMPUTE_MODES,
+                "Recompute",
+                name,
+                value,
+                f"must be one of {RECOMPUTE_MODES}",
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Anything recomputed at all."""
+        return (self.llm, self.vision) != ("none", "none")
+
+
 @dataclass(frozen=True)
 class NaViLConfig:
     """The whole model: vision encoder, connector, modality-expert LLM, tokens, images."""

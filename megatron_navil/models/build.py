@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron_navil.config.model import NaViLConfig
+from megatron_navil.config.model import NaViLConfig, Recompute
 
 
 def stage_layer_ranges(
@@ -166,9 +166,11 @@ def build_model(
     special_ids: Sequence[int] | None = None,
     first_stage_layers: int | None = None,
     use_te: bool = False,
+    recompute: Recompute | None = None,
 ) -> list[Any]:
     """This rank's NaViLModel chunks, one per virtual pipeline stage (a list of one without
-    interleaving), for the parallel state megatron_navil.parallel.initialize set up."""
+    interleaving), for the parallel state megatron_navil.parallel.initialize set up.
+    ``recompute``: activation recompute of the LLM layers / vision blocks (None: none)."""
     from megatron.core import parallel_state as ps
 
     from megatron_navil.models.navil import NaViLModel
@@ -192,6 +194,7 @@ def build_model(
                 vision_tp_group=vision_group,
                 vision_replica_group=vision_replicas,
                 use_te=use_te,
+                recompute=recompute,
             )
         )
     return chunks

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from megatron_navil.config.model import LanguageConfig
 from megatron_navil.models.attention import varlen_attention
 from megatron_navil.models.modality import ModalityMoELayer, ModalityRouter, ModalitySplit
+from megatron_navil.models.recompute import DropOutput, ModalitySequentialMLP, moe_config
 
 
 @dataclass
@@ -129,7 +130,9 @@ class ModalityAttention(_megatron_module()):  # type: ignore[misc]
     ``wo_then_wo_ve``: a visual token's output is ``wo_ve(wo(ctx))`` (the released 2B code).
     """
 
-    def __init__(self, config: Any, lm: LanguageConfig, tp_group: Any) -> None:
+    def __init__(
+        self, config: Any, lm: LanguageConfig, tp_group: Any, *, selective: bool = False
+    ) -> None:
         super().__init__(config)
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -139,6 +142,7 @@ class ModalityAttention(_megatron_module()):  # type: ignore[misc]
                 raise ValueError(f"LanguageConfig.{name}={count} is not divisible by TP={tp}")
         self.lm = lm
         self.tp_group = tp_group
+        self.selective = selective  # recompute the q/k norms in the backward (Recompute)
         self.sequence_parallel = bool(config.sequence_parallel)
         self.heads_local = lm.heads // tp
         self.kv_heads_local = lm.kv_heads // tp
@@ -199,9 +203,10 @@ class ModalityAttention(_megatron_module()):  # type: ignore[misc]
         qkv = qkv.view(t, groups, per_group + 2, lm.head_dim)
         q = qkv[:, :, :per_group].reshape(t, self.heads_local, lm.head_dim)
         k, v = qkv[:, :, per_group], qkv[:, :, per_group + 1]
+        drops: list[DropOutput] = []
         if lm.qk_norm:
-            q = split.apply(q, self.q_layernorm.text, self.q_layernorm.visual)
-            k = split.apply(k, self.k_layernorm.text, self.k_layernorm.visual)
+            q = self._head_norm(q, self.q_layernorm, split, drops)
+            k = self._head_norm(k, self.k_layernorm, split, drops)
         q, k, v = split.unsort(q), split.unsort(k), split.unsort(v)
         q = apply_rope(q, inputs.cos, inputs.sin)
         k = apply_rope(k, inputs.cos, inputs.sin)
@@ -213,7 +218,19 @@ class ModalityAttention(_megatron_module()):  # type: ignore[misc]
             out_sorted = split.linear(
                 ctx_sorted, self.linear_proj.text.weight, self.linear_proj.visual.weight
             )
-        return self._reduce(split.unsort(out_sorted).view(t, 1, lm.hidden))
+        out = self._reduce(split.unsort(out_sorted).view(t, 1, lm.hidden))
+        for drop in drops:  # the normalised q / k are recomputed before the attention backward
+            drop.release(out)
+        return out
+
+    def _head_norm(
+        self, x_sorted: torch.Tensor, norms: Any, split: ModalitySplit, drops: list[DropOutput]
+    ) -> torch.Tensor:
+        """Each modality's per-head RMSNorm; under selective recompute only its input is kept
+        (the ``DropOutput`` goes to ``drops``, released after the attention output)."""
+        drop = DropOutput(self.selective, self.config.fp8)
+        drops.append(drop)
+        return drop(lambda x: split.apply(x, norms.text, norms.visual), x_sorted)
 
     def _wo_then_wo_ve(self, ctx_sorted: torch.Tensor, split: ModalitySplit) -> torch.Tensor:
         """Released-2B quirk: every token through ``wo``; visual tokens' (TP-reduced) result
@@ -232,7 +249,8 @@ class ModalityAttention(_megatron_module()):  # type: ignore[misc]
 
 
 def moe_spec(use_te: bool) -> Any:
-    """megatron-core MoE spec with :class:`ModalityMoELayer` and :class:`ModalityRouter`."""
+    """megatron-core MoE spec with :class:`ModalityMoELayer` and :class:`ModalityRouter`; the
+    non-grouped experts are :class:`ModalitySequentialMLP` (SequentialMLP + ``moe_act``)."""
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 
@@ -246,28 +264,51 @@ def moe_spec(use_te: bool) -> Any:
     spec.module = ModalityMoELayer
     spec.submodules.router = ModalityRouter
     spec.submodules.shared_experts = None
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    if spec.submodules.experts.module is SequentialMLP:
+        spec.submodules.experts.module = ModalitySequentialMLP
     return spec
 
 
 class ModalityDecoderLayer(_megatron_module()):  # type: ignore[misc]
     """``x + attn(input_layernorm(x))``, then ``+ mlp(post_attention_layernorm(.))``; norms
-    shared by the experts."""
+    shared by the experts.
+
+    ``recompute``: ``Recompute.llm``. ``selective`` keeps only the inputs of the two norms, the
+    q/k norms and the experts' SwiGLU (see models/recompute.py); ``full`` is applied around
+    the whole layer by the caller (``NaViLModel``), so the layer itself runs plainly then.
+    """
 
     def __init__(
-        self, config: Any, lm: LanguageConfig, layer_number: int, tp_group: Any, use_te: bool
+        self,
+        config: Any,
+        lm: LanguageConfig,
+        layer_number: int,
+        tp_group: Any,
+        use_te: bool,
+        recompute: str = "none",
     ) -> None:
         super().__init__(config)
         from megatron.core.transformer.spec_utils import build_module
 
         norm = norm_class()
+        self.selective = recompute == "selective"
         self.layer_number = layer_number  # 1-based, global (megatron-core's convention)
         self.input_layernorm = norm(config=config, hidden_size=lm.hidden, eps=lm.norm_eps)
-        self.self_attention = ModalityAttention(config, lm, tp_group)
+        self.self_attention = ModalityAttention(config, lm, tp_group, selective=self.selective)
         self.post_attention_layernorm = norm(config=config, hidden_size=lm.hidden, eps=lm.norm_eps)
-        self.mlp = build_module(moe_spec(use_te), config=config, layer_number=layer_number)
+        self.mlp = build_module(
+            moe_spec(use_te), config=moe_config(config, recompute), layer_number=layer_number
+        )
         self.mlp.set_layer_number(layer_number)
 
     def forward(self, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-        hidden = hidden + self.self_attention(self.input_layernorm(hidden), inputs)
-        out, _ = self.mlp(self.post_attention_layernorm(hidden), inputs.visual_mask_local)
+        drop = DropOutput(self.selective, self.config.fp8)
+        attn = self.self_attention(drop(self.input_layernorm, hidden), inputs)
+        drop.release(attn)
+        hidden = hidden + attn
+        drop = DropOutput(self.selective, self.config.fp8)
+        out, _ = self.mlp(drop(self.post_attention_layernorm, hidden), inputs.visual_mask_local)
+        drop.release(out)
         return hidden + out

@@ -19,12 +19,13 @@ targets so); the last stage returns the per-token loss ``[t]`` (0 where ignored)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from megatron_navil.config.model import SPECIAL_TOKENS, VISUAL_TOKENS, NaViLConfig
+from megatron_navil.config.model import SPECIAL_TOKENS, VISUAL_TOKENS, NaViLConfig, Recompute
 from megatron_navil.models.language import (
     LayerInputs,
     ModalityDecoderLayer,
@@ -32,6 +33,7 @@ from megatron_navil.models.language import (
     rope_tables,
 )
 from megatron_navil.models.modality import ModalitySplit
+from megatron_navil.models.recompute import check_megatron_flags, checkpoint_full
 
 IGNORE_INDEX = -100
 
@@ -67,6 +69,9 @@ class NaViLModel(_megatron_module()):  # type: ignore[misc]
             (the same group, or a group of one rank when the vision heads do not split, with
             ``vision_replica_group`` = the LLM's TP group; see ``build.vision_tp_groups``).
         use_te: TransformerEngine/grouped-GEMM experts (GPU clusters).
+        recompute: activation recompute of the LLM layers and vision blocks
+            (``config.Recompute``; None: none). megatron-core's own recompute flags in
+            ``config`` must stay unset (ValueError).
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class NaViLModel(_megatron_module()):  # type: ignore[misc]
         vision_tp_group: Any = None,
         vision_replica_group: Any = None,
         use_te: bool = False,
+        recompute: Recompute | None = None,
     ) -> None:
         super().__init__(config)
         from megatron.core import parallel_state
@@ -99,6 +105,8 @@ class NaViLModel(_megatron_module()):  # type: ignore[misc]
 
         lm = cfg.language
         self.cfg = cfg
+        self.recompute = (recompute or Recompute()).validate()
+        check_megatron_flags(config)
         self.tp_group = tp_group or parallel_state.get_tensor_model_parallel_group()
         self.pre_process, self.post_process = pre_process, post_process
         self.sequence_parallel = bool(config.sequence_parallel)
@@ -117,8 +125,9 @@ class NaViLModel(_megatron_module()):  # type: ignore[misc]
 
             vision_group = vision_tp_group or self.tp_group
             self.vision_model = VisionEncoder(
-                cfg.vision, config, vision_group, replica_group=vision_replica_group
-            )
+                cfg.vision, config, vision_group, replica_group=vision_replica_group,
+                recompute=self.recompute.vision,
+            )  # fmt: skip
             self.mlp1 = Connector(
                 cfg.vision.width, lm.hidden, config, vision_group,
                 merge=cfg.connector.merge, norm_eps=cfg.connector.norm_eps,
@@ -134,7 +143,12 @@ class NaViLModel(_megatron_module()):  # type: ignore[misc]
             self.special_token_embedding = torch.nn.Parameter(table)
         self.layers = LayerStack(
             config,
-            {i: ModalityDecoderLayer(config, lm, i + 1, self.tp_group, use_te) for i in layers},
+            {
+                i: ModalityDecoderLayer(
+                    config, lm, i + 1, self.tp_group, use_te, recompute=self.recompute.llm
+                )
+                for i in layers
+            },
         )
         if post_process:
             self.final_layernorm = norm_class()(
@@ -236,8 +250,12 @@ class NaViLModel(_megatron_module()):  # type: ignore[misc]
             if self.input_tensor is None:
                 raise ValueError("a non-first pipeline stage needs set_input_tensor() first")
             hidden = self.input_tensor
+        full = self.recompute.llm == "full"
         for layer in self.layers.children():
-            hidden = layer(hidden, inputs)
+            if full:  # keep only the layer's input; `inputs` is shared, closed over
+                hidden = checkpoint_full(functools.partial(layer, inputs=inputs), hidden)
+            else:
+                hidden = layer(hidden, inputs)
         if not self.post_process:
             return hidden
 

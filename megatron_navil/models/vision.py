@@ -53,9 +53,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from megatron_navil.config.model import VisionConfig
+from megatron_navil.config.model import Recompute, VisionConfig
 from megatron_navil.models.attention import check_cu_seqlens, varlen_attention
 from megatron_navil.models.norms import RMSNorm
+from megatron_navil.models.recompute import DropOutput, checkpoint_full
 from megatron_navil.models.rope import apply_vision_rope, vision_rope_cos_sin
 from megatron_navil.models.tp import (
     ProcessGroup,
@@ -125,8 +126,11 @@ class VisionAttention(ShardedModule):
         config: Any,
         tp_group: ProcessGroup,
         replica_group: ProcessGroup | None = None,
+        *,
+        selective: bool = False,
     ) -> None:
         super().__init__(config, tp_group, replica_group)
+        self.selective = selective  # recompute q_norm / k_norm in the backward
         tp = self.tp_size
         if cfg.heads % tp:
             raise ValueError(
@@ -162,11 +166,16 @@ class VisionAttention(ShardedModule):
         t = x_td.shape[0]
         qkv = _apply(self.qkv, x_td).view(t, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.unbind(2)
-        q = self.q_norm(q.reshape(t, -1)).view(t, self.local_heads, self.head_dim)
-        k = self.k_norm(k.reshape(t, -1)).view(t, self.local_heads, self.head_dim)
+        drop_q = DropOutput(self.selective)
+        q = drop_q(self.q_norm, q.reshape(t, -1)).view(t, self.local_heads, self.head_dim)
+        drop_k = DropOutput(self.selective)
+        k = drop_k(self.k_norm, k.reshape(t, -1)).view(t, self.local_heads, self.head_dim)
         q, k = apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
         o = varlen_attention(q, k, v, cu_seqlens, causal=False, softmax_scale=self.head_dim**-0.5)
-        return _apply(self.proj, o.reshape(t, -1))
+        out = _apply(self.proj, o.reshape(t, -1))
+        drop_q.release(out)
+        drop_k.release(out)
+        return out
 
 
 class VisionMLP(ShardedModule):
@@ -178,8 +187,11 @@ class VisionMLP(ShardedModule):
         config: Any,
         tp_group: ProcessGroup,
         replica_group: ProcessGroup | None = None,
+        *,
+        selective: bool = False,
     ) -> None:
         super().__init__(config, tp_group, replica_group)
+        self.selective = selective  # recompute the GELU in the backward
         tp = self.tp_size
         if cfg.mlp % tp:
             raise ValueError(f"VisionMLP: mlp={cfg.mlp} does not split over {tp} TP ranks")
@@ -200,11 +212,17 @@ class VisionMLP(ShardedModule):
         mark_tensor_parallel(self.fc2.bias, None)
 
     def forward(self, x_td: torch.Tensor) -> torch.Tensor:
-        return _apply(self.fc2, F.gelu(_apply(self.fc1, x_td)))
+        drop = DropOutput(self.selective)
+        out = _apply(self.fc2, drop(F.gelu, _apply(self.fc1, x_td)))
+        drop.release(out)
+        return out
 
 
 class VisionBlock(ShardedModule):
-    """``x + ls1 * attn(norm1(x))`` then ``x + ls2 * mlp(norm2(x))``."""
+    """``x + ls1 * attn(norm1(x))`` then ``x + ls2 * mlp(norm2(x))``.
+
+    ``selective``: the norms (norm1, norm2, q/k norms) and the GELU keep only their inputs and
+    are recomputed in the backward (models/recompute.py)."""
 
     def __init__(
         self,
@@ -212,14 +230,17 @@ class VisionBlock(ShardedModule):
         config: Any,
         tp_group: ProcessGroup,
         replica_group: ProcessGroup | None = None,
+        *,
+        selective: bool = False,
     ) -> None:
         super().__init__(config, tp_group, replica_group)
         dtype, w = config.params_dtype, cfg.width
+        self.selective = selective
         self.norm1 = RMSNorm(w, cfg.norm_eps, dtype=dtype)
-        self.attn = VisionAttention(cfg, config, tp_group, replica_group)
+        self.attn = VisionAttention(cfg, config, tp_group, replica_group, selective=selective)
         self.ls1 = torch.nn.Parameter(torch.full((w,), cfg.layer_scale_init, dtype=dtype))
         self.norm2 = RMSNorm(w, cfg.norm_eps, dtype=dtype)
-        self.mlp = VisionMLP(cfg, config, tp_group, replica_group)
+        self.mlp = VisionMLP(cfg, config, tp_group, replica_group, selective=selective)
         self.ls2 = torch.nn.Parameter(torch.full((w,), cfg.layer_scale_init, dtype=dtype))
         for p in (self.norm1.weight, self.norm2.weight, self.ls1, self.ls2):
             mark_tensor_parallel(p, None)
@@ -227,8 +248,14 @@ class VisionBlock(ShardedModule):
     def forward(
         self, x_td: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
     ) -> torch.Tensor:
-        x_td = x_td + self.ls1 * self.attn(self.norm1(x_td), cos, sin, cu_seqlens)
-        return x_td + self.ls2 * self.mlp(self.norm2(x_td))
+        drop = DropOutput(self.selective)
+        attn = self.attn(drop(self.norm1, x_td), cos, sin, cu_seqlens)
+        drop.release(attn)
+        x_td = x_td + self.ls1 * attn
+        drop = DropOutput(self.selective)
+        mlp = self.mlp(drop(self.norm2, x_td))
+        drop.release(mlp)
+        return x_td + self.ls2 * mlp
 
 
 class VisionEmbeddings(ShardedModule):
@@ -268,6 +295,8 @@ class VisionEncoder(ShardedModule):
         replica_group: ranks holding identical copies of this rank's shards beyond DP (the
             model-TP group when ``tp_group`` is a sub-group of it, e.g. of size 1); used only
             for checkpoint replica ids.
+        recompute: ``Recompute.vision``: ``none``, ``selective`` (norms and GELU recomputed)
+            or ``full`` (each block keeps only its input and runs again in the backward).
     """
 
     def __init__(
@@ -277,12 +306,19 @@ class VisionEncoder(ShardedModule):
         tp_group: ProcessGroup,
         *,
         replica_group: ProcessGroup | None = None,
+        recompute: str = "none",
     ) -> None:
         cfg.validate()
+        Recompute(vision=recompute).validate()
         super().__init__(config, tp_group, replica_group)
         self.cfg = cfg
+        self.full_recompute = recompute == "full"
         self.embeddings = VisionEmbeddings(cfg, config, tp_group, replica_group)
-        layers = [VisionBlock(cfg, config, tp_group, replica_group) for _ in range(cfg.depth)]
+        selective = recompute == "selective"
+        layers = [
+            VisionBlock(cfg, config, tp_group, replica_group, selective=selective)
+            for _ in range(cfg.depth)
+        ]
         self.encoder = torch.nn.ModuleDict({"layers": torch.nn.ModuleList(layers)})
         self._full_layers = frozenset(cfg.full_attention_layers)
 
@@ -342,7 +378,11 @@ class VisionEncoder(ShardedModule):
             x, cos, sin = x[window.perm], cos[window.perm], sin[window.perm]
         for i, layer in enumerate(self.encoder["layers"]):
             full = window is None or i in self._full_layers
-            x = layer(x, cos, sin, cu_seqlens if full else window.cu_seqlens)
+            cu = cu_seqlens if full else window.cu_seqlens
+            if self.full_recompute:  # keep only the block's inputs
+                x = checkpoint_full(layer, x, cos, sin, cu)
+            else:
+                x = layer(x, cos, sin, cu)
         if window is not None:
             x = x[window.inverse]
         return x

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from megatron_navil.config.model import SPECIAL_TOKENS, NaViLConfig
+from megatron_navil.config.model import SPECIAL_TOKENS, NaViLConfig, Recompute
 from megatron_navil.models.navil import IGNORE_INDEX
 from megatron_navil.testing import tiny_gpt as T
 
@@ -217,9 +217,11 @@ def setup_run(
     distributed_optimizer: bool = False,
     lr: float = 1e-2,
     stage: str | None = None,
+    recompute: Recompute | None = None,
 ) -> Run:
     """(Re)initialise the parallel state for ``layout`` and build the seeded model in it;
-    ``stage`` (``s1.1`` ...) freezes what that training stage does not train."""
+    ``stage`` (``s1.1`` ...) freezes what that training stage does not train; ``recompute``:
+    activation recompute of the LLM layers / vision blocks (None: none)."""
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
 
@@ -229,8 +231,9 @@ def setup_run(
     config = transformer_config(cfg, **layout)
     spec = spec or BatchSpec(special_ids=special_ids_for(cfg))
     chunks = build_model(
-        cfg, config, special_ids=spec.special_ids, first_stage_layers=first_stage_layers
-    )
+        cfg, config, special_ids=spec.special_ids, first_stage_layers=first_stage_layers,
+        recompute=recompute,
+    )  # fmt: skip
     T.set_global_params(chunks, seed)
     if stage is not None:
         from megatron_navil.training.recipes import apply_freezing, get_stage
@@ -239,6 +242,65 @@ def setup_run(
     chunks = T.wrap_ddp(chunks, config, distributed_optimizer)
     opt = T.build_optimizer(chunks, optimizer, distributed_optimizer, lr) if optimizer else None
     return Run(cfg, spec, chunks, config, opt)
+
+
+def saved_activation_bytes(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> dict[str, int]:
+    """Bytes autograd keeps for the backward after one forward of ``model`` (an unwrapped
+    single-stage NaViLModel) on ``batch``, by part: ``llm`` (decoder layers), ``vision``
+    (vision blocks), ``shared`` (storages saved by more than one layer: the per-micro-batch
+    RoPE tables, permutation, masks, ``cu_seqlens``), ``other`` (embeddings, connector, final
+    norm, LM head, loss).
+
+    Every tensor saved for the backward (``torch.autograd.graph.saved_tensors_hooks``, which
+    also sees ``ctx.save_for_backward`` of megatron-core's checkpoints) is counted once per
+    storage, after the forward: an output a ``CheckpointWithoutOutput`` released counts 0.
+    Parameters do not count. A saved tensor belongs to the layer whose forward began last
+    (a full-recompute checkpoint saves its layer's input right after the layer ran). The graph
+    is dropped without a backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current: list[tuple[str, int]] = [("other", 0)]
+    hooks = []
+
+    def enter(part: str, index: int) -> Any:
+        return lambda *_: current.__setitem__(0, (part, index))
+
+    owners: list[tuple[str, torch.nn.Module]] = [
+        ("other", model.vision_model.embeddings),
+        ("other", model.mlp1),
+        ("other", model.embedding),
+        ("other", model.final_layernorm),
+        ("other", model.output_layer),
+    ]
+    owners += [("vision", block) for block in model.vision_model.encoder["layers"]]
+    owners += [("llm", layer) for layer in model.layers.children()]
+    for index, (part, module) in enumerate(owners):
+        hooks.append(module.register_forward_pre_hook(enter(part, index)))
+    saved: list[tuple[tuple[str, int], torch.Tensor]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append((current[0], tensor))
+        return tensor
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(**batch)  # the graph (and what it saved) goes when this returns
+    finally:
+        for hook in hooks:
+            hook.remove()
+    storages: dict[int, tuple[set[tuple[str, int]], int]] = {}  # data_ptr: (owners, bytes)
+    for owner, tensor in saved:
+        storage = tensor.untyped_storage()
+        if storage.nbytes() == 0 or storage.data_ptr() in params:
+            continue
+        entry = storages.setdefault(storage.data_ptr(), (set(), storage.nbytes()))
+        entry[0].add(owner)
+    totals = dict.fromkeys(("llm", "vision", "shared", "other"), 0)
+    for owners_of, nbytes in storages.values():
+        totals["shared" if len(owners_of) > 1 else next(iter(owners_of))[0]] += nbytes
+    saved.clear()
+    return totals
 
 
 class SyntheticSource:

@@ -47,15 +47,18 @@ patch embedding's input ``b C p^2`` per patch, and the connector ``2 b W + 2 b H
 patch. LM head (last stage): final norm 2bH/T, head input bH/T, fp32 softmax 4V/T per token
 kept for the backward, and a transient bf16 copy of the logits bV/T (bf16 only).
 
-Recompute: ``none`` as above; ``selective`` recomputes the cheap element-wise ops (norms,
-SwiGLU/GELU, the qk-norm copies) from their inputs, keeping the linear inputs and flash
-attention's tensors (with flash attention there is no ``s^2`` core to drop, which was the
-paper's selective target); ``full`` keeps only each layer's input (b H / T per token, b W per
-patch per vision block) and recomputes one layer at a time in the backward. Transient: the
-backward's workspace of one layer (its activations' gradients, about the size of its
-activations; twice that for a fully recomputed layer) and on the last stage the bf16 logits.
-The model code does not checkpoint layers yet: ``selective`` and
-``full`` are what the trainer must implement for these numbers to hold.
+Recompute (``config.Recompute``: ``Layout.recompute`` is its ``llm``, ``vision_recompute`` its
+``vision``; :meth:`Layout.recompute_config`): ``none`` as above; ``selective`` recomputes the
+cheap element-wise ops (norms, SwiGLU/GELU, the qk-norm copies) from their inputs, keeping the
+linear inputs and flash attention's tensors (with flash attention there is no ``s^2`` core to
+drop, which was the paper's selective target); in the vision blocks the norm outputs *are* the
+qkv / fc1 inputs, released with them (in the LLM the linears keep a modality-sorted copy);
+``full`` keeps only each layer's input (b H / T per token, b W per patch per vision block) and
+recomputes one layer at a time in the backward. Transient: the backward's workspace of one
+layer (its activations' gradients, about the size of its activations; twice that for a fully
+recomputed layer) and on the last stage the bf16 logits. ``models/recompute.py`` implements
+both; tests/unit/test_recompute.py counts the bytes autograd keeps on the tiny model (fp32,
+CPU) against :func:`llm_layer_bytes` / :func:`vision_layer_bytes`.
 
 Micro-batches in flight: megatron-core's 1F1B keeps ``min(pp - rank, m)`` on pipeline rank
 ``rank`` (``pp`` on stage 0, which also holds the vision tower); the interleaved schedule (VPP
@@ -75,10 +78,10 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from megatron_navil.config.model import SPECIAL_TOKENS, NaViLConfig
+from megatron_navil.config.model import RECOMPUTE_MODES, SPECIAL_TOKENS, NaViLConfig, Recompute
 
 GiB = 1024**3
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = RECOMPUTE_MODES
 DTYPES = ("bf16", "fp32")
 # Parameter groups of training/recipes.py (which stage trains what).
 GROUPS = ("vision", "connector", "special_tokens", "visual_experts", "text_attention", "rest")
@@ -119,6 +122,10 @@ class Layout:
     @property
     def vision_rc(self) -> str:
         return self.vision_recompute or self.recompute
+
+    def recompute_config(self) -> Recompute:
+        """The model's ``Recompute`` for this layout (``build_model(recompute=...)``)."""
+        return Recompute(llm=self.recompute, vision=self.vision_rc).validate()
 
     @property
     def expert_tp(self) -> int:
@@ -370,7 +377,8 @@ def vision_layer_bytes(cfg: NaViLConfig, layout: Layout, recompute: str | None =
         return b * w
     norm = b * w if recompute == "selective" else (4 + b) * w
     out = 2 * norm  # norm1, norm2
-    out += 2 * b * w  # qkv and fc1 inputs
+    if recompute != "selective":
+        out += 2 * b * w  # qkv and fc1 inputs (= the norm outputs, released under selective)
     out += 2 * (b * w if recompute == "selective" else (4 + b) * w) / vt  # q/k norms
     out += 4 * b * w / vt + 4 * v.heads / vt  # q, k, v, out (+ lse)
     out += 2 * b * w  # layer-scale products keep the branch outputs
