@@ -1,0 +1,263 @@
+"""Train NaViL: ``torchrun --nproc-per-node N -m megatron_navil.train --data SHARDS ...``.
+
+Wires the pieces: process groups and the CPU shim (``parallel``), the model for this rank's
+pipeline stages (``models.build``), the stage recipe's freezing, megatron-core DDP, distributed
+AdamW and LR schedule (``training``), the packed-sequence loader over indexed shards
+(``data``), and the loop with checkpoints, resume and logging (``training.loop``).
+``--help`` lists every option; ``--dry-run`` prints the resolved setup and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_navil.config.model import SPECIAL_TOKENS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_navil.train",
+        description="Train NaViL with megatron-core parallelism (run it under torchrun; one "
+        "process without).",
+    )
+    g = p.add_argument_group("model and layout")
+    g.add_argument("--config", default="tiny", help="model config name (tiny, navil-2b, ...)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    g.add_argument("--vpp", type=int, default=None, help="virtual stages per pipeline rank")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel size (modality experts)")
+    g.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (=tp)")
+    g.add_argument(
+        "--recompute-llm",
+        choices=("none", "selective", "full"),
+        default="none",
+        help="activation recompute of the LLM decoder layers",
+    )
+    g.add_argument(
+        "--recompute-vision",
+        choices=("none", "selective", "full"),
+        default="none",
+        help="activation recompute of the vision encoder blocks",
+    )
+    g.add_argument(
+        "--first-stage-layers",
+        type=int,
+        default=None,
+        help="LLM layers on pipeline stage 0 (it also holds the vision encoder)",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="indexed corpus directories (tools/index_corpus.py output)",
+    )
+    g.add_argument(
+        "--data-weights",
+        nargs="+",
+        type=float,
+        default=None,
+        help="blending weight per --data corpus (default: by size)",
+    )
+    g.add_argument("--seq-length", type=int, default=1024, help="packed sequence length")
+    g.add_argument(
+        "--max-patches",
+        type=int,
+        default=None,
+        help="vision patches per packed sequence (default: no limit)",
+    )
+    g.add_argument(
+        "--global-batch",
+        type=int,
+        default=8,
+        help="packed sequences per optimizer step, over all data-parallel ranks",
+    )
+    g.add_argument(
+        "--loss-weighting",
+        choices=("token", "sample", "square"),
+        default="token",
+        help="per-token weights: 1, 1/n or 1/sqrt(n) for a sample of n loss tokens",
+    )
+    g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--stage", default="s2", help="training stage recipe: s1.1, s1.2 or s2")
+    g.add_argument("--steps", type=int, required=True, help="total optimizer steps")
+    g.add_argument("--exit-after", type=int, default=None,
+                   help="stop after this many steps of this run (saving a checkpoint); a "
+                   "later run with --load continues the same schedule")  # fmt: skip
+    g.add_argument("--lr", type=float, default=None, help="peak LR (default: the stage's)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="cosine floor")
+    g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: stage's)")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0: off)")
+    g.add_argument(
+        "--nan-policy", choices=("stop", "skip"), default="stop", help="what a non-finite loss does"
+    )
+    g.add_argument("--seed", type=int, default=1234, help="model init and data order seed")
+    g = p.add_argument_group("checkpoints and logs")
+    g.add_argument("--save", default=None, help="checkpoint directory")
+    g.add_argument("--save-interval", type=int, default=0, help="save every N steps")
+    g.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep")
+    g.add_argument(
+        "--load", default=None, help="resume from the newest complete checkpoint here (any layout)"
+    )
+    g.add_argument("--log-dir", default=None, help="TensorBoard, progress.txt, loss_curve.png")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--dry-run", action="store_true", help="print the resolved setup (layout, counts) and exit"
+    )
+    return p  # fmt: skip
+
+
+@dataclass
+class LoaderSource:
+    """``training.loop.BatchSource`` over the packed-sequence loader: a step is this rank's
+    ``global_batch / dp`` sequences, in the sampler's order."""
+
+    loader: Any
+    per_rank: int
+    _it: Any = None
+
+    def next_step(self) -> list[dict[str, Any]]:
+        if self._it is None:
+            self._it = iter(self.loader)
+        out = []
+        for _ in range(self.per_rank):
+            batch = next(self._it)
+            kwargs = batch.as_model_kwargs()
+            kwargs["loss_weights"] = batch.loss_weights
+            kwargs["num_real_tokens"] = int(batch.cu_seqlens[batch.num_samples])
+            out.append(kwargs)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+        self._it = None
+
+
+def _special_ids(manifest: dict[str, Any]) -> list[int]:
+    ids = manifest["tokenizer"]["special_ids"]
+    missing = [t for t in SPECIAL_TOKENS if t not in ids]
+    if missing:
+        raise ValueError(f"the corpus tokenizer lacks special tokens {missing}")
+    return [int(ids[t]) for t in SPECIAL_TOKENS]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from megatron_navil.config.registry import get_config
+    from megatron_navil.training.recipes import get_stage
+
+    try:
+        cfg = get_config(args.config)
+        recipe = get_stage(args.stage)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for name in ("tp", "pp", "ep", "steps", "global_batch", "seq_length"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    warmup = recipe.warmup_steps if args.warmup is None else args.warmup
+    if not 0 <= warmup <= args.steps:
+        default = " (the stage's default)" if args.warmup is None else ""
+        parser.error(f"--warmup {warmup}{default} must be in [0, --steps {args.steps}]")
+    # Library notices that are not the user's to act on, printed by every rank (each step for
+    # some): megatron-core's apex/TE fallbacks and torch's deprecations inside megatron-core.
+    warnings.filterwarnings("ignore", module="megatron")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    return run(args, cfg, recipe, parser)
+
+
+def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.ArgumentParser) -> int:
+    from megatron.core import parallel_state as ps
+
+    from megatron_navil.data import ShardDataset
+    from megatron_navil.data.loader import build_data_loader
+    from megatron_navil.models.build import build_model, transformer_config
+    from megatron_navil.parallel import initialize
+    from megatron_navil.training.loop import LoopConfig, train
+    from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
+    from megatron_navil.training.recipes import apply_freezing
+
+    try:
+        datasets = [ShardDataset(d, verify="size") for d in args.data]
+    except (OSError, ValueError) as exc:
+        parser.error(f"--data: {exc}")
+    special = _special_ids(datasets[0].manifest)
+    vocab = int(datasets[0].manifest["tokenizer"]["vocab_size"])
+    if vocab > cfg.language.vocab:
+        parser.error(f"the corpus tokenizer has {vocab} ids > the model's vocab "
+                     f"{cfg.language.vocab} (LanguageConfig.vocab)")  # fmt: skip
+
+    layout = dict(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp)
+    initialize(**layout, seed=args.seed)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if args.global_batch % dp:
+        parser.error(f"--global-batch {args.global_batch} is not a multiple of DP={dp}")
+    config = transformer_config(cfg, **layout)
+    from megatron_navil.config.model import Recompute
+
+    recompute = Recompute(llm=args.recompute_llm, vision=args.recompute_vision)
+    chunks = build_model(
+        cfg, config, special_ids=special, first_stage_layers=args.first_stage_layers,
+        recompute=recompute,
+    )  # fmt: skip
+    frozen = apply_freezing(chunks, recipe)
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        print(json.dumps({
+            "config": cfg.name, "stage": recipe.name, "world": torch.distributed.get_world_size(),
+            "layout": {**layout, "dp": dp}, "trainable_params_rank0": frozen["trainable"],
+            "frozen_params_rank0": frozen["frozen"], "data": args.data,
+            "global_batch": args.global_batch, "seq_length": args.seq_length,
+        }))  # fmt: skip
+    if args.dry_run:
+        return 0
+    chunks = wrap_ddp(chunks, config, distributed_optimizer=True)
+    optimizer = build_optimizer(chunks, recipe, lr=args.lr, min_lr=args.min_lr,
+                                clip_grad=args.clip_grad)  # fmt: skip
+    scheduler = build_scheduler(optimizer, recipe, args.steps, lr=args.lr,
+                                warmup_steps=args.warmup, min_lr=args.min_lr)  # fmt: skip
+    loader = build_data_loader(
+        datasets, seq_length=args.seq_length, global_batch=args.global_batch,
+        weights=args.data_weights, max_patches=args.max_patches, seed=args.seed,
+        dp_rank=dp_rank, dp_size=dp, loss_weighting=args.loss_weighting,
+        num_workers=args.num_workers,
+    )  # fmt: skip
+    source = LoaderSource(loader, args.global_batch // dp)
+    loop = LoopConfig(
+        steps=args.steps, exit_after=args.exit_after, seq_length=args.seq_length,
+        save_dir=args.save,
+        save_interval=args.save_interval, keep_last=args.keep_last, load_dir=args.load,
+        log_dir=args.log_dir, nan_policy=args.nan_policy,
+        progress_bar=not args.no_progress and rank0,
+        extra_state={"config": cfg.name, "stage": recipe.name},
+    )  # fmt: skip
+    results = train(chunks, config, optimizer, scheduler, source, loop)
+    if rank0 and results:
+        first, last = results[0], results[-1]
+        print(
+            f"done: {len(results)} steps this run (of {args.steps}), loss {first.loss:.4f} -> "
+            f"{last.loss:.4f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    if "MASTER_PORT" not in os.environ and "RANK" not in os.environ:
+        from megatron_navil.testing.multiproc import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())  # one process without torchrun
+    sys.exit(main())
