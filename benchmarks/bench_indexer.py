@@ -20,14 +20,16 @@ One run, the same seeded data for every candidate, everything in the page cache 
            --no-progress --sample-type CrudeWebdataset --num-workers N`` (megatron-energon, called
            in this process through its click command) on the same tars, N = 1 and 2, each time
            from scratch (its previous .nv-meta/ and *.tar.idx removed first); plus the same with
-           ``--media-metadata-by-extension`` (it also opens every image with Pillow to record
-           its width, height and mode: header only, no decode). It reads the tar headers and
-           writes a per-tar offset index (``NNNNNN.tar.idx`` next to each tar) and an SQLite
-           sample index (+ .info.json, split.yaml, dataset.yaml under .nv-meta/); it does not
-           decode images, tokenize or copy sample bytes, so its MB/s is that of a much smaller
-           job (listed for the record, not a like-for-like ratio). Its sample count is read back
-           from the SQLite index and checked. Left out, with the reason in the table and the
-           JSON, when ``megatron.energon`` does not import or its prepare fails.
+           ``--media-metadata-by-extension``, with which it also decodes every image fully with
+           Pillow (``image.load()``) to record width, height, format and mode. Plain prepare
+           reads the tar headers and writes a per-tar offset index (``NNNNNN.tar.idx`` next to
+           each tar) and an SQLite sample index (+ .info.json, split.yaml, dataset.yaml under
+           .nv-meta/): no image decode, no tokenization, no copy of sample bytes, so its MB/s is
+           that of a much smaller job. ``+media`` is the closest job to ours (both decode every
+           image once); ours also tokenizes, computes the patch geometry of every scale and
+           copies every sample into shards with checksums. Its sample count is read back from
+           the SQLite index and checked. Left out, with the reason in the table and the JSON,
+           when ``megatron.energon`` does not import or its prepare fails.
 Units: MB = input bytes / 1e6 (jsonl: the JSONL file + the JPEGs it names; tar: the tar files),
 the same for every candidate of a layout; MB/s/worker = MB/s / N; scaling = t(1 worker) /
 t(2 workers) (2.0 is linear). Timing: each candidate runs once per round; rounds are interleaved
@@ -305,6 +307,12 @@ def _run(args: argparse.Namespace, work: Path) -> int:
             scaling[f"{key}: t(1 worker) / t(2 workers)"] = (
                 one["best_seconds"] / two["best_seconds"]
             )
+    ratios = {}
+    for w in ("1 worker", "2 workers"):
+        for peer in ("energon prepare +media", "energon prepare"):
+            ours_tar, other = by.get(f"ours tar, {w}"), by.get(f"{peer}, {w}")
+            if ours_tar and other:
+                ratios[f"ours tar / {peer}, {w} (MB/s)"] = ours_tar["mb_per_s"] / other["mb_per_s"]
 
     print(
         f"{args.images} JPEGs {args.min_side}..{args.max_side} px ({jpeg_bytes / 1e6:.1f} MB), "
@@ -322,6 +330,8 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         )
     for k, v in scaling.items():
         print(f"scaling {k:<48} {v:>5.2f}")
+    for k, v in ratios.items():
+        print(f"ratio {k:<50} {v:>5.2f}")
     if energon is None:
         print(f"energon prepare: not run: {energon_info}")
     print("outputs of 1 and 2 workers byte-identical: yes (jsonl and tar)")
@@ -337,8 +347,17 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         "cpu_count": os.cpu_count(),
         "load_average_1min": {"before": load_before, "after_each_round": loads},
         "energon": energon_info if energon is not None else {"not_run": energon_info},
+        "notes": {
+            "ours": "decodes every image fully (Pillow load), tokenizes, patch geometry of every "
+            "VMP scale, copies samples into .bin/.idx shards, sha256 of every shard",
+            "energon prepare": "tar headers -> per-tar .tar.idx + SQLite sample index; no image "
+            "decode, no tokenization, no copy of sample bytes",
+            "energon prepare +media": "as energon prepare, and decodes every image fully "
+            "(Pillow image.load()) to store width/height/format/mode in the SQLite index",
+        },
         "results": results,
         "scaling": scaling,
+        "ratios": ratios,
         "workers_outputs_identical": True,
         "torch": torch.__version__,
         "python": platform.python_version(),
