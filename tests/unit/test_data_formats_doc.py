@@ -143,8 +143,10 @@ def test_slurm_array_then_finalize(docdir, monkeypatch, capsys):
     monkeypatch.chdir(docdir)
     inputs = ("meta.json", "wds", "mydata/interleaved.jsonl")
     for i in range(3):
-        extra = ("--samples-per-shard", "2", "--shard-index", str(i), "--num-shards", "3")
+        extra = ("--samples-per-shard", "2", "--no-finalize")
+        extra += ("--shard-index", str(i), "--num-shards", "3")
         assert _build(docdir, "out/array", *inputs, extra=extra) == 0
+    assert not (docdir / "out/array/manifest.json").exists()
     assert index_corpus.main(["finalize", "out/array"]) == 0
     m = json.loads((docdir / "out/array/manifest.json").read_text())
     assert m["counts"]["samples"] == 9 and m["counts"]["shards"] == 6
