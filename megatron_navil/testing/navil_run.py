@@ -146,7 +146,6 @@ def train(
     micro-batch loss on every rank. ``full_batch``: every rank runs all micro-batches (the
     single-layout reference inside a larger group)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     batches = make_batches(cfg, spec, batch_seed)
@@ -155,31 +154,10 @@ def train(
             raise ValueError(f"{len(batches)} micro-batches do not split over DP={dp}")
         per = len(batches) // dp
         batches = batches[dp_rank * per : (dp_rank + 1) * per]
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
-    if optimizer is not None:
-        optimizer.zero_grad()
-    iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iters,
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(batches),
-        seq_length=spec.seq_length,
-        micro_batch_size=1,
-        forward_only=False,
-    )
-    if optimizer is not None:
-        ok, _, _ = optimizer.step()
-        assert ok, "optimizer step was skipped"
-    loss = torch.zeros(1)
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        loss += torch.stack([m["loss"] for m in losses]).mean()
-    torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
-    if not full_batch:
-        torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
-        loss /= dp
-    return float(loss)
+    return T.run_schedule(
+        chunks, batches, forward_step, seq_length=spec.seq_length, optimizer=optimizer,
+        full_batch=full_batch,
+    )  # fmt: skip
 
 
 @dataclass

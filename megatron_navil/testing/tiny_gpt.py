@@ -284,6 +284,50 @@ def build_optimizer(chunks: list[Any], kind: str, distributed: bool, lr: float =
     return get_megatron_optimizer(config, chunks)
 
 
+def run_schedule(
+    chunks: list[Any],
+    mbs: list[Any],
+    forward_step_func: Any,
+    *,
+    seq_length: int,
+    micro_batch_size: int = 1,
+    optimizer: Any = None,
+    full_batch: bool = False,
+) -> float:
+    """Forward/backward of this rank's micro-batches ``mbs`` through megatron-core's pipeline
+    schedule (and one optimizer step when ``optimizer`` is given); the mean micro-batch loss
+    (``report["loss"]``), averaged over DP unless ``full_batch``, on every rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    if optimizer is not None:
+        optimizer.zero_grad()
+    iters = [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iters,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(mbs),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    if optimizer is not None:
+        ok, _, _ = optimizer.step()
+        assert ok, "optimizer step was skipped"
+    # The loss lives on the last pipeline stage; average over DP, then share with all stages.
+    loss = torch.zeros(1)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        loss += torch.stack([m["loss"] for m in losses]).mean()
+    torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
+    if not full_batch:
+        torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
+        loss /= ps.get_data_parallel_world_size()
+    return float(loss)
+
+
 def train(
     chunks: list[Any],
     spec: TinyGPTSpec,
@@ -300,38 +344,15 @@ def train(
     inside a larger process group: its data-parallel replicas all see identical data).
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mbs = micro_batches(
         make_batch(spec, batch_seed), spec, 0 if full_batch else dp_rank, 1 if full_batch else dp
     )
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
-    if optimizer is not None:
-        optimizer.zero_grad()
-    iters = [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iters,
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(mbs),
-        seq_length=spec.seq,
-        micro_batch_size=spec.micro_batch,
-        forward_only=False,
-    )
-    if optimizer is not None:
-        ok, _, _ = optimizer.step()
-        assert ok, "optimizer step was skipped"
-    # The loss lives on the last pipeline stage; average over DP, then share with all stages.
-    loss = torch.zeros(1)
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        loss += torch.stack([m["loss"] for m in losses]).mean()
-    torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
-    if not full_batch:
-        torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
-        loss /= dp
-    return float(loss)
+    return run_schedule(
+        chunks, mbs, forward_step, seq_length=spec.seq, micro_batch_size=spec.micro_batch,
+        optimizer=optimizer, full_batch=full_batch,
+    )  # fmt: skip
 
 
 def _checkpoint_state(chunks: list[Any], optimizer: Any, is_loading: bool) -> dict[str, Any]:
