@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -253,11 +254,18 @@ def test_flops_match_counted_flops(group):
     assert res["flops"] == expected, (res["flops"], expected)
 
 
+def _vm_kib(field: str) -> int:
+    status = open("/proc/self/status").read()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1))
+
+
 def _rss_step() -> dict:
     """Peak RSS growth over building the tiny model + DDP + distributed Adam and two
-    training steps (the second with the optimizer state allocated)."""
-    import resource
+    training steps (the second with the optimizer state allocated).
 
+    The peak is this process's VmHWM after a reset (``5 > /proc/self/clear_refs``), not
+    getrusage's ru_maxrss: Linux carries ru_maxrss across fork+exec, so a spawned child of a
+    large pytest process starts with the parent's peak and the growth reads as 0."""
     from megatron_navil.parallel import initialize
     from megatron_navil.testing import navil_run as N
 
@@ -265,11 +273,13 @@ def _rss_step() -> dict:
     initialize()
     spec, batch = _tiny_batch(8192, 32)
     N.make_batches(get_config("tiny"), spec, 0)  # warm the batch code path
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS
+    before = _vm_kib("VmRSS") * 1024
     run = N.setup_run(get_config("tiny"), spec=spec, optimizer="adam", distributed_optimizer=True)
     for _ in range(2):
         run.step(batch_seed=0)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = _vm_kib("VmHWM") * 1024
     return {"delta": after - before, "patches": batch["patches"].shape[0]}
 
 
