@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="activation recompute of the vision encoder blocks",
     )
     g.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16: bf16 weights and activations, fp32 master weights and gradient "
+        "reduction; auto: bf16 on GPU, fp32 on CPU",
+    )
+    g.add_argument(
         "--first-stage-layers",
         type=int,
         default=None,
@@ -123,6 +130,7 @@ class LoaderSource:
 
     loader: Any
     per_rank: int
+    device: torch.device | None = None  # where the batches go (None: stay on the CPU)
     _it: Any = None
 
     def next_step(self) -> list[dict[str, Any]]:
@@ -131,6 +139,8 @@ class LoaderSource:
         out = []
         for _ in range(self.per_rank):
             batch = next(self._it)
+            if self.device is not None and self.device.type != "cpu":
+                batch = batch.to(self.device, non_blocking=True)
             kwargs = batch.as_model_kwargs()
             kwargs["loss_weights"] = batch.loss_weights
             kwargs["num_real_tokens"] = int(batch.cu_seqlens[batch.num_samples])
@@ -143,6 +153,18 @@ class LoaderSource:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
         self._it = None
+
+
+def place_chunks(chunks: list[Any], config: Any, device: torch.device) -> list[Any]:
+    """Move each model chunk to ``device`` and, when ``config.bf16``, wrap it in
+    megatron-core's Float16Module (bf16 weights; the optimizer keeps fp32 master copies),
+    in Megatron-LM's order: device, then precision, then DDP."""
+    from megatron.core.transformer.module import Float16Module
+
+    placed = [chunk.to(device) for chunk in chunks]
+    if config.bf16:
+        placed = [Float16Module(config, chunk) for chunk in placed]
+    return placed
 
 
 def _special_ids(manifest: dict[str, Any]) -> list[int]:
@@ -202,11 +224,17 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
                      f"{cfg.language.vocab} (LanguageConfig.vocab)")  # fmt: skip
 
     layout = dict(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp)
-    initialize(**layout, seed=args.seed)
+    try:
+        initialize(**layout, seed=args.seed)
+    except ValueError as exc:  # a layout that does not fit the world size
+        parser.error(str(exc))
+    cuda = torch.cuda.is_available()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     if args.global_batch % dp:
         parser.error(f"--global-batch {args.global_batch} is not a multiple of DP={dp}")
-    config = transformer_config(cfg, **layout)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
+    config = transformer_config(cfg, **layout, dtype=torch.bfloat16 if bf16 else torch.float32)
     from megatron_navil.config.model import Recompute
 
     recompute = Recompute(llm=args.recompute_llm, vision=args.recompute_vision)
@@ -215,6 +243,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         recompute=recompute,
     )  # fmt: skip
     frozen = apply_freezing(chunks, recipe)
+    chunks = place_chunks(chunks, config, device)
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         print(json.dumps({
@@ -222,12 +251,13 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
             "layout": {**layout, "dp": dp}, "trainable_params_rank0": frozen["trainable"],
             "frozen_params_rank0": frozen["frozen"], "data": args.data,
             "global_batch": args.global_batch, "seq_length": args.seq_length,
+            "device": str(device), "precision": "bf16" if bf16 else "fp32",
         }))  # fmt: skip
     if args.dry_run:
         return 0
     chunks = wrap_ddp(chunks, config, distributed_optimizer=True)
     optimizer = build_optimizer(chunks, recipe, lr=args.lr, min_lr=args.min_lr,
-                                clip_grad=args.clip_grad)  # fmt: skip
+                                clip_grad=args.clip_grad, bf16=bf16)  # fmt: skip
     scheduler = build_scheduler(optimizer, recipe, args.steps, lr=args.lr,
                                 warmup_steps=args.warmup, min_lr=args.min_lr)  # fmt: skip
     loader = build_data_loader(
@@ -236,7 +266,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         dp_rank=dp_rank, dp_size=dp, loss_weighting=args.loss_weighting,
         num_workers=args.num_workers,
     )  # fmt: skip
-    source = LoaderSource(loader, args.global_batch // dp)
+    source = LoaderSource(loader, args.global_batch // dp, device)
     loop = LoopConfig(
         steps=args.steps, exit_after=args.exit_after, seq_length=args.seq_length,
         save_dir=args.save,

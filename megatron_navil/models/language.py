@@ -20,6 +20,7 @@ reduce-scatter, so splitting by modality adds no communication.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,13 +74,12 @@ def apply_rope(x_thd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 def norm_class() -> Any:
     """megatron-core's RMSNorm provider: TransformerEngine's fused norm when importable on a
     GPU, else the torch norm (the CPU shim lets it run under sequence parallelism)."""
-    if torch.cuda.is_available():
-        try:
-            from megatron.core.extensions.transformer_engine import TENorm
+    # megatron-core's TENorm class imports without TransformerEngine and raises only when
+    # built, so ask for the package itself.
+    if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None:
+        from megatron.core.extensions.transformer_engine import TENorm
 
-            return TENorm
-        except ImportError:
-            pass
+        return TENorm
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     return WrappedTorchNorm

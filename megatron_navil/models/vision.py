@@ -280,7 +280,9 @@ class VisionEmbeddings(ShardedModule):
             mark_tensor_parallel(p, None)
 
     def forward(self, patches_td: torch.Tensor) -> torch.Tensor:
-        return self.patch_embedding(patches_td)
+        # Patches arrive as fp32 (or bf16 from the CUDA op) keyword arguments, which
+        # megatron-core's Float16Module does not cast: match the weights here.
+        return self.patch_embedding(patches_td.to(self.patch_embedding.weight.dtype))
 
 
 class VisionEncoder(ShardedModule):

@@ -58,6 +58,13 @@ def _real_tokens(batch: dict[str, Any]) -> int:
     return int(batch["input_ids"].numel())
 
 
+def _collective_device() -> torch.device:
+    """Where the step's small all-reduces run: the current GPU under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def train_step(
     chunks: list[Any],
     config: Any,
@@ -79,6 +86,7 @@ def train_step(
     if nan_policy not in ("stop", "skip"):
         raise ValueError(f"nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
     dp_group = ps.get_data_parallel_group()
+    device = _collective_device()
     dp, num_micro = dp_group.size(), len(micro_batches)
     counts = torch.tensor(
         [
@@ -88,6 +96,7 @@ def train_step(
             sum(int(mb["patches"].shape[0]) if "patches" in mb else 0 for mb in micro_batches),
         ],
         dtype=torch.float64,
+        device=device,
     )
     torch.distributed.all_reduce(counts, group=dp_group)
     total_weight = float(counts[0])
@@ -119,7 +128,7 @@ def train_step(
         micro_batch_size=1,
         forward_only=False,
     )
-    loss = torch.zeros(1, dtype=torch.float64)
+    loss = torch.zeros(1, dtype=torch.float64, device=device)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         loss += sum(float(r["loss"]) for r in reports)
     torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
