@@ -35,10 +35,11 @@ def copy_remote_code(out: Path) -> None:
         shutil.copyfile(HF_SOURCE / name, out / name)
 
 
-def write_tokenizer(tokenizer_path: str | Path, out: Path, template: str) -> list[int]:
+def write_tokenizer(tokenizer_path: str | Path, out: Path, template: str) -> tuple[list[int], int]:
     """The tokenizer (HF ``tokenizer.json``) with NaViL's 12 special tokens and the chat
     template's control tokens as special tokens, saved with ``save_pretrained`` so
-    ``AutoTokenizer.from_pretrained(out)`` loads it; returns the 12 special ids."""
+    ``AutoTokenizer.from_pretrained(out, trust_remote_code=True)`` loads it; returns the 12
+    special ids and the id of ``<|im_end|>`` (end of a turn: generation stops there)."""
     from transformers import PreTrainedTokenizerFast
 
     from megatron_navil.data.tokenizer import CONTROL_TOKENS, TextTokenizer
@@ -62,7 +63,7 @@ def write_tokenizer(tokenizer_path: str | Path, out: Path, template: str) -> lis
     check = [fast.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
     if check != ids:
         raise ConversionError(f"exported tokenizer maps the special tokens to {check}, not {ids}")
-    return ids
+    return ids, int(fast.convert_tokens_to_ids("<|im_end|>"))
 
 
 def export(
@@ -92,8 +93,9 @@ def export(
     )
     out.mkdir(parents=True, exist_ok=True)
     ids: list[int] | None = None
+    im_end: int | None = None
     if tokenizer is not None:
-        ids = write_tokenizer(tokenizer, out, template)
+        ids, im_end = write_tokenizer(tokenizer, out, template)
         if special_token_ids is not None and list(special_token_ids) != ids:
             raise ConversionError(
                 f"--special-token-ids {list(special_token_ids)} differ from the tokenizer's {ids}"
@@ -117,10 +119,7 @@ def export(
     config = hf_config.to_hf_config(cfg, ids, dtype, template)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"do_sample": False}
-    if tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        im_end = AutoTokenizer.from_pretrained(str(out)).convert_tokens_to_ids("<|im_end|>")
+    if im_end is not None:
         generation.update(eos_token_id=im_end, pad_token_id=im_end)
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     copy_remote_code(out)

@@ -50,21 +50,26 @@ def make_inputs(
     samples: Sequence[tuple[int, Sequence[Sequence[Grid]], int]] = DEFAULT_SAMPLES,
     text_vocab: int | None = None,
 ) -> ParityInputs:
-    """Random text ids below ``text_vocab`` (default: below the lowest special id and the LM
-    vocabulary) around image blocks, random patch values."""
+    """Random text ids (below ``text_vocab``, default the LM vocabulary; never one of the 12
+    special ids) around image blocks, random patch values."""
     from megatron_navil.ops import image_token_layout, patch_positions, vision_cu_seqlens
 
     gen = torch.Generator().manual_seed(seed)
     merge, patch = cfg.connector.merge, cfg.vision.patch
     special = torch.tensor(list(special_ids))
-    hi = text_vocab or min(min(special_ids), cfg.language.vocab)
+    taken = set(special_ids)
+    allowed = torch.tensor([i for i in range(text_vocab or cfg.language.vocab) if i not in taken])
+
+    def text(n: int) -> torch.Tensor:
+        return allowed[torch.randint(0, len(allowed), (n,), generator=gen)]
+
     seqs, grids = [], []
     for before, images, after in samples:
-        parts = [torch.randint(0, hi, (before,), generator=gen)]
+        parts = [text(before)]
         for scales in images:
             parts.append(special[image_token_layout([(h // merge, w // merge) for h, w in scales])])
             grids.extend(scales)
-        parts.append(torch.randint(0, hi, (after,), generator=gen))
+        parts.append(text(after))
         seqs.append(torch.cat(parts))
     lengths = [len(s) for s in seqs]
     spans, start = [], 0

@@ -195,7 +195,7 @@ def patchify(
 
     ``x / 255`` is computed as float64 times float64(1/255), rounded once to float32, then
     ``(s - mean) / std`` in float32 (transformers' rescale; bitwise what ops.patchify does)."""
-    image = torch.as_tensor(np.asarray(image_hwc))
+    image = torch.as_tensor(np.array(image_hwc, copy=True))
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3:
         raise ValueError(f"patchify needs a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
     height, width, _ = image.shape
