@@ -1,10 +1,14 @@
 """NaViL initialised from an HF LLM (tools/convert_from_hf.py llm): tiny random
-``LlamaForCausalLM`` (written at TP=2) and ``Qwen3ForCausalLM`` with tied embeddings (written
-at PP=2), built from config objects. The imported NaViL's text-only logits equal the LLM's
-within 1e-5 (absolute and relative to the largest logit; fp32, the same arithmetic in another
-order: packed varlen attention vs a causal mask, megatron-core's MoE dispatch vs one MLP);
-the visual experts are exact copies of the text experts; the vision encoder and connector are
-freshly initialised (not zero, not copied); an LLM with biases is refused by name."""
+``LlamaForCausalLM`` (written at TP=2), ``Qwen3ForCausalLM`` with tied embeddings (written
+at PP=2), built from config objects, and the same Llama's weights stored in InternLM2's
+layout (fused grouped ``wqkv``, ``feed_forward.w1/w2/w3``; transformers has no InternLM2
+class, so its reference logits are the Llama's; written at EP=2).
+
+The imported NaViL's text-only logits equal the LLM's within 1e-5 (absolute and relative to
+the largest logit; fp32, the same arithmetic in another order: packed varlen attention vs a
+causal mask, megatron-core's MoE dispatch vs one MLP); the visual experts are exact copies of
+the text experts; the vision encoder and connector are freshly initialised (not zero, not
+copied); an LLM with biases is refused by name."""
 
 from __future__ import annotations
 
@@ -53,6 +57,38 @@ def _make_llm(kind: str, out: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def _as_internlm2(llama_dir: Path, out: Path) -> None:
+    """The Llama checkpoint re-packed under InternLM2's names and config (same function)."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((llama_dir / "config.json").read_text())
+    tensors = load_file(str(llama_dir / "model.safetensors"))
+    kv, d = config["num_key_value_heads"], config["head_dim"]
+    per = config["num_attention_heads"] // kv
+    new = {
+        "model.tok_embeddings.weight": tensors.pop("model.embed_tokens.weight"),
+        "model.norm.weight": tensors.pop("model.norm.weight"),
+        "output.weight": tensors.pop("lm_head.weight"),
+    }
+    for i in range(config["num_hidden_layers"]):
+        p, q = f"model.layers.{i}.", f"model.layers.{i}."
+        h = tensors[p + "self_attn.q_proj.weight"].shape[1]
+        qw = tensors.pop(p + "self_attn.q_proj.weight").view(kv, per, d, h)
+        kw = tensors.pop(p + "self_attn.k_proj.weight").view(kv, 1, d, h)
+        vw = tensors.pop(p + "self_attn.v_proj.weight").view(kv, 1, d, h)
+        new[q + "attention.wqkv.weight"] = torch.cat([qw, kw, vw], 1).reshape(-1, h).contiguous()
+        new[q + "attention.wo.weight"] = tensors.pop(p + "self_attn.o_proj.weight")
+        for a, b in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+            new[f"{q}feed_forward.{b}.weight"] = tensors.pop(f"{p}mlp.{a}.weight")
+        new[q + "attention_norm.weight"] = tensors.pop(p + "input_layernorm.weight")
+        new[q + "ffn_norm.weight"] = tensors.pop(p + "post_attention_layernorm.weight")
+    assert not tensors, sorted(tensors)
+    out.mkdir()
+    save_file(new, str(out / "model.safetensors"))
+    config.update(model_type="internlm2", architectures=["InternLM2ForCausalLM"], bias=False)
+    (out / "config.json").write_text(json.dumps(config))
+
+
 def _megatron_logits(checkpoints: list[str], ids: bytes) -> bytes:
     from megatron_navil.conversion.dist_reader import DistCheckpointReader
     from megatron_navil.conversion.importer import CONFIG_FILE, config_from_dict
@@ -93,7 +129,9 @@ def _megatron_logits(checkpoints: list[str], ids: bytes) -> bytes:
 
 def test_llm_init_text_logits_equal(tmp_path, capsys):
     llms = {kind: _make_llm(kind, tmp_path / kind) for kind in ("llama", "qwen3")}
-    layouts = {"llama": ["--tp", "2"], "qwen3": ["--pp", "2"]}
+    _as_internlm2(tmp_path / "llama", tmp_path / "internlm2")
+    llms["internlm2"] = llms["llama"]
+    layouts = {"llama": ["--tp", "2"], "qwen3": ["--pp", "2"], "internlm2": ["--ep", "2"]}
     tool = _tool()
     for kind in llms:
         argv = ["llm", "--hf", str(tmp_path / kind), "--config", "tiny",
@@ -104,6 +142,11 @@ def test_llm_init_text_logits_equal(tmp_path, capsys):
         (tmp_path / "navil-llama" / "iter_0000000" / "navil_config.json").read_text()
     )
     assert config["language"]["qk_norm"] is False and config["language"]["variant"] == "qwen3"
+    config = json.loads(
+        (tmp_path / "navil-internlm2" / "iter_0000000" / "navil_config.json").read_text()
+    )
+    assert config["language"]["variant"] == "internlm2"
+    assert config["language"]["wo_then_wo_ve"] is False  # the paper's formula for new models
     gen = torch.Generator().manual_seed(2)
     samples = [torch.randint(0, 500, (n,), generator=gen) for n in (17, 40, 5)]
     paths = [str(tmp_path / f"navil-{k}" / "iter_0000000") for k in llms]
