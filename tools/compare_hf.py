@@ -36,7 +36,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = _Parser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="save dir or iter_* dir")
     p.add_argument("--hf", required=True, metavar="DIR", help="the HF NaViL directory")
     p.add_argument(
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_navil.config.registry import REGISTRY, get_config
     from megatron_navil.conversion import hf_config
     from megatron_navil.conversion import parity as P
-    from megatron_navil.conversion.mapping import ConversionError
+    from megatron_navil.conversion.dist_reader import DistCheckpointReader
+    from megatron_navil.conversion.mapping import ConversionError, check_names, megatron_shapes
     from megatron_navil.training.caption import CaptionError, resolve_checkpoint
 
     try:
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             if diff:
                 raise ConversionError(f"{args.hf} is not a {args.config!r} model: {diff[0]}")
         ids = hf_config.special_token_ids_of(config)
+        # the checkpoint must hold exactly this model (cheap: its metadata only)
+        reader = DistCheckpointReader(checkpoint)
+        check_names(reader.shapes, megatron_shapes(cfg), str(checkpoint))
     except (ConversionError, CaptionError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -272,3 +272,20 @@ def test_missing_or_unknown_tensor_is_named(world, tmp_path, capsys):
         assert from_hf.main(argv) == 2
         err = capsys.readouterr().err
         assert next(iter(change)) in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_compare_cli(world, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_hf", ROOT / "tools" / "compare_hf.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = world["root"] / "compare.json"
+    argv = ["--checkpoint", str(world["root"] / "ckpt" / "tiny-internlm2-wo"), "--hf",
+            str(world["root"] / "hf" / "tiny-internlm2-wo"), "--json", str(out)]  # fmt: skip
+    assert mod.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["max_rel"] <= TOL and "max |diff|" in capsys.readouterr().out
+    # the other model's export does not match this checkpoint: a failure, not a pass
+    argv[3] = str(world["root"] / "hf" / "tiny")
+    assert mod.main(argv) == 2  # different backbone: refused before running
