@@ -1,0 +1,142 @@
+"""Megatron dist checkpoint (any TP/PP/EP layout) -> HF NaViL directory, streaming.
+
+Steps: check that the checkpoint holds exactly the tensors of ``cfg`` with the right global
+shapes (``mapping.check_names``: a missing or an unknown tensor fails, named); then per rule
+read one global tensor (``DistCheckpointReader``), transform it to its HF tensor(s), cast,
+hand them to the shard writer. Peak memory: one megatron tensor, its HF pieces and the
+current output shard. Then ``config.json`` (``auto_map`` to the remote code),
+``generation_config.json``, the remote-code files and, with a tokenizer, the tokenizer files
+with the 12 special tokens and the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_navil.config.model import SPECIAL_TOKENS, NaViLConfig
+from megatron_navil.conversion import hf_config
+from megatron_navil.conversion.dist_reader import DistCheckpointReader
+from megatron_navil.conversion.hf_io import ShardedWriter
+from megatron_navil.conversion.mapping import ConversionError, check_names, rules
+
+HF_SOURCE = Path(__file__).resolve().parent.parent / "hf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def copy_remote_code(out: Path) -> None:
+    """The standalone HF modeling files next to the weights (``trust_remote_code``)."""
+    for name in hf_config.REMOTE_CODE_FILES:
+        shutil.copyfile(HF_SOURCE / name, out / name)
+
+
+def write_tokenizer(tokenizer_path: str | Path, out: Path, template: str) -> tuple[list[int], int]:
+    """The tokenizer (HF ``tokenizer.json``) with NaViL's 12 special tokens and the chat
+    template's control tokens as special tokens, saved with ``save_pretrained`` so
+    ``AutoTokenizer.from_pretrained(out, trust_remote_code=True)`` loads it; returns the 12
+    special ids and the id of ``<|im_end|>`` (end of a turn: generation stops there)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_navil.data.tokenizer import CONTROL_TOKENS, TextTokenizer
+    from megatron_navil.hf.processing_navil import CHAT_TEMPLATES
+
+    text = TextTokenizer(tokenizer_path)
+    if text.kind != "hf":
+        raise ConversionError(
+            f"{tokenizer_path}: only HF tokenizer.json files are exported (sentencepiece .model "
+            "tokenizers need their own tokenizer class)"
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=text._hf,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        additional_special_tokens=list(SPECIAL_TOKENS + CONTROL_TOKENS),
+    )
+    fast.chat_template = CHAT_TEMPLATES[template]
+    fast.save_pretrained(str(out))
+    ids = [text.special_ids[t] for t in SPECIAL_TOKENS]
+    check = [fast.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+    if check != ids:
+        raise ConversionError(f"exported tokenizer maps the special tokens to {check}, not {ids}")
+    return ids, int(fast.convert_tokens_to_ids("<|im_end|>"))
+
+
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    cfg: NaViLConfig,
+    *,
+    special_token_ids: Sequence[int] | None = None,
+    tokenizer: str | Path | None = None,
+    template: str | None = None,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int = 2 * 1024**3,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Convert; returns a summary (tensor count, bytes, files). ``progress``: a tqdm-like
+    object updated with the bytes of every megatron tensor read."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"{out}: output directory exists and is not empty")
+    table = rules(cfg)
+    reader = DistCheckpointReader(checkpoint)
+    check_names(reader.shapes, {r.megatron: r.shape for r in table}, str(checkpoint))
+    template = template or (
+        "internlm2-chat" if cfg.language.variant == "internlm2" else "qwen3-chat"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    ids: list[int] | None = None
+    im_end: int | None = None
+    if tokenizer is not None:
+        ids, im_end = write_tokenizer(tokenizer, out, template)
+        if special_token_ids is not None and list(special_token_ids) != ids:
+            raise ConversionError(
+                f"--special-token-ids {list(special_token_ids)} differ from the tokenizer's {ids}"
+            )
+    elif special_token_ids is not None:
+        ids = [int(i) for i in special_token_ids]
+    elif cfg.special_token_first_id is not None:
+        ids = list(range(cfg.special_token_first_id, cfg.special_token_first_id + 12))
+    else:
+        raise ConversionError("the 12 special token ids are unknown: give a tokenizer or their ids")
+    target = DTYPES[dtype]
+    writer = ShardedWriter(out, max_shard_bytes)
+    for rule in table:
+        tensor = reader.read(rule.megatron)
+        if progress is not None:
+            progress.update(tensor.numel() * tensor.element_size())
+        for name, piece in zip(rule.hf, rule.to_hf(tensor), strict=True):
+            writer.add(name, piece.to(target))
+        del tensor
+    files = writer.close()
+    config = hf_config.to_hf_config(cfg, ids, dtype, template)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"do_sample": False}
+    if im_end is not None:
+        generation.update(eos_token_id=im_end, pad_token_id=im_end)
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    copy_remote_code(out)
+    return {
+        "tensors": sum(len(r.hf) for r in table),
+        "bytes": writer.total,
+        "files": [f.name for f in files],
+    }
+
+
+def checkpoint_total_bytes(checkpoint: str | Path) -> int:
+    """Bytes of the model tensors of a checkpoint (for a progress bar's total)."""
+    reader = DistCheckpointReader(checkpoint)
+    total = 0
+    for key, shape in reader.shapes.items():
+        n = 1
+        for s in shape:
+            n *= s
+        total += n * torch.empty(0, dtype=reader.dtypes[key]).element_size()
+    return total

@@ -1,0 +1,291 @@
+"""HF -> megatron dist checkpoint at a chosen TP/PP/EP layout.
+
+Two sources, one writer:
+
+* :class:`NaViLSource`: an HF NaViL directory (ours or the official format); every megatron
+  tensor comes from its HF tensor(s) through ``mapping.rules`` (exact inverses of the export).
+* :class:`LLMSource`: an HF causal LM (Llama/Mistral, Qwen3, InternLM2 families: no biases,
+  SwiGLU, RMSNorm, plain RoPE): the LLM's tensors become the *text* experts and, copied, the
+  *visual* experts (NaViL's recipe, ../shared/NAVIL.md "Expert initialisation"); the vision
+  encoder, connector and special-token table keep the model's fresh initialisation.
+
+The writer (:func:`write_rank`) runs on every rank of the layout (spawned gloo processes, or
+torchrun): it builds the real model for the layout, fills each parameter shard from the
+source's global tensor and saves through ``training.checkpoint.save`` (iteration 0, no
+optimizer), so the result is exactly what training writes and loads at any layout
+(``--load``-style loading of weights; an optimizer starts fresh). Every source tensor is
+accounted for before any rank starts (``check_names``): a missing or unknown one fails with
+its name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_navil.config.model import (
+    ConnectorConfig,
+    ExpertsConfig,
+    ImageConfig,
+    LanguageConfig,
+    NaViLConfig,
+    VisionConfig,
+)
+from megatron_navil.conversion.hf_io import SafetensorsDir
+from megatron_navil.conversion.mapping import ConversionError, Rule, check_names, rules
+
+CONFIG_FILE = "navil_config.json"
+"""Written into a converted ``iter_*`` directory: the model config it holds."""
+
+
+def config_to_dict(cfg: NaViLConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> NaViLConfig:
+    vision = dict(data["vision"])
+    vision["full_attention_layers"] = tuple(vision.get("full_attention_layers", ()))
+    image = dict(data["image"])
+    image["mean"], image["std"] = tuple(image["mean"]), tuple(image["std"])
+    return NaViLConfig(
+        name=data["name"],
+        vision=VisionConfig(**vision),
+        language=LanguageConfig(**data["language"]),
+        connector=ConnectorConfig(**data["connector"]),
+        experts=ExpertsConfig(**data["experts"]),
+        image=ImageConfig(**image),
+        special_token_first_id=data.get("special_token_first_id"),
+    ).validate()
+
+
+# ------------------------------------------------------------------------------------------
+# sources
+
+
+class NaViLSource:
+    """Megatron tensors of an HF NaViL directory."""
+
+    def __init__(self, directory: str | Path, cfg: NaViLConfig) -> None:
+        self.files = SafetensorsDir(directory)
+        self.by_key: dict[str, Rule] = {r.megatron: r for r in rules(cfg)}
+        expected = {
+            n: s for r in self.by_key.values() for n, s in zip(r.hf, r.hf_shapes, strict=True)
+        }
+        check_names(self.files.shapes, expected, str(directory))
+
+    def fresh(self) -> set[str]:
+        return set()
+
+    def tensor(self, key: str) -> torch.Tensor:
+        rule = self.by_key[key]
+        return rule.from_hf([self.files.read(n) for n in rule.hf])
+
+
+LLM_FAMILIES = {"llama": "qwen3", "mistral": "qwen3", "qwen2": "qwen3", "qwen3": "qwen3"}
+LLM_FAMILIES["internlm2"] = "internlm2"
+_IGNORED_LLM = ("rotary_emb.inv_freq",)  # a buffer some old checkpoints saved
+
+
+def llm_language_config(config: dict[str, Any], qk_norm: bool) -> LanguageConfig:
+    """NaViL's ``LanguageConfig`` of an HF LLM ``config.json`` (ConversionError naming what
+    NaViL's LLM cannot express: biases, scaled RoPE, a non-SiLU activation)."""
+    model_type = config.get("model_type")
+    if model_type not in LLM_FAMILIES:
+        raise ConversionError(
+            f"LLM model_type={model_type!r}: supported {', '.join(sorted(LLM_FAMILIES))}"
+        )
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConversionError(f"LLM hidden_act={act!r}: NaViL's experts are SwiGLU (silu)")
+    for flag in ("attention_bias", "mlp_bias", "bias"):
+        if config.get(flag):
+            raise ConversionError(f"LLM {flag}=True: NaViL's LLM has no biases")
+    scaling = config.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise ConversionError(f"LLM rope_scaling={scaling}: NaViL uses plain RoPE")
+    params = config.get("rope_parameters") or {}
+    if params.get("rope_type", "default") != "default":
+        raise ConversionError(f"LLM rope_parameters={params}: NaViL uses plain RoPE")
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    heads = config["num_attention_heads"]
+    return LanguageConfig(
+        variant=LLM_FAMILIES[model_type],  # type: ignore[arg-type]
+        hidden=config["hidden_size"],
+        layers=config["num_hidden_layers"],
+        heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        ffn=config["intermediate_size"],
+        vocab=config["vocab_size"],
+        rope_theta=float(theta),
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        qk_norm=qk_norm,
+    )
+
+
+def _llm_name(hf_name: str, internlm2: bool) -> str:
+    """The HF LLM tensor a NaViL ``language_model.*`` tensor is initialised from (the visual
+    expert's ``*_ve`` from the text expert's)."""
+    name = hf_name.removeprefix("language_model.")
+    for ve in ("_proj_ve.", "_norm_ve.", "mlp_ve.", "feed_forward_ve.", "wqkv_ve.", "wo_ve."):
+        name = name.replace(ve, ve.replace("_ve", ""))
+    return name
+
+
+class LLMSource:
+    """Megatron tensors of an HF LLM: text and visual experts from its layers (see module)."""
+
+    def __init__(self, directory: str | Path, cfg: NaViLConfig, tied: bool) -> None:
+        self.files = SafetensorsDir(directory)
+        internlm2 = cfg.language.variant == "internlm2"
+        self.by_key: dict[str, tuple[Rule, list[str]]] = {}
+        needed: dict[str, tuple[int, ...]] = {}
+        self._fresh: set[str] = set()
+        head = "output.weight" if internlm2 else "lm_head.weight"
+        embed = "model.tok_embeddings.weight" if internlm2 else "model.embed_tokens.weight"
+        self.aliases = {head: embed} if tied else {}
+        for rule in rules(cfg):
+            if not rule.hf[0].startswith("language_model."):
+                self._fresh.add(rule.megatron)
+                continue
+            names = [_llm_name(n, internlm2) for n in rule.hf]
+            self.by_key[rule.megatron] = (rule, names)
+            for name, shape in zip(names, rule.hf_shapes, strict=True):
+                needed[self.aliases.get(name, name)] = shape
+        found = {k: v for k, v in self.files.shapes.items() if not k.endswith(_IGNORED_LLM)}
+        if tied and head in found:
+            raise ConversionError(f"{directory}: tie_word_embeddings=True but {head!r} is stored")
+        check_names(found, needed, str(directory))
+
+    def fresh(self) -> set[str]:
+        return set(self._fresh)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        rule, names = self.by_key[key]
+        return rule.from_hf([self.files.read(self.aliases.get(n, n)) for n in names])
+
+
+def llm_navil_config(base: NaViLConfig, llm_dir: str | Path) -> tuple[NaViLConfig, bool]:
+    """``base`` with its language part taken from the HF LLM in ``llm_dir``; and whether the
+    LLM ties its embeddings (its LM head is then the embedding, copied)."""
+    config = json.loads((Path(llm_dir) / "config.json").read_text())
+    files = SafetensorsDir(llm_dir)
+    qk_norm = any(k.endswith("self_attn.q_norm.weight") for k in files.shapes)
+    language = llm_language_config(config, qk_norm)
+    cfg = base.replace(language=language, experts=ExpertsConfig())
+    return cfg.validate(), bool(config.get("tie_word_embeddings", False))
+
+
+# ------------------------------------------------------------------------------------------
+# the writer
+
+
+@dataclass(frozen=True)
+class ImportSpec:
+    """Everything a rank needs (picklable)."""
+
+    kind: str  # "navil" or "llm"
+    source: str
+    out: str
+    cfg: dict[str, Any]
+    special_token_ids: tuple[int, ...]
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    seed: int = 1234
+    tied: bool = False
+
+
+def world_size(tp: int, pp: int, ep: int, etp: int | None) -> int:
+    """Ranks of the smallest layout with these sizes: TP x PP x DP where DP is the least that
+    lets ``ep * etp`` divide ``TP * DP`` (megatron-core's expert layout)."""
+    ep_group = ep * (etp or tp)
+    dp = ep_group // math.gcd(tp, ep_group)
+    return tp * pp * dp
+
+
+def _sharded_tensors(chunks: list[torch.nn.Module]) -> list[Any]:
+    """Every ShardedTensor of the model (factories built), data a view of a parameter."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+    out = []
+    for chunk in chunks:
+        sharded, _ = extract_sharded_base(chunk.sharded_state_dict())
+        stack = list(sharded.values())
+        while stack:
+            item = stack.pop()
+            if isinstance(item, ShardedTensorFactory):
+                built = item.build()
+                stack.extend(built.values() if isinstance(built, dict) else [built])
+            elif isinstance(item, ShardedTensor) and not item.key.endswith("_extra_state"):
+                out.append(item)
+            elif isinstance(item, (list, tuple)):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+    return out
+
+
+def write_rank(spec: ImportSpec) -> int:
+    """One rank of the import: build, fill, save. Returns the number of shards it filled."""
+    import warnings
+
+    from megatron_navil.models.build import build_model, transformer_config
+    from megatron_navil.parallel import initialize
+    from megatron_navil.training import checkpoint as ckpt
+
+    warnings.filterwarnings("ignore")
+    cfg = config_from_dict(spec.cfg)
+    initialize(tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp, seed=spec.seed)
+    config = transformer_config(cfg, tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp)
+    chunks = build_model(cfg, config, special_ids=spec.special_token_ids)
+    if spec.kind == "navil":
+        source: NaViLSource | LLMSource = NaViLSource(spec.source, cfg)
+    else:
+        source = LLMSource(spec.source, cfg, spec.tied)
+    known = {r.megatron for r in rules(cfg)}
+    fresh = source.fresh()
+    filled = 0
+    cache: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for sh in _sharded_tensors(chunks):
+            if sh.key not in known:
+                raise ConversionError(f"model parameter {sh.key!r} has no conversion rule")
+            if sh.key in fresh:
+                continue
+            if sh.key not in cache:
+                cache.clear()  # one global tensor at a time (factories repeat a key)
+                cache[sh.key] = source.tensor(sh.key)
+            full = cache[sh.key]
+            if tuple(full.shape) != tuple(sh.global_shape):
+                raise ConversionError(
+                    f"{sh.key}: source gives {tuple(full.shape)}, model has {sh.global_shape}"
+                )
+            sh.data.copy_(full[sh.global_slice()].reshape(sh.data.shape))
+            filled += 1
+    state = {"converted_from": {"kind": spec.kind, "path": spec.source}}
+    path = ckpt.save(spec.out, 0, chunks, None, state)
+    if torch.distributed.get_rank() == 0:
+        (path / CONFIG_FILE).write_text(json.dumps(spec.cfg, indent=2) + "\n")
+    torch.distributed.barrier()
+    return filled
+
+
+def run_import(spec: ImportSpec, timeout: float = 24 * 3600) -> Path:
+    """Spawn the layout's ranks (gloo) and write ``<out>/iter_0000000``; returns it."""
+    from megatron_navil.testing.multiproc import run_distributed
+
+    out = Path(spec.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"{out}: output directory exists and is not empty")
+    run_distributed(
+        write_rank, world_size(spec.tp, spec.pp, spec.ep, spec.etp), spec, timeout=timeout
+    )
+    return out / "iter_0000000"

@@ -1,0 +1,301 @@
+"""NaViL image preprocessing and prompt building, standalone (torch, numpy, Pillow only).
+
+This file travels inside exported checkpoints (remote code), so it repeats, in plain Python,
+the rules that ``megatron_navil.ops`` implements in C++; tests/unit/test_hf_processing.py keeps
+the two equal. Layouts:
+
+  image          PIL RGB image, or uint8 ``[H, W, 3]``
+  pixel_values   float32 ``[p, 3 * patch * patch]``: every scale of every image, packed in
+                 order (images in prompt order, scales smallest first), patches in 2x2
+                 merge-unit order, each patch flattened channel-major ``[C, ph, pw]``
+  image_grid_hw  int64 ``[segments, 2]``: the patch grid (rows, cols) of each packed scale;
+                 one vision-encoder attention segment each
+
+Rules (NaViL, "Images"): no resize while the padded patch count is in ``[min_patches,
+max_patches]``, else an aspect-keeping bicubic rescale; aspect ratios above ``max_aspect`` are
+rejected; zero-pad bottom/right to a multiple of ``patch * merge``; ``(x / 255 - 0.5) / 0.5``.
+Multi-scale packing: besides the base scale, the original image is resampled with a pixel
+budget of ``scale_ratio ** 2`` times the previous scale's area until the padded patch count
+falls below ``min_patches``. The image block in the token stream is ``<img>``, per scale
+(smallest first) ``h`` rows of ``w`` ``<IMG_CONTEXT>`` + ``<IMG_LINE_BREAK>`` then
+``<IMG_FRAME_BREAK>``, finally ``</img>`` (``h, w`` the merged grid = patch grid / merge).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+SPECIAL_TOKENS = (
+    "</box>",
+    "<box>",
+    "<IMG_CONTEXT>",
+    "</img>",
+    "<img>",
+    "</quad>",
+    "<quad>",
+    "</ref>",
+    "<ref>",
+    "<img_uncond>",
+    "<IMG_LINE_BREAK>",
+    "<IMG_FRAME_BREAK>",
+)
+"""The 12 special tokens, in the row order of ``special_token_embedding``."""
+VISUAL_TOKENS = ("<IMG_CONTEXT>", "<img>")
+"""Tokens routed to the visual experts."""
+IMAGE_BLOCK_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<IMG_LINE_BREAK>", "<IMG_FRAME_BREAK>")
+"""Never generated: an ``<IMG_CONTEXT>`` without its patches cannot be fed back."""
+MAX_SIDE = 2**31 - 1
+
+# The chat templates (NAVIL.md "Chat templates") as Jinja for ``tokenizer.apply_chat_template``;
+# ``<image>`` in a message is replaced by the image block before tokenization.
+CHAT_TEMPLATES = {
+    "internlm2-chat": (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{{ message['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "qwen3-chat": (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['role'] == 'assistant' %}<think>\n\n</think>\n\n{% endif %}"
+        "{{ message['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}"
+    ),
+}
+
+
+def _padded_count(h: int, w: int, patch: int, merge: int) -> int:
+    unit = patch * merge
+    return (-(-h // unit) * merge) * (-(-w // unit) * merge)
+
+
+def merged_grid(height: int, width: int, patch: int = 16, merge: int = 2) -> tuple[int, int]:
+    """Patch grid ``(rows, cols)`` after zero-padding each side to a multiple of
+    ``patch * merge``."""
+    unit = patch * merge
+    return -(-height // unit) * merge, -(-width // unit) * merge
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    patch: int = 16,
+    merge: int = 2,
+    min_patches: int = 256,
+    max_patches: int = 24576,
+    max_aspect: float = 200.0,
+) -> tuple[int, int]:
+    """``(height, width)`` to resample to: unchanged when the padded patch count is in
+    bounds, else the aspect-keeping size whose padded count is the largest <= max (above) or
+    the smallest >= min at the largest such size (below). ValueError for aspect > max_aspect
+    or when no size fits."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image size {height}x{width} must be positive")
+    long_side, short_side = max(height, width), min(height, width)
+    if float(long_side) > float(max_aspect) * float(short_side):
+        raise ValueError(
+            f"image {height}x{width} has aspect ratio {long_side}/{short_side} > "
+            f"max_aspect={max_aspect:g}"
+        )
+    count = _padded_count(height, width, patch, merge)
+    if min_patches <= count <= max_patches:
+        return height, width
+
+    def short_for(new_long: int) -> int:
+        return max(1, (2 * short_side * new_long + long_side) // (2 * long_side))
+
+    def count_for(new_long: int) -> int:
+        return _padded_count(new_long, short_for(new_long), patch, merge)
+
+    def last_at_most(lo: int, hi: int, limit: int) -> int:
+        while lo < hi:
+            mid = lo + (hi - lo + 1) // 2
+            if count_for(mid) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    no_fit = f"no size keeping the aspect ratio of {height}x{width} fits the patch bounds"
+    if count > max_patches:
+        new_long = last_at_most(1, long_side - 1, max_patches)
+    else:
+        if count_for(MAX_SIDE) < min_patches:
+            raise ValueError(no_fit)
+        lo, hi = long_side + 1, MAX_SIDE
+        while lo < hi:
+            mid = lo + (hi - lo) // 2
+            if count_for(mid) >= min_patches:
+                hi = mid
+            else:
+                lo = mid + 1
+        target = count_for(lo)
+        if target > max_patches:
+            raise ValueError(no_fit)
+        new_long = last_at_most(lo, MAX_SIDE, target)
+    new_short = short_for(new_long)
+    return (new_long, new_short) if height >= width else (new_short, new_long)
+
+
+def scales_for_image(
+    height: int,
+    width: int,
+    patch: int = 16,
+    merge: int = 2,
+    min_patches: int = 256,
+    max_patches: int = 24576,
+    max_aspect: float = 200.0,
+    scale_ratio: float = math.sqrt(2) / 2,
+    multi_scale: bool = True,
+) -> list[tuple[int, int]]:
+    """Pixel sizes of an image's scales, smallest first; the last is :func:`smart_resize`'s."""
+    base = smart_resize(height, width, patch, merge, min_patches, max_patches, max_aspect)
+    if not multi_scale:
+        return [base]
+    long_side, short_side = max(height, width), min(height, width)
+
+    def short_for(new_long: int) -> int:
+        return max(1, (2 * short_side * new_long + long_side) // (2 * long_side))
+
+    scales = [base]
+    prev_area, prev_long = base[0] * base[1], max(base)
+    while True:
+        budget = prev_area * scale_ratio * scale_ratio
+        if short_for(1) > budget or prev_long - 1 < 1:
+            break
+        lo, hi = 1, prev_long - 1
+        while lo < hi:
+            mid = lo + (hi - lo + 1) // 2
+            if mid * short_for(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        new_short = short_for(lo)
+        size = (lo, new_short) if height >= width else (new_short, lo)
+        gh, gw = merged_grid(size[0], size[1], patch, merge)
+        if gh * gw < min_patches:
+            break
+        scales.append(size)
+        prev_area, prev_long = lo * new_short, lo
+    return scales[::-1]
+
+
+def patchify(
+    image_hwc: np.ndarray | torch.Tensor,
+    patch: int = 16,
+    merge: int = 2,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """uint8 ``[H, W, 3]`` -> float32 patches ``[gh * gw, 3 * patch * patch]`` and the grid.
+
+    ``x / 255`` is computed as float64 times float64(1/255), rounded once to float32, then
+    ``(s - mean) / std`` in float32 (transformers' rescale; bitwise what ops.patchify does)."""
+    image = torch.as_tensor(np.array(image_hwc, copy=True))
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3:
+        raise ValueError(f"patchify needs a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
+    height, width, _ = image.shape
+    gh, gw = merged_grid(height, width, patch, merge)
+    padded = image.new_zeros((gh * patch, gw * patch, 3))
+    padded[:height, :width] = image
+    scaled = (padded.to(torch.float64) * (1.0 / 255.0)).to(torch.float32)
+    values = (scaled - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(
+        std, dtype=torch.float32
+    )
+    units = values.reshape(gh // merge, merge, patch, gw // merge, merge, patch, 3)
+    patches = units.permute(0, 3, 1, 4, 6, 2, 5).reshape(gh * gw, 3 * patch * patch)
+    return patches.contiguous(), (gh, gw)
+
+
+def image_block(merged_grids: Sequence[tuple[int, int]]) -> str:
+    """The image block's text (special tokens only) for the merged grids of its scales."""
+    parts = ["<img>"]
+    for h, w in merged_grids:
+        parts.append(("<IMG_CONTEXT>" * w + "<IMG_LINE_BREAK>") * h + "<IMG_FRAME_BREAK>")
+    parts.append("</img>")
+    return "".join(parts)
+
+
+class NaViLImageProcessor:
+    """PIL images -> ``pixel_values``, ``image_grid_hw`` and each image's block text.
+
+    Settings come from the model config (:meth:`from_config`): patch size, merge, the patch
+    bounds, the scale ratio and whether multi-scale packing is on."""
+
+    def __init__(
+        self,
+        patch: int = 16,
+        merge: int = 2,
+        min_patches: int = 256,
+        max_patches: int = 24576,
+        max_aspect: float = 200.0,
+        scale_ratio: float = math.sqrt(2) / 2,
+        multi_scale: bool = True,
+    ) -> None:
+        self.patch, self.merge = int(patch), int(merge)
+        self.min_patches, self.max_patches = int(min_patches), int(max_patches)
+        self.max_aspect, self.scale_ratio = float(max_aspect), float(scale_ratio)
+        self.multi_scale = bool(multi_scale)
+
+    @classmethod
+    def from_config(cls, config: Any) -> NaViLImageProcessor:
+        """From a ``NaViLChatConfig`` (official field names, see configuration_navil.py)."""
+        vision = config.vision_config
+        patch = vision["patch_size"] if isinstance(vision, dict) else vision.patch_size
+        return cls(
+            patch=patch,
+            merge=round(1 / config.downsample_ratio),
+            min_patches=config.min_dynamic_patch,
+            max_patches=config.max_dynamic_patch,
+            max_aspect=getattr(config, "max_aspect_ratio", 200.0),
+            scale_ratio=config.scale_downsample_ratio,
+            multi_scale=getattr(config, "use_multi_scale", True),
+        )
+
+    def scales(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Pixel sizes of the image's scales, smallest first."""
+        return scales_for_image(
+            height, width, self.patch, self.merge, self.min_patches, self.max_patches,
+            self.max_aspect, self.scale_ratio, self.multi_scale,
+        )  # fmt: skip
+
+    def __call__(self, images: Sequence[Any]) -> dict[str, Any]:
+        """``{"pixel_values", "image_grid_hw", "image_blocks"}`` for ``images`` in order."""
+        from PIL import Image
+
+        patches, grids, blocks = [], [], []
+        for image in images:
+            if not isinstance(image, Image.Image):
+                image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+            image = image.convert("RGB")
+            merged = []
+            for h, w in self.scales(image.height, image.width):
+                scaled = image
+                if (image.height, image.width) != (h, w):
+                    scaled = image.resize((w, h), Image.Resampling.BICUBIC)
+                values, grid = patchify(np.asarray(scaled), self.patch, self.merge)
+                patches.append(values)
+                grids.append(grid)
+                merged.append((grid[0] // self.merge, grid[1] // self.merge))
+            blocks.append(image_block(merged))
+        width = 3 * self.patch * self.patch
+        return {
+            "pixel_values": torch.cat(patches) if patches else torch.zeros(0, width),
+            "image_grid_hw": torch.tensor(grids, dtype=torch.long).view(-1, 2),
+            "image_blocks": blocks,
+        }
+
+
+def expand_images(text: str, blocks: Sequence[str]) -> str:
+    """Replace each ``<image>`` in ``text`` by the next image block; their counts must match."""
+    pieces = text.split("<image>")
+    if len(pieces) - 1 != len(blocks):
+        raise ValueError(f"{len(pieces) - 1} <image> placeholders for {len(blocks)} images")
+    out = [pieces[0]]
+    for block, piece in zip(blocks, pieces[1:], strict=True):
+        out += [block, piece]
+    return "".join(out)

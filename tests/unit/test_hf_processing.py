@@ -1,0 +1,82 @@
+"""megatron_navil/hf/processing_navil.py (standalone: it travels inside exported checkpoints)
+against the project's own ops, which training uses: the same target sizes, scales, patches
+(bitwise) and image-token blocks, so the HF model sees exactly what training saw."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_navil import ops
+from megatron_navil.config.model import SPECIAL_TOKENS
+from megatron_navil.hf import processing_navil as P
+
+# (patch, merge, min_patches, max_patches): NaViL's and the tiny config's rules
+RULES = [(16, 2, 256, 24576), (16, 2, 16, 64)]
+SIZES = [(100, 100), (4000, 3000), (500, 333), (1, 200), (240, 240), (37, 901), (64, 128),
+         (1024, 1024), (3, 3), (7000, 20), (8192, 8192)]  # fmt: skip
+
+
+def _sizes():
+    rng = random.Random(5)
+    return SIZES + [(rng.randint(1, 3000), rng.randint(1, 3000)) for _ in range(60)]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_sizes_and_scales_equal_the_ops(rule):
+    patch, merge, lo, hi = rule
+    for h, w in _sizes():
+        try:
+            want = ops.smart_resize(h, w, patch, merge, lo, hi)
+        except ValueError:
+            with pytest.raises(ValueError):
+                P.smart_resize(h, w, patch, merge, lo, hi)
+            continue
+        assert P.smart_resize(h, w, patch, merge, lo, hi) == want, (h, w)
+        assert P.scales_for_image(h, w, patch, merge, lo, hi) == ops.scales_for_image(
+            h, w, patch, merge, lo, hi
+        ), (h, w)
+        assert P.scales_for_image(h, w, patch, merge, lo, hi, multi_scale=False) == [want]
+
+
+def test_patchify_is_bitwise_the_op():
+    rng = np.random.default_rng(0)
+    for h, w in [(32, 32), (33, 65), (100, 7), (64, 128)]:
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        got, grid = P.patchify(image)
+        want, want_grid = ops.patchify(image)
+        assert grid == want_grid and torch.equal(got, want)
+
+
+def test_image_block_is_the_token_layout():
+    grids = [(2, 3), (4, 5)]
+    layout = ops.image_token_layout(grids)
+    assert P.image_block(grids) == "".join(SPECIAL_TOKENS[i] for i in layout.tolist())
+    assert P.SPECIAL_TOKENS == SPECIAL_TOKENS
+
+
+def test_processor_packs_scales_in_order():
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+              [(96, 160), (50, 70)]]  # fmt: skip
+    proc = P.NaViLImageProcessor(min_patches=16, max_patches=64)
+    out = proc(images)
+    grids, patches = [], []
+    for image in images:
+        for h, w in ops.scales_for_image(image.height, image.width, 16, 2, 16, 64):
+            scaled = image if (h, w) == (image.height, image.width) else image.resize(
+                (w, h), Image.Resampling.BICUBIC
+            )  # fmt: skip
+            values, grid = ops.patchify(np.asarray(scaled))
+            patches.append(values)
+            grids.append(grid)
+    assert out["image_grid_hw"].tolist() == [list(g) for g in grids]
+    assert torch.equal(out["pixel_values"], torch.cat(patches))
+    assert len(out["image_blocks"]) == 2 and out["image_blocks"][0].startswith("<img>")
+    with pytest.raises(ValueError, match="2 <image> placeholders for 1 images"):
+        P.expand_images("<image><image>", ["<img></img>"])

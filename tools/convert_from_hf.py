@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Hugging Face -> megatron_navil dist checkpoint, at a chosen TP/PP/EP layout.
+
+Two sources::
+
+    # an HF NaViL directory (exported by convert_to_hf.py, or the official release format)
+    python tools/convert_from_hf.py navil --hf hf/navil-tiny --output runs/from_hf --tp 2 --pp 2
+
+    # an HF LLM (Llama/Mistral, Qwen3, InternLM2) -> an initial NaViL: text weights mapped,
+    # visual experts copied from the text experts, vision encoder + connector fresh
+    python tools/convert_from_hf.py llm --hf Qwen3-8B/ --config navil-9b \\
+        --tokenizer Qwen3-8B/tokenizer.json --output runs/navil9b_init --tp 8 --pp 4
+
+The output is ``OUTPUT/iter_0000000`` (model only, no optimizer) written by the real model in
+the chosen layout through ``training/checkpoint.py``, with ``navil_config.json`` (the model
+config it holds; for an LLM import the language part comes from the LLM). It spawns
+TP x PP x DP gloo processes on this machine (DP the least that fits EP x ETP). Every source
+tensor must map and every expected tensor must be there, or the conversion stops naming it.
+Exit status 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROG = "convert_from_hf.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "source",
+        choices=("navil", "llm"),
+        help="navil: an HF NaViL directory; llm: an HF causal LM to initialise NaViL from",
+    )
+    p.add_argument("--hf", required=True, metavar="DIR", help="the HF directory to read")
+    p.add_argument("--output", required=True, metavar="DIR", help="new (or empty) save directory")
+    p.add_argument(
+        "--config",
+        metavar="NAME",
+        help="registered model config. navil: optional, checked against the HF config.json; "
+        "llm: required, gives the vision encoder, connector and image rules",
+    )
+    p.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size (1)")
+    p.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel size (1)")
+    p.add_argument("--ep", type=_positive, default=1, help="expert-parallel size (1)")
+    p.add_argument("--etp", type=_positive, help="expert tensor-parallel size (default: --tp)")
+    p.add_argument(
+        "--tokenizer",
+        metavar="FILE",
+        help="llm: the tokenizer.json to train with (its 12 NaViL special token ids)",
+    )
+    p.add_argument(
+        "--special-token-ids",
+        type=int,
+        nargs=12,
+        metavar="ID",
+        help="llm: the 12 special token ids when there is no --tokenizer and the config does "
+        "not fix them",
+    )
+    p.add_argument(
+        "--seed", type=int, default=1234, help="llm: seed of the fresh vision/connector init"
+    )
+    return p
+
+
+def _resolve(args: argparse.Namespace):
+    from megatron_navil.config.registry import REGISTRY, get_config
+    from megatron_navil.conversion import hf_config
+    from megatron_navil.conversion import importer as I
+    from megatron_navil.conversion.mapping import ConversionError
+
+    hf = Path(args.hf)
+    if not (hf / "config.json").is_file():
+        raise ConversionError(f"{hf}: no config.json")
+    if args.config is not None and args.config not in REGISTRY:
+        raise ConversionError(f"unknown config {args.config!r}; known: {', '.join(REGISTRY)}")
+    config = json.loads((hf / "config.json").read_text())
+    tied = False
+    if args.source == "navil":
+        cfg = hf_config.from_hf_config(config, args.config)
+        if args.config is not None:
+            diff = hf_config.same_model(get_config(args.config), cfg)
+            if diff:
+                raise ConversionError(f"{hf} is not a {args.config!r} model: {diff[0]}")
+        ids = hf_config.special_token_ids_of(config)
+    else:
+        if args.config is None:
+            raise ConversionError("llm needs --config (vision encoder, connector, image rules)")
+        cfg, tied = I.llm_navil_config(get_config(args.config), hf)
+        diff = hf_config.same_model(get_config(args.config), cfg)
+        for line in diff:
+            print(f"note: the LLM differs from {args.config}: {line}")
+        if args.tokenizer is not None:
+            from megatron_navil.data.tokenizer import TextTokenizer
+            from megatron_navil.training.caption import model_special_ids
+
+            ids = list(model_special_ids(TextTokenizer(args.tokenizer)))
+        elif args.special_token_ids is not None:
+            ids = list(args.special_token_ids)
+        elif cfg.special_token_first_id is not None:
+            ids = list(range(cfg.special_token_first_id, cfg.special_token_first_id + 12))
+        else:
+            raise ConversionError("the 12 special token ids are unknown: give --tokenizer")
+    spec = I.ImportSpec(
+        kind=args.source, source=str(hf), out=str(args.output), cfg=I.config_to_dict(cfg),
+        special_token_ids=tuple(ids), tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
+        seed=args.seed, tied=tied,
+    )  # fmt: skip
+    # Check every tensor here, before spawning any rank.
+    (I.NaViLSource if args.source == "navil" else I.LLMSource)(
+        *((hf, cfg) if args.source == "navil" else (hf, cfg, tied))
+    )
+    return spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore")
+    from megatron_navil.conversion import importer as I
+    from megatron_navil.conversion.mapping import ConversionError
+    from megatron_navil.data.tokenizer import TokenizerError
+
+    try:
+        spec = _resolve(args)
+        ranks = I.world_size(spec.tp, spec.pp, spec.ep, spec.etp)
+        print(
+            f"writing {args.output} with {ranks} rank(s) (TP={spec.tp} PP={spec.pp} EP={spec.ep})"
+        )
+        start = time.perf_counter()
+        path = I.run_import(spec)
+    except (ConversionError, TokenizerError, ValueError) as exc:
+        print(f"{PROG}: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+        return 2
+    print(f"{args.hf} -> {path} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Export a megatron_navil checkpoint (any TP/PP/EP layout) to a Hugging Face NaViL directory.
+
+Example::
+
+    python tools/convert_to_hf.py --checkpoint runs/tiny/checkpoints --config tiny \\
+        --tokenizer data/synthetic/tokenizer.json --output hf/navil-tiny --dtype float32
+
+The output loads with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
+in a plain ``transformers`` install: ``config.json`` (official NaViL fields, ``auto_map``),
+``model-XXXXX-of-YYYYY.safetensors`` + ``model.safetensors.index.json`` (official parameter
+names), ``generation_config.json``, the remote-code files (``modeling_navil.py``,
+``configuration_navil.py``, ``processing_navil.py``) and, with --tokenizer, the tokenizer with
+the 12 special tokens and the chat template. Tensors stream one at a time (memory: one tensor
+plus one output shard). Every tensor of the checkpoint must map and every expected tensor must
+be there, or the export stops naming it. Exit status 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROG = "convert_to_hf.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def parse_size(text: str) -> int:
+    """``2GB``, ``500MB``, ``64KiB``, ``1024`` (bytes) -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:I?B)?\s*", text.upper())
+    value = int(float(m.group(1)) * 1024 ** " KMG".index(m.group(2) or " ")) if m else 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size like 2GB, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="a save directory (its newest complete iter_* is used) or one iter_* directory",
+    )
+    p.add_argument(
+        "--config",
+        metavar="NAME",
+        help="registered model config (tiny, navil-2b, navil-9b); default: the "
+        "navil_config.json a converted checkpoint carries",
+    )
+    p.add_argument("--output", required=True, metavar="DIR", help="new (or empty) HF directory")
+    p.add_argument(
+        "--tokenizer",
+        metavar="FILE",
+        help="the HF tokenizer.json the model was trained with (gives the special token ids "
+        "and is exported with the chat template)",
+    )
+    p.add_argument(
+        "--special-token-ids",
+        metavar="ID",
+        type=int,
+        nargs=12,
+        help="the 12 special token ids (SPECIAL_TOKENS order) when there is no --tokenizer "
+        "and the config does not fix them",
+    )
+    p.add_argument(
+        "--template",
+        choices=("internlm2-chat", "qwen3-chat"),
+        help="chat template (default: internlm2-chat for InternLM2 backbones, else qwen3-chat)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="dtype of the exported weights (bfloat16, like the official release)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=parse_size("2GB"),
+        metavar="SIZE",
+        help="largest safetensors shard, e.g. 2GB (default) or 500MB",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore")
+    from tqdm import tqdm
+
+    from megatron_navil.config.registry import REGISTRY, get_config
+    from megatron_navil.conversion import export as E
+    from megatron_navil.conversion.importer import CONFIG_FILE, config_from_dict
+    from megatron_navil.conversion.mapping import ConversionError
+    from megatron_navil.data.tokenizer import TokenizerError
+    from megatron_navil.training.caption import CaptionError, resolve_checkpoint
+
+    try:
+        try:
+            checkpoint = resolve_checkpoint(args.checkpoint)
+        except CaptionError as exc:
+            raise ConversionError(str(exc)) from None
+        if args.config is not None:
+            if args.config not in REGISTRY:
+                raise ConversionError(
+                    f"unknown config {args.config!r}; known: {', '.join(REGISTRY)}"
+                )
+            cfg = get_config(args.config)
+        elif (checkpoint / CONFIG_FILE).is_file():
+            cfg = config_from_dict(json.loads((checkpoint / CONFIG_FILE).read_text()))
+        else:
+            raise ConversionError(f"{checkpoint} carries no {CONFIG_FILE}: give --config")
+        if args.tokenizer is not None and not Path(args.tokenizer).is_file():
+            raise ConversionError(f"--tokenizer {args.tokenizer}: no such file")
+        total = E.checkpoint_total_bytes(checkpoint)
+        start = time.perf_counter()
+        with tqdm(total=total, unit="B", unit_scale=True, disable=args.quiet, desc="export") as bar:
+            summary = E.export(
+                checkpoint, args.output, cfg,
+                special_token_ids=args.special_token_ids, tokenizer=args.tokenizer,
+                template=args.template, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                progress=bar,
+            )  # fmt: skip
+        elapsed = time.perf_counter() - start
+    except (ConversionError, TokenizerError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"{checkpoint} -> {args.output}: {summary['tensors']} tensors, "
+        f"{summary['bytes'] / 1e9:.3f} GB in {len(summary['files'])} file(s), {elapsed:.1f} s "
+        f"({total / 1e9 / max(elapsed, 1e-9):.3f} GB/s read), peak RSS {rss:.0f} MB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
