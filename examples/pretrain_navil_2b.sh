@@ -12,7 +12,10 @@
 # sequence, the heaviest stage) finds nothing that fits without recompute; with the LLM/vision
 # recompute at selective/full this is its fastest fitting layout (67.2 GiB on the most loaded
 # GPU), and the same layout fits S1.1 and S1.2 (51.1 and 55.3 GiB), so the stages hand over
-# checkpoints without resharding. The 2B model's 23 vision heads do not split over TP.
+# checkpoints without resharding. (Unconstrained, the search ranks TP4 PP1 DP16 with selective
+# recompute everywhere first, but its cost model ignores that the 2B vision tower's 23 heads do
+# not split over TP, so every TP rank runs the whole tower: at S2 that is 68% of the model
+# FLOPs, computed 4 times at TP4.)
 # Environment and flags: see examples/navil_launch.sh (or --help).
 MODEL=navil-2b
 TP=${TP:-1}
