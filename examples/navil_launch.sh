@@ -60,7 +60,9 @@ if [ -z "${MASTER_ADDR:-}" ]; then
       echo "$script: SLURM_JOB_NODELIST is set but scontrol is not on PATH; export MASTER_ADDR" >&2
       exit 2
     fi
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    # No `| head -n 1`: head exiting early SIGPIPEs scontrol, which pipefail turns into exit 141.
+    hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    MASTER_ADDR=${hosts%%$'\n'*}
   else
     MASTER_ADDR=127.0.0.1
   fi

@@ -63,16 +63,18 @@ def test_2b_dry_run_on_cpu():
 
 
 def test_9b_dry_run_with_slurm_rendezvous(tmp_path):
-    # A stand-in scontrol: the first host of the node list becomes MASTER_ADDR.
+    # A stand-in scontrol: the first host of the node list becomes MASTER_ADDR. It prints
+    # more than a pipe buffer of hosts, so a reader that stops early (`| head -n 1`) would
+    # SIGPIPE it, which `set -o pipefail` turns into exit 141.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(
-        '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-14]" ] || exit 3\n'
-        "for i in 07 08 09 10 11 12 13 14; do echo gpu$i; done\n"
+        '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[00007-20000]" ] || exit 3\n'
+        "seq -f 'gpu%05g' 7 20000\n"
     )
     (bin_dir / "scontrol").chmod(0o755)
     proc = _script(
-        "pretrain_navil_9b.sh", STAGE="s1.1", DRY_RUN="1", SLURM_JOB_NODELIST="gpu[07-14]",
+        "pretrain_navil_9b.sh", STAGE="s1.1", DRY_RUN="1", SLURM_JOB_NODELIST="gpu[00007-20000]",
         SLURM_NNODES="8", SLURM_NODEID="3", PATH=f"{bin_dir}:{os.environ['PATH']}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -85,7 +87,7 @@ def test_9b_dry_run_with_slurm_rendezvous(tmp_path):
     assert _line(out, "peak ").endswith("fits in 79.6 GiB")
     assert "LR 5e-05 constant" in _line(out, "recipe:")
     cmd = _line(out, "command:")
-    assert "--nnodes 8 --nproc-per-node 8 --node-rank 3 --master-addr gpu07" in cmd, cmd
+    assert "--nnodes 8 --nproc-per-node 8 --node-rank 3 --master-addr gpu00007" in cmd, cmd
     assert "--tp 4 --pp 1" in cmd and "--global-batch 480" in cmd, cmd
 
 
