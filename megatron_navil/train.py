@@ -10,6 +10,7 @@ AdamW and LR schedule (``training``), the packed-sequence loader over indexed sh
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from megatron_navil.config.model import SPECIAL_TOKENS
+from megatron_navil.training.flops import batch_flops, detect_peak_flops, step_model_flops
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--load", default=None, help="resume from the newest complete checkpoint here (any layout)"
     )
+    g.add_argument(
+        "--init", default=None,
+        help="start from the model weights of the newest complete checkpoint here (any "
+        "layout; e.g. the previous stage's --save): optimizer, LR schedule, data position and "
+        "iteration start afresh; ignored when --load finds a checkpoint to resume",
+    )  # fmt: skip
     g.add_argument("--log-dir", default=None, help="TensorBoard, progress.txt, loss_curve.png")
+    g.add_argument(
+        "--peak-tflops", type=float, default=None,
+        help="peak TFLOP/s per GPU for the MFU log (default: the detected GPU's dense bf16 "
+        "peak, 989 for H100/H200, 312 for A100; none on CPU, so no MFU unless given)",
+    )  # fmt: skip
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument(
         "--dry-run", action="store_true", help="print the resolved setup (layout, counts) and exit"
@@ -132,6 +145,7 @@ class LoaderSource:
     per_rank: int
     device: torch.device | None = None  # where the batches go (None: stay on the CPU)
     _it: Any = None
+    flops_of: Any = None  # PackedBatch -> model FLOPs (``training.flops.batch_flops``), for MFU
 
     def next_step(self) -> list[dict[str, Any]]:
         if self._it is None:
@@ -139,11 +153,16 @@ class LoaderSource:
         out = []
         for _ in range(self.per_rank):
             batch = next(self._it)
+            # Counts from the host copy (no device sync), then the tensors to the device.
+            real_tokens = int(batch.cu_seqlens[batch.num_samples])
+            flops = self.flops_of(batch) if self.flops_of is not None else None
             if self.device is not None and self.device.type != "cpu":
                 batch = batch.to(self.device, non_blocking=True)
             kwargs = batch.as_model_kwargs()
             kwargs["loss_weights"] = batch.loss_weights
-            kwargs["num_real_tokens"] = int(batch.cu_seqlens[batch.num_samples])
+            kwargs["num_real_tokens"] = real_tokens
+            if flops is not None:
+                kwargs["model_flops"] = flops
             out.append(kwargs)
         return out
 
@@ -165,6 +184,28 @@ def place_chunks(chunks: list[Any], config: Any, device: torch.device) -> list[A
     if config.bf16:
         placed = [Float16Module(config, chunk) for chunk in placed]
     return placed
+
+
+def mfu_peak_flops(args: argparse.Namespace) -> float | None:
+    """Peak FLOP/s per GPU for MFU: ``--peak-tflops``, else the detected GPU's, else None
+    (CPU: MFU against a GPU peak would mean nothing, so it is not logged)."""
+    if args.peak_tflops is not None:
+        return args.peak_tflops * 1e12
+    return detect_peak_flops()
+
+
+def init_weights(args: argparse.Namespace, chunks: list[Any], rank0: bool) -> None:
+    """``--init``: load the model weights (only) of the newest complete checkpoint in
+    ``args.init`` into ``chunks``, unless ``--load`` has a checkpoint to resume (a restarted
+    stage continues from its own checkpoint, not from the previous stage's)."""
+    from megatron_navil.training import checkpoint as ckpt
+
+    if not args.init or (args.load and ckpt.latest(args.load) is not None):
+        return
+    path = ckpt.latest(args.init)  # main() checked there is one
+    ckpt.load_weights(path, chunks)
+    if rank0:
+        print(f"initialised the model from {path}", flush=True)
 
 
 def _special_ids(manifest: dict[str, Any]) -> list[int]:
@@ -193,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= warmup <= args.steps:
         default = " (the stage's default)" if args.warmup is None else ""
         parser.error(f"--warmup {warmup}{default} must be in [0, --steps {args.steps}]")
+    if args.init:
+        from megatron_navil.training.checkpoint import latest
+
+        if latest(args.init) is None:
+            parser.error(f"--init {args.init}: no complete checkpoint (iter_NNNNNNN) there")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        parser.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     # Library notices that are not the user's to act on, printed by every rank (each step for
     # some): megatron-core's apex/TE fallbacks and torch's deprecations inside megatron-core.
     warnings.filterwarnings("ignore", module="megatron")
@@ -255,6 +303,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         }))  # fmt: skip
     if args.dry_run:
         return 0
+    init_weights(args, chunks, rank0)
     chunks = wrap_ddp(chunks, config, distributed_optimizer=True)
     optimizer = build_optimizer(chunks, recipe, lr=args.lr, min_lr=args.min_lr,
                                 clip_grad=args.clip_grad, bf16=bf16)  # fmt: skip
@@ -266,7 +315,9 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         dp_rank=dp_rank, dp_size=dp, loss_weighting=args.loss_weighting,
         num_workers=args.num_workers,
     )  # fmt: skip
+    peak = mfu_peak_flops(args)
     source = LoaderSource(loader, args.global_batch // dp, device)
+    source.flops_of = functools.partial(batch_flops, cfg) if peak else None
     loop = LoopConfig(
         steps=args.steps, exit_after=args.exit_after, seq_length=args.seq_length,
         save_dir=args.save,
@@ -274,6 +325,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         log_dir=args.log_dir, nan_policy=args.nan_policy,
         progress_bar=not args.no_progress and rank0,
         extra_state={"config": cfg.name, "stage": recipe.name},
+        flops_per_step=step_model_flops if peak else None, peak_flops=peak,
     )  # fmt: skip
     results = train(chunks, config, optimizer, scheduler, source, loop)
     if rank0 and results:

@@ -14,6 +14,7 @@ previous complete checkpoint or the new one, never a half-written directory that
 :func:`latest` picks the highest complete ``iter_N``. Model and optimizer are saved in
 megatron-core's ``fully_reshardable`` form, so a checkpoint loads at another TP/PP/EP/DP layout
 (megatron-core limitation: a MoE optimizer saved at EP > 1 does not load at EP = 1).
+:func:`load_weights` loads the model alone: how a stage starts from the previous stage's result.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,9 @@ import numpy as np
 import torch
 
 MARKER = "latest_checkpointed_iteration.txt"
+SAVE_DELAY_ENV = "MEGATRON_NAVIL_TEST_SAVE_DELAY"
+"""Seconds each save sleeps after writing the model and optimizer shards, before the RNG
+states, ``train_state.json`` and the rename (tests kill -9 a run inside that window)."""
 _ITER = re.compile(r"^iter_(\d{7,})$")
 
 
@@ -104,6 +109,8 @@ def save(
         tmp.mkdir(parents=True)  # empty: megatron-core warns about non-empty directories
     torch.distributed.barrier()
     dist_checkpointing.save(sharded_state(chunks, optimizer, is_loading=False), str(tmp))
+    if delay := float(os.environ.get(SAVE_DELAY_ENV, "0") or 0):
+        time.sleep(delay)  # fault injection: a kill now lands in a half-written checkpoint
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
@@ -124,6 +131,21 @@ def save(
             shutil.rmtree(stale, ignore_errors=True)
     torch.distributed.barrier()
     return final
+
+
+def load_weights(path: str | Path, chunks: list[Any]) -> None:
+    """Load only the model weights of the complete checkpoint ``path`` into ``chunks`` (any
+    layout; the optimizer, RNG and ``train_state`` are left alone): how a training stage
+    starts from the previous stage's result. Collective."""
+    path = Path(path)
+    if not _ITER.match(path.name) or not (path / "train_state.json").is_file():
+        raise ValueError(f"{path} is not a complete checkpoint (iter_NNNNNNN with train_state)")
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load(sharded_state(chunks, None, is_loading=True), str(path))
+    for i, chunk in enumerate(chunks):
+        module = getattr(chunk, "module", chunk)
+        module.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
 
 
 def load(path: str | Path, chunks: list[Any], optimizer: Any) -> dict[str, Any]:

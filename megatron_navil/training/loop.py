@@ -92,8 +92,9 @@ class _Logger:
         if result.grad_norm is not None:
             scalars["grad_norm"] = result.grad_norm
         if self.cfg.flops_per_step is not None and self.cfg.peak_flops:
-            achieved = self.cfg.flops_per_step(result) / seconds
-            scalars["mfu"] = achieved / (world * self.cfg.peak_flops)
+            flops = self.cfg.flops_per_step(result)
+            scalars["model_flops"] = flops
+            scalars["mfu"] = flops / seconds / (world * self.cfg.peak_flops)
         if self.writer is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(f"train/{name}", value, step)

@@ -38,6 +38,7 @@ class StepResult:
     tokens: int  # real (non-padding) tokens in the global batch
     patches: int  # vision-encoder patches in the global batch
     lr: float
+    model_flops: float = 0.0  # the micro-batches' ``model_flops`` summed over the global batch
 
 
 def _weights(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -48,7 +49,7 @@ def _weights(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def model_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
     """The model's keyword arguments of a micro-batch (drops the loss weights and counts)."""
-    drop = {"loss_weights", "num_real_tokens"}
+    drop = {"loss_weights", "num_real_tokens", "model_flops"}
     return {k: v for k, v in batch.items() if k not in drop}
 
 
@@ -76,7 +77,8 @@ def train_step(
     step: int = 0,
 ) -> StepResult:
     """Forward/backward over this rank's ``micro_batches`` (dicts of the model's keyword
-    arguments plus optional ``loss_weights [t]`` and ``num_real_tokens``), then an optimizer
+    arguments plus optional ``loss_weights [t]``, ``num_real_tokens`` and ``model_flops``, the
+    latter two for the logs), then an optimizer
     step. Collective over the whole world. ``nan_policy`` for a non-finite loss: ``stop``
     raises :class:`TrainingDivergedError`, ``skip`` drops the update and goes on (a finite loss
     with a non-finite gradient norm always stops)."""
@@ -94,6 +96,7 @@ def train_step(
             sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches),
             sum(_real_tokens(mb) for mb in micro_batches),
             sum(int(mb["patches"].shape[0]) if "patches" in mb else 0 for mb in micro_batches),
+            sum(float(mb.get("model_flops", 0.0)) for mb in micro_batches),
         ],
         dtype=torch.float64,
         device=device,
@@ -137,7 +140,7 @@ def train_step(
     lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else 0.0
     base = dict(
         loss=value, loss_tokens=int(counts[1]), tokens=int(counts[2]), patches=int(counts[3]),
-        lr=lr,
+        lr=lr, model_flops=float(counts[4]),
     )  # fmt: skip
     if not math.isfinite(value):
         if nan_policy == "stop":

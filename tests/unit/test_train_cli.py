@@ -17,6 +17,14 @@ import pytest
         (["--data", "x", "--steps", "5", "--stage", "s3"], "unknown stage 's3'"),
         (["--data", "x", "--steps", "5", "--config", "navil-7b"], "unknown model config"),
         (["--data", "x", "--steps", "0"], "--steps must be >= 1"),
+        (
+            ["--data", "x", "--steps", "5", "--warmup", "1", "--init", "/nonexistent"],
+            "--init /nonexistent: no complete checkpoint",
+        ),
+        (
+            ["--data", "x", "--steps", "5", "--warmup", "1", "--peak-tflops", "0"],
+            "--peak-tflops must be > 0",
+        ),
     ],
 )
 def test_bad_arguments(args, message):

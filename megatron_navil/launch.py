@@ -1,0 +1,365 @@
+"""Launch NaViL pretraining on GPU nodes: ``examples/pretrain_navil_{2b,9b}.sh`` call this.
+
+``python -m megatron_navil.launch --config navil-2b --stage s1.1 --nnodes 8 ...`` resolves one
+stage of the paper's recipe (../shared/NAVIL.md, "Training recipe") for a model and a parallel
+layout into a ``torchrun ... -m megatron_navil.train`` command line, checks that this machine has
+the GPUs the layout needs, and replaces itself with torchrun. ``--dry-run`` instead prints the
+resolved configuration, the layout, the parameter counts and the planner's memory per GPU
+(``training.planner``), and exits 0: it needs no GPU, no data and no process group.
+
+What comes from where:
+* steps and batch per stage and model: the paper's table (:data:`PAPER_SCHEDULE`); LR, warm-up,
+  schedule and weight decay: the stage recipe (``training.recipes``, ``train.py``'s defaults);
+* the paper's batch counts *samples*, the loader's ``--global-batch`` packed sequences of
+  ``--seq-length`` tokens: the launcher converts with the mean tokens per sample
+  (``--sample-tokens``; default the paper's total tokens over its total samples, about 1,078
+  for 2B and 756 for 9B) and rounds to a multiple of the data-parallel size;
+* patches per packed sequence (``--max-patches`` of train.py): the planner's budget for the
+  stage, twice its largest image (that image's multi-scale copies), at most 4 x the sequence
+  (``planner.default_patches``); the per-image maximum is an indexing-time setting and is
+  printed as the ``tools/index_corpus.py`` flag to use;
+* parameter counts: ``config.params.param_counts`` (equal to the meta-device model's,
+  ``tools/count_params.py`` and its test check that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+# The paper's (steps, samples per step) of each stage (NAVIL.md, "Training recipe").
+PAPER_SCHEDULE: dict[str, dict[str, tuple[int, int]]] = {
+    "navil-2b": {"s1.1": (70_000, 7_000), "s1.2": (40_000, 4_614), "s2": (30_000, 2_234)},
+    "navil-9b": {"s1.1": (50_000, 10_300), "s1.2": (33_000, 1_792), "s2": (6_000, 3_520)},
+}
+PAPER_TOTAL_TOKENS = {"navil-2b": 800e9, "navil-9b": 450e9}  # "~800B (2B), ~450B (9B)"
+SEQ_LENGTH = 16_384  # "packed sequences of 16,384 tokens"
+H100_GIB = 79.6  # an 80 GB H100's memory in GiB (what torch reports)
+
+
+def paper_sample_tokens(model: str) -> float:
+    """Mean tokens per sample implied by the paper: total tokens over total samples."""
+    samples = sum(steps * batch for steps, batch in PAPER_SCHEDULE[model].values())
+    return PAPER_TOTAL_TOKENS[model] / samples
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One stage's resolved launch."""
+
+    config: str
+    stage: str
+    nnodes: int
+    gpus_per_node: int
+    tp: int
+    pp: int
+    vpp: int
+    ep: int
+    dp: int
+    first_stage_layers: int | None
+    recompute_llm: str
+    recompute_vision: str
+    seq_length: int
+    steps: int
+    samples_per_step: int  # the paper's batch (or the one asked for)
+    sample_tokens: float
+    global_batch: int  # packed sequences per step
+    patches: int  # vision patches per packed sequence
+    max_image_patches: int
+
+    @property
+    def gpus(self) -> int:
+        return self.nnodes * self.gpus_per_node
+
+    @property
+    def micro_batches(self) -> int:
+        """Packed sequences per data-parallel replica per step."""
+        return self.global_batch // self.dp
+
+    def layout_name(self) -> str:
+        parts = [f"TP{self.tp}", f"PP{self.pp}"]
+        parts += [f"VPP{self.vpp}"] if self.vpp > 1 else []
+        parts += [f"EP{self.ep}"] if self.ep > 1 else []
+        return " ".join([*parts, f"DP{self.dp}"])
+
+    def planner_layout(self) -> Any:
+        from megatron_navil.training.planner import Layout
+
+        return Layout(
+            tp=self.tp, pp=self.pp, vpp=self.vpp, ep=self.ep, dp=self.dp,
+            first_stage_layers=self.first_stage_layers, seq_length=self.seq_length,
+            patches=self.patches, max_image_patches=self.max_image_patches,
+            recompute=self.recompute_llm, vision_recompute=self.recompute_vision,
+            dtype="bf16", stage=self.stage, micro_batches=self.micro_batches,
+        )  # fmt: skip
+
+    def train_args(self) -> list[str]:
+        """``megatron_navil.train`` arguments of the plan (data and checkpoint paths apart)."""
+        args = [
+            "--config", self.config, "--stage", self.stage,
+            "--tp", str(self.tp), "--pp", str(self.pp), "--ep", str(self.ep),
+            "--recompute-llm", self.recompute_llm, "--recompute-vision", self.recompute_vision,
+            "--seq-length", str(self.seq_length), "--max-patches", str(self.patches),
+            "--global-batch", str(self.global_batch), "--steps", str(self.steps),
+        ]  # fmt: skip
+        if self.vpp > 1:
+            args += ["--vpp", str(self.vpp)]
+        if self.first_stage_layers is not None:
+            args += ["--first-stage-layers", str(self.first_stage_layers)]
+        return args
+
+
+def resolve(args: argparse.Namespace) -> Plan:
+    """The plan of ``args``; ValueError (one line, naming the flag) when it cannot run."""
+    from megatron_navil.config.registry import get_config
+    from megatron_navil.training.planner import STAGE_MAX_PATCHES, default_patches
+
+    cfg = get_config(args.config)
+    if args.stage not in STAGE_MAX_PATCHES:
+        raise ValueError(f"--stage {args.stage!r}: one of {', '.join(STAGE_MAX_PATCHES)}")
+    for name in ("nnodes", "gpus_per_node", "tp", "pp", "vpp", "ep", "seq_length"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    gpus = args.nnodes * args.gpus_per_node
+    if gpus % (args.tp * args.pp):
+        raise ValueError(
+            f"{gpus} GPUs (--nnodes {args.nnodes} x --gpus-per-node {args.gpus_per_node}) are "
+            f"not a multiple of TP x PP = {args.tp * args.pp}"
+        )
+    dp = gpus // (args.tp * args.pp)
+    schedule = PAPER_SCHEDULE.get(args.config, {}).get(args.stage)
+    steps = args.steps or (schedule[0] if schedule else None)
+    samples = args.samples_per_step or (schedule[1] if schedule else None)
+    if steps is None or (samples is None and args.global_batch is None):
+        raise ValueError(
+            f"no paper schedule for {args.config}: give --steps and --global-batch "
+            "(or --samples-per-step)"
+        )
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    sample_tokens = args.sample_tokens or (
+        paper_sample_tokens(args.config) if args.config in PAPER_TOTAL_TOKENS else None
+    )
+    if args.global_batch is not None:
+        global_batch = args.global_batch
+        if global_batch < 1 or global_batch % dp:
+            raise ValueError(f"--global-batch {global_batch} is not a positive multiple of DP={dp}")
+    else:
+        if not sample_tokens or sample_tokens <= 0:
+            raise ValueError("--sample-tokens must be > 0 to convert samples into sequences")
+        sequences = samples * sample_tokens / args.seq_length
+        global_batch = max(1, round(sequences / dp)) * dp
+    merge = cfg.connector.merge
+    patches = args.max_patches or default_patches(args.stage, args.seq_length, merge)
+    plan = Plan(
+        config=args.config, stage=args.stage, nnodes=args.nnodes,
+        gpus_per_node=args.gpus_per_node, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
+        dp=dp, first_stage_layers=args.first_stage_layers, recompute_llm=args.recompute_llm,
+        recompute_vision=args.recompute_vision, seq_length=args.seq_length, steps=steps,
+        samples_per_step=samples or round(global_batch * args.seq_length / sample_tokens),
+        sample_tokens=sample_tokens or 0.0, global_batch=global_batch, patches=patches,
+        max_image_patches=STAGE_MAX_PATCHES[args.stage],
+    )  # fmt: skip
+    plan.planner_layout().validate(cfg)
+    return plan
+
+
+def report(plan: Plan, gpu_mem_gib: float, reserve_gib: float) -> list[str]:
+    """The dry run's lines: configuration, layout, parameter counts, memory per GPU."""
+    from megatron_navil.config.params import param_counts
+    from megatron_navil.config.registry import get_config
+    from megatron_navil.training.planner import GiB, Layout, plan_flops, plan_memory, rank_params
+    from megatron_navil.training.recipes import get_stage
+
+    cfg, recipe = get_config(plan.config), get_stage(plan.stage)
+    counts = param_counts(cfg)
+    whole = rank_params(cfg, Layout(), 0)
+    trainable = sum(whole.trainable(plan.stage))
+    schedule = recipe.lr_schedule + (" (to --min-lr)" if recipe.lr_schedule == "cosine" else "")
+    layout = plan.planner_layout()
+    ranks = plan_memory(cfg, layout)
+    peak = max(ranks, key=lambda r: r.total)
+    flops = plan_flops(cfg, layout)
+    fits = peak.total / GiB + reserve_gib <= gpu_mem_gib
+    first = "" if plan.first_stage_layers is None else f", stage 0 {plan.first_stage_layers} layers"
+    lines = [
+        f"config: {plan.config}, stage {plan.stage}: trains {', '.join(recipe.trains)}",
+        f"recipe: {plan.steps:,} steps, LR {recipe.lr:g} {schedule} after {recipe.warmup_steps} "
+        f"warm-up steps, AdamW betas {recipe.betas} eps {recipe.eps:g}, weight decay "
+        f"{recipe.weight_decay:g}",
+        f"batch: {plan.global_batch} packed sequences of {plan.seq_length:,} tokens per step "
+        f"(= {plan.micro_batches} per data-parallel replica), ~"
+        f"{plan.global_batch * plan.seq_length / plan.sample_tokens:,.0f} samples of "
+        f"~{plan.sample_tokens:,.0f} tokens (paper: {plan.samples_per_step:,} samples)",
+        f"images: at most {plan.patches:,} patches per sequence; index the data with "
+        f"tools/index_corpus.py --config {plan.config} --max-patches "
+        f"{recipe.max_patches_per_image} (the stage's patches per image)",
+        f"layout: {plan.layout_name()} on {plan.nnodes} nodes x {plan.gpus_per_node} GPUs = "
+        f"{plan.gpus} GPUs, recompute LLM {plan.recompute_llm} / vision "
+        f"{plan.recompute_vision}{first}",
+        f"parameters: total {counts['total']:,}, activated {counts['activated']:,}, vision "
+        f"encoder {counts['vision']:,}, trainable in {plan.stage} {trainable:,}",
+        "memory per GPU (planner, GiB): pp rank  weights  grads  optimizer  activations  "
+        "transient  total",
+    ]
+    for r in ranks:
+        g = r.as_gib()
+        lines.append(
+            f"  {r.pp_rank:7d}  {g['weights']:7.1f} {g['grads']:6.1f} {g['optimizer']:10.1f} "
+            f"{g['activations']:12.1f} {g['transient']:10.1f} {g['total']:6.1f}"
+        )
+    verdict = "fits" if fits else "DOES NOT FIT"
+    lines.append(
+        f"peak {peak.total / GiB:.1f} GiB on pp rank {peak.pp_rank} + {reserve_gib:g} GiB "
+        f"reserve {verdict} in {gpu_mem_gib:g} GiB"
+    )
+    lines.append(
+        f"model FLOPs per step (planner, full sequences): {flops.per_step:.3e}; at 40% MFU of "
+        f"989 TFLOP/s: {flops.per_step / (0.4 * 989e12 * plan.gpus):.1f} s/step"
+    )
+    return lines
+
+
+def torchrun_command(plan: Plan, args: argparse.Namespace) -> list[str]:
+    """``python -m torch.distributed.run`` (torchrun) with a static rendezvous, then the
+    training entry and its arguments."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", str(plan.nnodes), "--nproc-per-node", str(plan.gpus_per_node),
+        "--node-rank", str(args.node_rank), "--master-addr", args.master_addr,
+        "--master-port", str(args.master_port),
+        "-m", "megatron_navil.train", *plan.train_args(),
+    ]  # fmt: skip
+    cmd += ["--data", *args.data] if args.data else []
+    for flag in ("save", "load", "init", "log_dir"):
+        value = getattr(args, flag)
+        if value:
+            cmd += [f"--{flag.replace('_', '-')}", value]
+    if args.save:
+        cmd += ["--save-interval", str(args.save_interval)]
+    return cmd + list(args.extra)
+
+
+class _Parser(argparse.ArgumentParser):
+    """User mistakes: one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=os.environ.get("NAVIL_LAUNCH_PROG", "python -m megatron_navil.launch"),
+        description="Resolve one NaViL training stage on GPU nodes and start torchrun "
+        "(--dry-run: print the plan and exit). Arguments after '--' go to "
+        "megatron_navil.train unchanged.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model and stage")
+    g.add_argument("--config", required=True, help="model config (navil-2b, navil-9b, ...)")
+    g.add_argument("--stage", required=True, help="s1.1, s1.2 or s2 (NAVIL.md's recipe)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: paper's)")
+    g.add_argument(
+        "--samples-per-step", type=int, default=None,
+        help="samples per step, converted to packed sequences (default: the paper's)",
+    )  # fmt: skip
+    g.add_argument(
+        "--sample-tokens", type=float, default=None,
+        help="mean tokens per sample of your data (default: the paper's total tokens over "
+        "its total samples)",
+    )  # fmt: skip
+    g.add_argument(
+        "--global-batch", type=int, default=None,
+        help="packed sequences per step (overrides the conversion from samples)",
+    )  # fmt: skip
+    g.add_argument("--seq-length", type=int, default=SEQ_LENGTH, help="packed sequence length")
+    g.add_argument(
+        "--max-patches", type=int, default=None,
+        help="vision patches per packed sequence (default: the planner's stage budget)",
+    )  # fmt: skip
+    g = p.add_argument_group("nodes and layout")
+    g.add_argument("--nnodes", type=int, default=1, help="nodes in the job")
+    g.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (processes) per node")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    g.add_argument("--vpp", type=int, default=1, help="virtual stages per pipeline rank")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    g.add_argument("--first-stage-layers", type=int, default=None, help="LLM layers of stage 0")
+    choices = ("none", "selective", "full")
+    g.add_argument("--recompute-llm", choices=choices, default="selective", help="LLM recompute")
+    g.add_argument("--recompute-vision", choices=choices, default="full", help="vision recompute")
+    g.add_argument(
+        "--gpu-mem", type=float, default=H100_GIB, help="GiB per GPU for the memory check"
+    )
+    g.add_argument(
+        "--reserve", type=float, default=6.0,
+        help="GiB per GPU kept for the CUDA context, NCCL and fragmentation",
+    )  # fmt: skip
+    g = p.add_argument_group("rendezvous (from SLURM in the example scripts)")
+    g.add_argument("--node-rank", type=int, default=0, help="this node's rank")
+    g.add_argument("--master-addr", default="127.0.0.1", help="rank 0's host")
+    g.add_argument("--master-port", type=int, default=29500, help="rank 0's port")
+    g = p.add_argument_group("data and checkpoints")
+    g.add_argument("--data", nargs="+", default=None, help="indexed corpus directories")
+    g.add_argument("--save", default=None, help="checkpoint directory of this stage")
+    g.add_argument("--save-interval", type=int, default=1000, help="save every N steps")
+    g.add_argument("--load", default=None, help="resume from the newest checkpoint here")
+    g.add_argument(
+        "--init", default=None,
+        help="start from the model weights of the newest checkpoint here (the previous "
+        "stage's --save) when there is nothing to resume",
+    )  # fmt: skip
+    g.add_argument("--log-dir", default=None, help="TensorBoard and progress.txt directory")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit 0")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process sees (0 without a CUDA build or driver)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.extra and args.extra[0] == "--":
+        args.extra = args.extra[1:]
+    from megatron_navil.config.registry import REGISTRY
+
+    if args.config not in REGISTRY:
+        parser.error(f"unknown config {args.config!r}; known: {', '.join(REGISTRY)}")
+    try:
+        plan = resolve(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.dry_run:
+        for line in report(plan, args.gpu_mem, args.reserve):
+            print(line)
+        print("command: " + shlex.join(torchrun_command(plan, args)))
+        return 0
+    have = visible_gpus()
+    if have < plan.gpus_per_node:
+        print(
+            f"{parser.prog}: needs {plan.gpus_per_node} GPUs on each of {plan.nnodes} nodes "
+            f"({plan.layout_name()}), this machine has {have}; --dry-run or DRY_RUN=1 prints "
+            "the plan",
+            file=sys.stderr,
+        )
+        return 1
+    if not args.data or not args.save:
+        parser.error("--data and --save are needed to train (DATA and SAVE in the scripts)")
+    cmd = torchrun_command(plan, args)
+    print("exec " + shlex.join(cmd), flush=True)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
