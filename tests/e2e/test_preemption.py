@@ -109,3 +109,31 @@ def test_signal_saves_and_resume_finishes(shards, tmp_path, sig):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert _steps_logged(out) == list(range(1, STEPS + 1))
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(STEPS)
+
+
+@pytest.mark.distributed
+def test_sigterm_to_torchrun_checkpoints(shards, tmp_path):
+    """Kubernetes signals only PID 1, which is torchrun in the image (examples/k8s): torchrun
+    passes SIGTERM on to the ranks and waits for them (PET_SHUTDOWN_TIMEOUT, --shutdown-timeout);
+    they checkpoint. torchrun itself then exits non-zero, so the pod is restarted and resumes."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         *_train_args(shards, out)],
+        env=_env(PET_SHUTDOWN_TIMEOUT="240"), cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while len(_steps_logged(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_steps_logged(out)) >= 2, "training did not reach step 2"
+        proc.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped_at = _steps_logged(out)[-1]
+    assert stopped_at < STEPS, log[-3000:]
+    assert f"SIGTERM: stopping after step {stopped_at}" in log, log[-3000:]
+    assert (out / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == str(stopped_at)
