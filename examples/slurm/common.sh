@@ -27,6 +27,13 @@
 # shellcheck source=examples/slurm/torchrun_env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/torchrun_env.sh"
 
+# A warning that arrives before navil_srun has started the step must not kill the batch shell
+# (SIGUSR1's default action): remember it, navil_srun passes it on at once. Ranks that have not
+# reached the training loop yet ignore it: ask for a lead time (--signal=B:USR1@N) well below
+# the time limit.
+navil_early_signal=0
+trap 'navil_early_signal=1' USR1
+
 navil_setup() {  # paths, rendezvous and the launcher prefix; exits 2 on a setup mistake
   NAVIL_ROOT=${NAVIL_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
   RUN_DIR=${RUN_DIR:-$NAVIL_ROOT/runs/${SLURM_JOB_NAME:-navil}}
@@ -60,6 +67,11 @@ navil_srun() {  # navil_srun CMD [ARG...]: CMD on every task; exit status of the
   pid=$!
   trap 'echo "navil: SIGUSR1 (time limit near): checkpoint and requeue"; requeue=1; kill -USR1 "$pid"' USR1
   trap 'echo "navil: SIGTERM: waiting for the checkpoint"' TERM
+  if [ "$navil_early_signal" = 1 ]; then  # (ranks that are not training yet ignore it)
+    echo "navil: SIGUSR1 came before the step started: passing it on now"
+    requeue=1
+    kill -USR1 "$pid"
+  fi
   while :; do
     status=0
     wait "$pid" || status=$?  # (not a failure under set -e: the caller's status is ours)
