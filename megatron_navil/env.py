@@ -58,6 +58,39 @@ def _nvcc() -> tuple[str | None, str | None]:
     return path, (match.group(2) if match else None)
 
 
+def transformer_engine_range() -> str | None:
+    """The transformer-engine versions megatron-core declares it works with (the requirement in
+    its ``dev`` extra, e.g. ``<2.12.0,>=2.9.0a0``); None without megatron-core or the entry."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        requirements = metadata.requires("megatron-core") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for line in requirements:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if req.name.replace("_", "-").lower() == "transformer-engine" and req.specifier:
+            return str(req.specifier)
+    return None
+
+
+def _in_range(version: str, spec: str | None) -> bool | None:
+    """Whether ``version`` satisfies ``spec`` (pre-releases and local tags such as NGC's
+    ``2.10.0+abc`` allowed); None when either is unknown."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    if spec is None:
+        return None
+    try:
+        return SpecifierSet(spec).contains(Version(version).public, prereleases=True)
+    except InvalidVersion:
+        return None
+
+
 def _try_import(module: str) -> tuple[bool, str | None]:
     try:
         importlib.import_module(module)
@@ -103,6 +136,10 @@ def collect() -> dict[str, Any]:
     info["transformer_engine"] = _dist_version(
         "transformer-engine", "transformer_engine", module="transformer_engine"
     )
+    info["transformer_engine_range"] = transformer_engine_range()
+    info["transformer_engine_in_range"] = _in_range(
+        info["transformer_engine"], info["transformer_engine_range"]
+    )
     info["flash_attn"] = _dist_version("flash-attn", "flash_attn", module="flash_attn")
     info["apex"] = _dist_version("apex", module="apex")
 
@@ -130,6 +167,7 @@ _LABELS = {
     "megatron_core": "megatron-core",
     "megatron_core_pinned": "megatron-core pinned",
     "transformer_engine": "transformer-engine",
+    "transformer_engine_range": "TE range (megatron-core)",
     "flash_attn": "flash-attn",
     "apex": "apex",
     "cuda_available": "CUDA available",
@@ -169,6 +207,27 @@ def format_table(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# What --require can demand (the Dockerfile's build-end check): report key -> how to say it.
+REQUIREMENTS = {
+    "native_ext": "the C++ extension megatron_navil._C imports",
+    "cuda_ext": "the CUDA extension megatron_navil._C_cuda imports",
+    "megatron_core_matches_pin": "megatron-core is the pinned version",
+    "transformer_engine_in_range": "transformer-engine is in megatron-core's declared range",
+    "flash_attn": "flash-attn is installed",
+    "apex": "apex is installed",
+}
+
+
+def missing_requirements(info: dict[str, Any], required: list[str]) -> list[str]:
+    """The descriptions of the ``required`` report entries that are not met."""
+    failed = []
+    for key in required:
+        value = info.get(key)
+        if value in (None, False, NOT_INSTALLED):  # unknown counts as not met
+            failed.append(f"{REQUIREMENTS[key]} ({key}={value})")
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_navil.env",
@@ -176,9 +235,22 @@ def main(argv: list[str] | None = None) -> int:
         "the optional GPU libraries, GPUs, nvcc, native extensions, distributed backend.",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--require",
+        nargs="+",
+        default=[],
+        choices=sorted(REQUIREMENTS),
+        metavar="CHECK",
+        help="after the report, exit 1 unless each CHECK holds: "
+        + "; ".join(f"{k}: {v}" for k, v in REQUIREMENTS.items()),
+    )
     args = parser.parse_args(argv)
     info = collect()
     print(json.dumps(info, indent=2) if args.json else format_table(info))
+    failed = missing_requirements(info, args.require)
+    if failed:
+        print("megatron_navil.env: required but not met: " + "; ".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,11 +4,17 @@ a loss-curve PNG at the end), periodic atomic checkpoints and resume.
 Data comes from a :class:`BatchSource` (the data pipeline's loader, or synthetic batches in
 tests): this rank's micro-batches for the next global step, and a small ``state_dict`` saved
 in every checkpoint so a resume continues with exactly the next batch.
+
+SIGTERM and SIGUSR1 (what SLURM, Kubernetes and ``kill`` send before a preemption or the
+time limit) stop the run at the end of the current step with a checkpoint (when ``save_dir``
+is set); the process then returns normally (exit status 0) and ``--load`` resumes it.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -54,6 +60,46 @@ class LoopConfig:
     flops_per_step: Callable[[StepResult], float] | None = None  # model FLOPs of a step
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU
     extra_state: dict[str, Any] = field(default_factory=dict)  # saved with train_state
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 -> stop after the current step, every rank at the same step.
+
+    The handler only records the signal, so a step or a checkpoint write in progress is never
+    interrupted. Ranks receive a signal at slightly different moments, so :meth:`agreed` takes
+    the maximum of every rank's flag after each step (one scalar all-reduce): all ranks stop
+    after the same step and the collective checkpoint save that follows cannot deadlock.
+    Data-loader workers forked after :meth:`install` inherit the handler and keep running.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Install the handlers (main thread only: Python allows no other)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before :meth:`install`."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def agreed(self) -> int | None:
+        """The signal number if any rank has received one, else None (collective)."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([self.received or 0], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
 
 
 class _Logger:
@@ -167,6 +213,8 @@ def train(
         }
         ckpt.save(cfg.save_dir, iteration, chunks, optimizer, train_state, cfg.keep_last)
 
+    stop = StopSignal()
+    stop.install()
     try:
         last = cfg.steps if cfg.exit_after is None else min(cfg.steps, start + cfg.exit_after)
         for step in range(start + 1, last + 1):
@@ -177,10 +225,18 @@ def train(
             )
             results.append(result)
             logger.log(step, result, time.perf_counter() - began, world)
+            if (signum := stop.agreed()) is not None and step != last:
+                last = step  # the save below writes this step's checkpoint
+                if torch.distributed.get_rank() == 0:
+                    saved = f"checkpoint in {cfg.save_dir}" if cfg.save_dir else "no --save"
+                    print(f"{signal.Signals(signum).name}: stopping after step {step} "
+                          f"({saved})", flush=True)  # fmt: skip
+                break
             if cfg.save_interval and step % cfg.save_interval == 0 and step != last:
                 save(step)
         if last > start:
             save(last)
     finally:
+        stop.restore()
         logger.close()
     return results

@@ -22,6 +22,8 @@ EXPECTED_KEYS = {
     "megatron_core_pinned",
     "megatron_core_matches_pin",
     "transformer_engine",
+    "transformer_engine_range",
+    "transformer_engine_in_range",
     "flash_attn",
     "apex",
     "cuda_available",
@@ -92,3 +94,37 @@ def test_installed_metadata_pins_megatron_core():
         pytest.skip("megatron_navil is not pip-installed")
     assert metadata.version("megatron_navil") == megatron_navil.__version__
     assert f"megatron-core=={megatron_navil.MCORE_VERSION}" in requires
+
+
+def test_transformer_engine_range_from_megatron_core_metadata():
+    # megatron-core 0.16.1 declares transformer-engine >=2.9.0a0,<2.12.0 (its dev extra).
+    assert env.transformer_engine_range() == "<2.12.0,>=2.9.0a0"
+    info = env.collect()
+    if info["transformer_engine"] == env.NOT_INSTALLED:
+        assert info["transformer_engine_in_range"] is None  # unknown, and --require fails it
+    else:
+        assert isinstance(info["transformer_engine_in_range"], bool)
+
+
+def test_cli_require():
+    """--require: exit 0 when the checks hold, 1 and one line naming each failed check."""
+    ok = subprocess.run(
+        [sys.executable, "-m", "megatron_navil.env", "--require", "native_ext",
+         "megatron_core_matches_pin"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "megatron_navil.env", "--require", "native_ext", "cuda_ext"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if env.collect()["cuda_ext"]:
+        assert bad.returncode == 0
+    else:
+        assert bad.returncode == 1
+        line = [x for x in bad.stderr.splitlines() if x.startswith("megatron_navil.env:")]
+        assert len(line) == 1 and "cuda_ext=False" in line[0] and "native_ext" not in line[0]
+    wrong = subprocess.run(
+        [sys.executable, "-m", "megatron_navil.env", "--require", "gpus"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert wrong.returncode == 2 and "invalid choice" in wrong.stderr
