@@ -257,6 +257,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     from megatron_navil.data.loader import build_data_loader
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
+    from megatron_navil.training.checkpoint import CheckpointLayoutError
     from megatron_navil.training.loop import LoopConfig, train
     from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
     from megatron_navil.training.recipes import apply_freezing
@@ -327,7 +328,10 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         extra_state={"config": cfg.name, "stage": recipe.name},
         flops_per_step=step_model_flops if peak else None, peak_flops=peak,
     )  # fmt: skip
-    results = train(chunks, config, optimizer, scheduler, source, loop)
+    try:
+        results = train(chunks, config, optimizer, scheduler, source, loop)
+    except CheckpointLayoutError as exc:
+        parser.error(str(exc))
     if rank0 and results:
         first, last = results[0], results[-1]
         print(

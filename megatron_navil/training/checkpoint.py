@@ -148,15 +148,43 @@ def load_weights(path: str | Path, chunks: list[Any]) -> None:
         module.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
 
 
+_MISSING_OPTIMIZER_KEY = re.compile(
+    r"(chained_\d+\.)?optimizer\.state\.\S+ from model not in state dict"
+)
+
+
+class CheckpointLayoutError(ValueError):
+    """A checkpoint that cannot be resumed at this layout (one line, says what to do)."""
+
+
 def load(path: str | Path, chunks: list[Any], optimizer: Any) -> dict[str, Any]:
     """Load a complete checkpoint into ``chunks`` / ``optimizer`` (any layout); restore this
     rank's RNG when the checkpoint has one for it (same world size); return ``train_state``."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     path = Path(path)
     if not _ITER.match(path.name) or not (path / "train_state.json").is_file():
         raise ValueError(f"{path} is not a complete checkpoint (iter_NNNNNNN with train_state)")
-    loaded = dist_checkpointing.load(sharded_state(chunks, optimizer, is_loading=True), str(path))
+    try:
+        loaded = dist_checkpointing.load(
+            sharded_state(chunks, optimizer, is_loading=True), str(path)
+        )
+    except (Exception, CheckpointException) as exc:  # the latter wraps each rank's KeyError
+        causes = getattr(exc, "failures", {}).values()  # CheckpointException: rank -> error
+        missing = _MISSING_OPTIMIZER_KEY.search(" ".join(map(str, [exc, *causes])))
+        if optimizer is None or missing is None:
+            raise
+        # megatron-core 0.16.1 keeps one optimizer per expert/non-expert parameter set when
+        # EP > 1 (a ChainedOptimizer, keys "chained_N.optimizer...") and one when EP = 1;
+        # their states do not map onto each other, and its KeyError lists every key.
+        wanted_chained = missing.group(1) is not None
+        raise CheckpointLayoutError(
+            f"{path}: its optimizer state was saved with expert parallelism "
+            f"{'= 1' if wanted_chained else '> 1'} and cannot be resumed at this "
+            "expert-parallel size (a megatron-core limitation for MoE optimizer states); "
+            "resume at the saved --ep, or start from its weights with --init"
+        ) from None
     for i, chunk in enumerate(chunks):
         module = getattr(chunk, "module", chunk)
         module.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])

@@ -68,3 +68,23 @@ def test_layout_that_does_not_fit_is_a_one_line_error(shards, tmp_path):
     assert "error: world size 2 is not divisible by etp*ep*pp=4" in proc.stderr
     # torchrun prints its own ChildFailedError traceback; the ranks print none.
     assert "[rank0]: Traceback" not in proc.stderr and "ValueError" not in proc.stderr
+
+
+def test_resume_across_an_expert_parallel_change(shards, tmp_path):
+    """megatron-core 0.16.1 cannot map a MoE optimizer state saved at EP=1 onto EP=2 (one
+    optimizer vs a chained pair): --load says so in one line and names --init, which starts
+    from the same checkpoint's weights at EP=2."""
+    save = tmp_path / "ckpt"
+    first = _train(shards, tmp_path / "a", "--steps", "2", "--save", str(save))
+    assert first.returncode == 0, first.stderr[-3000:]
+    ep2 = ("--tp", "2", "--ep", "2", "--etp", "1", "--steps", "3")
+    resumed = _train(shards, tmp_path / "b", *ep2, "--load", str(save))
+    assert resumed.returncode != 0  # the ranks exit 2, torchrun then 1
+    assert "saved with expert parallelism = 1 and cannot be resumed" in resumed.stderr
+    assert "--init" in resumed.stderr and "KeyError" not in resumed.stderr
+    init = _train(shards, tmp_path / "c", *ep2, "--init", str(save))
+    assert init.returncode == 0, init.stderr[-3000:]
+    assert "initialised the model from" in init.stdout
+    # Not a fresh start: the same seed at EP=2 begins from the same weights as step 1 of
+    # run "a" (layouts are equivalent to 1e-7), the trained weights give another loss.
+    assert abs(_losses(tmp_path / "c")[0] - _losses(tmp_path / "a")[0]) > 1e-4
