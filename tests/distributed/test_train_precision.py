@@ -88,3 +88,32 @@ def test_resume_across_an_expert_parallel_change(shards, tmp_path):
     # Not a fresh start: the same seed at EP=2 begins from the same weights as step 1 of
     # run "a" (layouts are equivalent to 1e-7), the trained weights give another loss.
     assert abs(_losses(tmp_path / "c")[0] - _losses(tmp_path / "a")[0]) > 1e-4
+
+
+def test_init_from_an_imported_hf_llm(shards, tmp_path):
+    """The paper's start: an HF LLM (a random Qwen3 with the tiny config's dimensions) imported
+    by tools/convert_from_hf.py (text weights, visual experts copied, vision fresh), then
+    `train --init` at another layout (TP2 x EP2): the run starts from those weights, not from a
+    fresh initialisation with the same seed. (Parity of the import itself:
+    tests/distributed/test_hf_llm_init.py.)"""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    qwen = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, tie_word_embeddings=False, rope_theta=1e6)  # fmt: skip
+    Qwen3ForCausalLM(qwen).save_pretrained(tmp_path / "qwen3")
+    imported = tmp_path / "imported"
+    cmd = [sys.executable, "tools/convert_from_hf.py", "llm", "--hf", str(tmp_path / "qwen3"),
+           "--config", "tiny", "--tokenizer", str(shards.parent / "tokenizer.json"),
+           "--output", str(imported)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layout = ("--tp", "2", "--ep", "2", "--etp", "1", "--steps", "2")
+    init = _train(shards, tmp_path / "init", *layout, "--init", str(imported))
+    assert init.returncode == 0, init.stderr[-3000:]
+    assert f"initialised the model from {imported}" in init.stdout
+    fresh = _train(shards, tmp_path / "fresh", *layout)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert abs(_losses(tmp_path / "init")[0] - _losses(tmp_path / "fresh")[0]) > 1e-3

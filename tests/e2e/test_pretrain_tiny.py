@@ -1,6 +1,7 @@
 """The README's main command, shortened: examples/pretrain_navil_tiny.sh makes the synthetic
 corpus, indexes it, trains the tiny NaViL on 4 processes (TP=2 x PP=2, EP=2), stops half-way
-with a checkpoint, resumes to the end, and captions held-out images."""
+with a checkpoint, resumes to the end, captions held-out images, exports to Hugging Face format
+and captions them again through transformers."""
 
 from __future__ import annotations
 
@@ -34,3 +35,7 @@ def test_tiny_pretraining_run(tmp_path):
     captions = json.loads((out / "captions.json").read_text())
     assert "exact" in json.dumps(captions) and "chance" in json.dumps(captions)
     assert (out / "logs" / "loss_curve.png").stat().st_size > 1000
+    # The HF export captions the same held-out images identically through transformers.
+    hf = json.loads((out / "captions_hf.json").read_text())
+    assert hf["differ_from_megatron"] == 0 and len(hf["captions"]) == 8, proc.stdout[-2000:]
+    assert (out / "hf" / "config.json").is_file()
