@@ -4,12 +4,12 @@
 Examples::
 
     # held-out split of the synthetic corpus: accuracy vs chance, first 5 shown
-    python tools/caption.py --checkpoint runs/tiny/checkpoints --config tiny \\
-        --data data/synthetic/shards/val --limit 100 --json captions.json
+    python tools/caption.py --checkpoint runs/tiny/ckpt --config tiny \\
+        --data runs/tiny/shards/val --limit 100 --json captions.json
 
     # image files, with the tokenizer and chat template the model was trained with
-    python tools/caption.py --checkpoint runs/tiny/checkpoints/iter_0000300 --config tiny \\
-        --images a.png b.jpg --tokenizer data/synthetic/tokenizer.json --template qwen3-chat
+    python tools/caption.py --checkpoint runs/tiny/ckpt/iter_0000300 --config tiny \\
+        --images a.png b.jpg --tokenizer runs/tiny/data/tokenizer.json --template qwen3-chat
 
 Each sample's prompt is its training sequence up to the answer (the tokens before the first
 loss-masked one, images expanded and patchified by the training loader's code); image files are

@@ -4,7 +4,7 @@ the largest logit differences.
 
 Example::
 
-    python tools/compare_hf.py --checkpoint runs/tiny/checkpoints --hf hf/navil-tiny
+    python tools/compare_hf.py --checkpoint runs/tiny/ckpt --hf runs/tiny/hf
 
 Inputs: seeded random text around image blocks of several sizes with two scales in one block,
 two images in one sample and a text-only sample (``conversion/parity.py``), as one packed

@@ -4,7 +4,7 @@
 Two sources::
 
     # an HF NaViL directory (exported by convert_to_hf.py, or the official release format)
-    python tools/convert_from_hf.py navil --hf hf/navil-tiny --output runs/from_hf --tp 2 --pp 2
+    python tools/convert_from_hf.py navil --hf runs/tiny/hf --output runs/from_hf --tp 2 --pp 2
 
     # an HF LLM (Llama/Mistral, Qwen3, InternLM2) -> an initial NaViL: text weights mapped,
     # visual experts copied from the text experts, vision encoder + connector fresh

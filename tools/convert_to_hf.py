@@ -3,8 +3,8 @@
 
 Example::
 
-    python tools/convert_to_hf.py --checkpoint runs/tiny/checkpoints --config tiny \\
-        --tokenizer data/synthetic/tokenizer.json --output hf/navil-tiny --dtype float32
+    python tools/convert_to_hf.py --checkpoint runs/tiny/ckpt --config tiny \\
+        --tokenizer runs/tiny/data/tokenizer.json --output runs/tiny/hf --dtype float32
 
 The output loads with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
 in a plain ``transformers`` install: ``config.json`` (official NaViL fields, ``auto_map``),
