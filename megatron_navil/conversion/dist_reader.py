@@ -7,9 +7,10 @@ of just ``{key: empty global tensor}`` with ``no_dist=True`` makes DCP read exac
 tensor's chunks from whatever files hold them and assemble it, whatever TP/PP/EP layout wrote
 it. So memory is one tensor at a time, never the whole model.
 
-What a checkpoint holds besides model tensors, and is skipped: ``optimizer.*`` (optimizer
-state), ``*._extra_state`` byte objects (TransformerEngine/FP8 metadata, empty on the local
-path). Anything else that is not a tensor is an error.
+What a checkpoint holds besides model tensors, and is skipped: ``optimizer.*`` and
+``chained_N.optimizer.*`` (optimizer state; megatron-core chains one optimizer per expert and
+dense parameter set when EP > 1), ``*._extra_state`` byte objects (TransformerEngine/FP8
+metadata, empty on the local path). Anything else that is not a tensor is an error.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import torch
 from megatron_navil.conversion.mapping import ConversionError
 
 _EXTRA_STATE = re.compile(r"\._extra_state(/shard_[\d_.]+)?$")
+_OPTIMIZER = re.compile(r"^(chained_\d+\.)?optimizer\.")
 
 
 def _is_skipped(key: str) -> bool:
-    return key.startswith("optimizer.") or bool(_EXTRA_STATE.search(key))
+    return bool(_OPTIMIZER.match(key)) or bool(_EXTRA_STATE.search(key))
 
 
 class DistCheckpointReader:

@@ -143,3 +143,17 @@ def test_shard_writer_and_reader(tmp_path):
         writer = ShardedWriter(tmp_path / "dup")
         writer.add("t0", tensors["t0"])
         writer.add("t0", tensors["t0"])
+
+
+def test_reader_skips_optimizer_state_of_every_layout():
+    """A checkpoint saved at EP > 1 holds megatron-core's chained optimizers
+    (``chained_N.optimizer.*``), one at EP = 1 a plain ``optimizer.*``: neither is a model
+    tensor; a model key that merely contains the word is not skipped."""
+    from megatron_navil.conversion.dist_reader import _is_skipped
+
+    assert _is_skipped("optimizer.state.exp_avg.embedding.weight")
+    assert _is_skipped("chained_0.optimizer.state.exp_avg.embedding.weight")
+    assert _is_skipped("chained_12.optimizer.param_state_sharding_type")
+    assert _is_skipped("output_layer._extra_state/shard_0_1")
+    assert not _is_skipped("embedding.weight")
+    assert not _is_skipped("layers.0.optimizer.weight")
