@@ -56,7 +56,6 @@ def bench_config():
 
 
 def _write_checkpoint(out: str) -> int:
-    from megatron_navil.conversion.importer import CONFIG_FILE, config_to_dict
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
     from megatron_navil.training import checkpoint as C
@@ -66,8 +65,7 @@ def _write_checkpoint(out: str) -> int:
     cfg = bench_config()
     ids = range(cfg.language.vocab - 12, cfg.language.vocab)
     (model,) = build_model(cfg, transformer_config(cfg), special_ids=ids)
-    path = C.save(out, 1, [model], None, {})
-    (path / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg)))
+    C.save(out, 1, [model], None, {}, model_config=cfg)
     return sum(p.numel() for p in model.parameters())
 
 

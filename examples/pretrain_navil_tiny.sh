@@ -7,6 +7,7 @@
 #   4. held-out images captioned by the trained model: accuracy vs chance (tools/caption.py)
 #   5. the checkpoint exported to a Hugging Face directory (tools/convert_to_hf.py) and the same
 #      images captioned through transformers (tools/caption_hf.py): the same captions
+# Steps 4 and 5 need no --config: every checkpoint carries its model config (navil_config.json).
 # Everything lands in $OUT (default runs/tiny); re-running reuses the corpus and shards and
 # starts training afresh. Environment: STEPS (default 300), NPROC (4), TP/PP/EP (2/2/2),
 # CAPTION_LIMIT (held-out samples to caption, default all 200).
@@ -44,11 +45,11 @@ train --exit-after $((STEPS / 2))
 echo "== 3b. resume from the checkpoint, train to $STEPS =="
 train --load "$OUT/ckpt"
 echo "== 4. caption held-out images =="
-$PY tools/caption.py --checkpoint "$OUT/ckpt" --config tiny --data "$OUT/shards/val" --show 3 \
+$PY tools/caption.py --checkpoint "$OUT/ckpt" --data "$OUT/shards/val" --show 3 \
   --limit "${CAPTION_LIMIT:-200}" --json "$OUT/captions.json"
 echo "== 5. export to Hugging Face format, caption again through transformers =="
 rm -rf "$OUT/hf"
-$PY tools/convert_to_hf.py --checkpoint "$OUT/ckpt" --config tiny --output "$OUT/hf" \
+$PY tools/convert_to_hf.py --checkpoint "$OUT/ckpt" --output "$OUT/hf" \
   --tokenizer "$OUT/data/tokenizer.json" --template qwen3-chat --dtype float32 --quiet
 $PY tools/caption_hf.py --hf "$OUT/hf" --jsonl "$OUT/data/val.jsonl" --show 0 \
   --limit "${CAPTION_LIMIT:-200}" --compare "$OUT/captions.json" --json "$OUT/captions_hf.json"

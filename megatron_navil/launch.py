@@ -31,6 +31,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_navil.cli import OneLineParser
+
 # The paper's (steps, samples per step) of each stage (NAVIL.md, "Training recipe").
 PAPER_SCHEDULE: dict[str, dict[str, tuple[int, int]]] = {
     "navil-2b": {"s1.1": (70_000, 7_000), "s1.2": (40_000, 4_614), "s2": (30_000, 2_234)},
@@ -244,15 +246,8 @@ def torchrun_command(plan: Plan, args: argparse.Namespace) -> list[str]:
     return cmd + list(args.extra)
 
 
-class _Parser(argparse.ArgumentParser):
-    """User mistakes: one line on stderr, exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=os.environ.get("NAVIL_LAUNCH_PROG", "python -m megatron_navil.launch"),
         description="Resolve one NaViL training stage on GPU nodes and start torchrun "
         "(--dry-run: print the plan and exit). Arguments after '--' go to "

@@ -31,7 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
         "process without).",
     )
     g = p.add_argument_group("model and layout")
-    g.add_argument("--config", default="tiny", help="model config name (tiny, navil-2b, ...)")
+    g.add_argument(
+        "--config",
+        default=None,
+        metavar="NAME|PATH",
+        help="model config: a registered name (tiny, navil-2b, navil-9b), a navil_config.json, "
+        "or a checkpoint carrying one (every checkpoint saved by training or by "
+        "tools/convert_from_hf.py does); default: the config of the --load checkpoint, else "
+        "of --init, else tiny",
+    )
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     g.add_argument("--vpp", type=int, default=None, help="virtual stages per pipeline rank")
@@ -216,14 +224,40 @@ def _special_ids(manifest: dict[str, Any]) -> list[int]:
     return [int(ids[t]) for t in SPECIAL_TOKENS]
 
 
+def _model_config(args: argparse.Namespace) -> Any:
+    """``--config`` when given (a name, a file or a checkpoint), else the config saved with
+    the checkpoint that ``--load`` resumes, else with ``--init``'s, else ``tiny``. A checkpoint
+    that carries a config different from an explicit ``--config`` is a ValueError naming the
+    first differing field (loading would fail later with a shape error, or worse, not at all
+    for a difference of e.g. RoPE base)."""
+    from megatron_navil.config.io import checkpoint_config_file, resolve_config
+    from megatron_navil.conversion.hf_config import same_model
+
+    carried = [
+        (flag, found)
+        for flag, path in (("--load", args.load), ("--init", args.init))
+        if path and (found := checkpoint_config_file(path)) is not None
+    ]
+    if args.config is None:
+        return resolve_config(carried[0][1] if carried else "tiny")
+    cfg = resolve_config(args.config)
+    for flag, found in carried:
+        diff = same_model(cfg, resolve_config(found))
+        if diff:
+            raise ValueError(
+                f"--config {args.config} differs from the {flag} checkpoint's model "
+                f"({found}): {diff[0]}"
+            )
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from megatron_navil.config.registry import get_config
     from megatron_navil.training.recipes import get_stage
 
     try:
-        cfg = get_config(args.config)
+        cfg = _model_config(args)
         recipe = get_stage(args.stage)
     except ValueError as exc:
         parser.error(str(exc))
@@ -325,7 +359,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         save_interval=args.save_interval, keep_last=args.keep_last, load_dir=args.load,
         log_dir=args.log_dir, nan_policy=args.nan_policy,
         progress_bar=not args.no_progress and rank0,
-        extra_state={"config": cfg.name, "stage": recipe.name},
+        extra_state={"config": cfg.name, "stage": recipe.name}, model_config=cfg,
         flops_per_step=step_model_flops if peak else None, peak_flops=peak,
     )  # fmt: skip
     try:

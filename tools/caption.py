@@ -36,36 +36,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from megatron_navil.cli import OneLineParser, int_at_least
+
 PROG = "caption.py"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
 
 
 class UsageError(Exception):
     pass
 
 
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     from megatron_navil.data.templates import TEMPLATES
 
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description=__doc__.split("\n\n")[0],
         epilog="At least one of --data and --images is needed.",
@@ -77,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a save directory (its newest complete iter_* is used) or one iter_* directory",
     )
     p.add_argument(
-        "--config", required=True, metavar="NAME", help="registered model config, e.g. tiny"
+        "--config",
+        metavar="NAME|PATH",
+        help="model config: a registered name (tiny, navil-2b, navil-9b), a navil_config.json "
+        "or a checkpoint carrying one; default: the one the checkpoint carries",
     )
     p.add_argument(
         "--data",
@@ -108,16 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-new-tokens",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=48,
         help="stop after this many generated tokens without <|im_end|> (48)",
     )
     p.add_argument(
-        "--limit", type=_int_at_least(1), help="caption only the first N samples of --data"
+        "--limit", type=int_at_least(1), help="caption only the first N samples of --data"
     )
     p.add_argument(
         "--show",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=5,
         help="print reference and generated caption of the first N samples (5)",
     )
@@ -134,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace):
     """Everything that can be checked before the model is built; UsageError on bad input."""
-    from megatron_navil.config.registry import REGISTRY, get_config
+    from megatron_navil.config.io import resolve_config
     from megatron_navil.data.shards import ShardDataset, ShardError
     from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError
     from megatron_navil.training.caption import (
@@ -143,17 +129,16 @@ def _resolve(args: argparse.Namespace):
         resolve_checkpoint,
     )
 
-    if args.config not in REGISTRY:
-        raise UsageError(f"unknown config {args.config!r}; known: {', '.join(REGISTRY)}")
     if not args.data and not args.images:
         raise UsageError("nothing to caption: give --data and/or --images")
     if args.limit is not None and not args.data:
         raise UsageError("--limit applies to --data only")
-    cfg = get_config(args.config)
     try:
+        cfg = None if args.config is None else resolve_config(args.config)
         checkpoint = resolve_checkpoint(args.checkpoint)
+        cfg = cfg or resolve_config(checkpoint)
         check_checkpoint(cfg, checkpoint)
-    except CaptionError as exc:
+    except (CaptionError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     dataset = None
     if args.data:

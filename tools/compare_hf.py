@@ -26,25 +26,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from megatron_navil.cli import OneLineParser
+
 PROG = "compare_hf.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="save dir or iter_* dir")
     p.add_argument("--hf", required=True, metavar="DIR", help="the HF NaViL directory")
     p.add_argument(
         "--config",
-        metavar="NAME",
-        help="registered config of the checkpoint (default: from the HF config.json)",
+        metavar="NAME|PATH",
+        help="expected model config, checked against the HF config.json (a registered name, a "
+        "navil_config.json or a checkpoint carrying one)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (0)")
     p.add_argument(
@@ -60,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore")
-    from megatron_navil.config.registry import REGISTRY, get_config
+    from megatron_navil.config.io import resolve_config
     from megatron_navil.conversion import hf_config
     from megatron_navil.conversion import parity as P
     from megatron_navil.conversion.dist_reader import DistCheckpointReader
@@ -75,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         config = json.loads(config_path.read_text())
         cfg = hf_config.from_hf_config(config)
         if args.config is not None:
-            if args.config not in REGISTRY:
-                raise ConversionError(f"unknown config {args.config!r}")
-            diff = hf_config.same_model(get_config(args.config), cfg)
+            try:
+                diff = hf_config.same_model(resolve_config(args.config), cfg)
+            except ValueError as exc:
+                raise ConversionError(str(exc)) from None
             if diff:
                 raise ConversionError(f"{args.hf} is not a {args.config!r} model: {diff[0]}")
         ids = hf_config.special_token_ids_of(config)

@@ -32,27 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from megatron_navil.cli import OneLineParser, positive_int
+
 PROG = "convert_from_hf.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
@@ -64,14 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="new (or empty) save directory")
     p.add_argument(
         "--config",
-        metavar="NAME",
-        help="registered model config. navil: optional, checked against the HF config.json; "
+        metavar="NAME|PATH",
+        help="model config (a registered name, a navil_config.json or a checkpoint carrying "
+        "one). navil: optional, checked against the HF config.json; "
         "llm: required, gives the vision encoder, connector and image rules",
     )
-    p.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size (1)")
-    p.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel size (1)")
-    p.add_argument("--ep", type=_positive, default=1, help="expert-parallel size (1)")
-    p.add_argument("--etp", type=_positive, help="expert tensor-parallel size (default: --tp)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size (1)")
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size (1)")
+    p.add_argument("--ep", type=positive_int, default=1, help="expert-parallel size (1)")
+    p.add_argument("--etp", type=positive_int, help="expert tensor-parallel size (default: --tp)")
     p.add_argument(
         "--tokenizer",
         metavar="FILE",
@@ -92,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace):
-    from megatron_navil.config.registry import REGISTRY, get_config
+    from megatron_navil.config.io import config_to_dict, resolve_config
     from megatron_navil.conversion import hf_config
     from megatron_navil.conversion import importer as I
     from megatron_navil.conversion.mapping import ConversionError
@@ -100,22 +87,26 @@ def _resolve(args: argparse.Namespace):
     hf = Path(args.hf)
     if not (hf / "config.json").is_file():
         raise ConversionError(f"{hf}: no config.json")
-    if args.config is not None and args.config not in REGISTRY:
-        raise ConversionError(f"unknown config {args.config!r}; known: {', '.join(REGISTRY)}")
+    base = None
+    if args.config is not None:
+        try:
+            base = resolve_config(args.config)
+        except ValueError as exc:
+            raise ConversionError(str(exc)) from None
     config = json.loads((hf / "config.json").read_text())
     tied = False
     if args.source == "navil":
-        cfg = hf_config.from_hf_config(config, args.config)
-        if args.config is not None:
-            diff = hf_config.same_model(get_config(args.config), cfg)
+        cfg = hf_config.from_hf_config(config, base.name if base else None)
+        if base is not None:
+            diff = hf_config.same_model(base, cfg)
             if diff:
                 raise ConversionError(f"{hf} is not a {args.config!r} model: {diff[0]}")
         ids = hf_config.special_token_ids_of(config)
     else:
-        if args.config is None:
+        if base is None:
             raise ConversionError("llm needs --config (vision encoder, connector, image rules)")
-        cfg, tied = I.llm_navil_config(get_config(args.config), hf)
-        diff = hf_config.same_model(get_config(args.config), cfg)
+        cfg, tied = I.llm_navil_config(base, hf)
+        diff = hf_config.same_model(base, cfg)
         for line in diff:
             print(f"note: the LLM differs from {args.config}: {line}")
         if args.tokenizer is not None:
@@ -130,7 +121,7 @@ def _resolve(args: argparse.Namespace):
         else:
             raise ConversionError("the 12 special token ids are unknown: give --tokenizer")
     spec = I.ImportSpec(
-        kind=args.source, source=str(hf), out=str(args.output), cfg=I.config_to_dict(cfg),
+        kind=args.source, source=str(hf), out=str(args.output), cfg=config_to_dict(cfg),
         special_token_ids=tuple(ids), tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
         seed=args.seed, tied=tied,
     )  # fmt: skip

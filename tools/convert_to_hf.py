@@ -19,7 +19,6 @@ be there, or the export stops naming it. Exit status 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource
@@ -31,13 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from megatron_navil.cli import OneLineParser
+
 PROG = "convert_to_hf.py"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
 
 
 def parse_size(text: str) -> int:
@@ -50,7 +45,7 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
@@ -61,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--config",
-        metavar="NAME",
-        help="registered model config (tiny, navil-2b, navil-9b); default: the "
-        "navil_config.json a converted checkpoint carries",
+        metavar="NAME|PATH",
+        help="model config: a registered name (tiny, navil-2b, navil-9b), a navil_config.json "
+        "or a checkpoint carrying one; default: the one the checkpoint carries (training and "
+        "tools/convert_from_hf.py write it)",
     )
     p.add_argument("--output", required=True, metavar="DIR", help="new (or empty) HF directory")
     p.add_argument(
@@ -107,9 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     from tqdm import tqdm
 
-    from megatron_navil.config.registry import REGISTRY, get_config
+    from megatron_navil.config.io import CONFIG_FILE, resolve_config
     from megatron_navil.conversion import export as E
-    from megatron_navil.conversion.importer import CONFIG_FILE, config_from_dict
     from megatron_navil.conversion.mapping import ConversionError
     from megatron_navil.data.tokenizer import TokenizerError
     from megatron_navil.training.caption import CaptionError, resolve_checkpoint
@@ -119,16 +114,12 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = resolve_checkpoint(args.checkpoint)
         except CaptionError as exc:
             raise ConversionError(str(exc)) from None
-        if args.config is not None:
-            if args.config not in REGISTRY:
-                raise ConversionError(
-                    f"unknown config {args.config!r}; known: {', '.join(REGISTRY)}"
-                )
-            cfg = get_config(args.config)
-        elif (checkpoint / CONFIG_FILE).is_file():
-            cfg = config_from_dict(json.loads((checkpoint / CONFIG_FILE).read_text()))
-        else:
+        if args.config is None and not (checkpoint / CONFIG_FILE).is_file():
             raise ConversionError(f"{checkpoint} carries no {CONFIG_FILE}: give --config")
+        try:
+            cfg = resolve_config(checkpoint if args.config is None else args.config)
+        except ValueError as exc:
+            raise ConversionError(str(exc)) from None
         if args.tokenizer is not None and not Path(args.tokenizer).is_file():
             raise ConversionError(f"--tokenizer {args.tokenizer}: no such file")
         total = E.checkpoint_total_bytes(checkpoint)

@@ -31,7 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from megatron_navil.config import REGISTRY, get_config
+from megatron_navil.cli import OneLineParser, nonneg_int, positive_float, positive_int
+from megatron_navil.config import REGISTRY
+from megatron_navil.config.io import resolve_config
 from megatron_navil.data import indexer as ix
 from megatron_navil.data.templates import TEMPLATES
 from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError
@@ -41,51 +43,15 @@ class UsageError(Exception):
     pass
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="index_corpus.py",
         description=(
             "Index JSONL conversations, caption pairs (JSONL/CSV), text-only and interleaved "
             "JSONL, InternVL meta JSON and WebDataset tars into memory-mapped NaViL shards."
         ),
     )
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     b = sub.add_parser(
         "build",
         help="index inputs (or this machine's part of them) into OUT",
@@ -138,16 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--config",
         default="navil-2b",
-        choices=sorted(REGISTRY),
-        help="model config whose image rules (patch, merge, min/max patches, aspect, "
+        metavar="NAME|PATH",
+        help=f"model config ({', '.join(REGISTRY)}, a navil_config.json or a checkpoint "
+        "carrying one) whose image rules (patch, merge, min/max patches, aspect, "
         "multi-scale) size the images (default: navil-2b)",
     )
-    b.add_argument(
-        "--min-patches", type=_positive_int, help="override the config's minimum patches"
-    )
-    b.add_argument(
-        "--max-patches", type=_positive_int, help="override the config's maximum patches"
-    )
+    b.add_argument("--min-patches", type=positive_int, help="override the config's minimum patches")
+    b.add_argument("--max-patches", type=positive_int, help="override the config's maximum patches")
     b.add_argument(
         "--no-multi-scale",
         action="store_true",
@@ -155,21 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--max-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=16384,
         help="skip samples with more LLM tokens (text + image blocks) than this (default: "
         "16384, NaViL's packed sequence length)",
     )
     b.add_argument(
         "--samples-per-shard",
-        type=_positive_int,
+        type=positive_int,
         default=20000,
         help="input records per work unit; a unit writes one shard, or several when it "
         "exceeds --shard-size-mb (default: 20000)",
     )
     b.add_argument(
         "--shard-size-mb",
-        type=_positive_float,
+        type=positive_float,
         default=1024.0,
         help="roll over to a new shard before a .bin grows past this many MiB (default: 1024)",
     )
@@ -181,19 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="worker processes on this machine (default: 1); the output does not depend on it",
     )
     b.add_argument(
         "--shard-index",
-        type=_nonneg_int,
+        type=nonneg_int,
         default=0,
         help="this machine's index in [0, --num-shards) (default: 0)",
     )
     b.add_argument(
         "--num-shards",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="machines splitting the work: unit u goes to machine u %% num-shards (default: 1)",
     )
@@ -218,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> ix.Settings:
-    cfg = get_config(args.config)
+    try:
+        cfg = resolve_config(args.config)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     im = cfg.image
     image = ix.ImageSettings(
         patch=cfg.vision.patch,
@@ -228,7 +194,7 @@ def _settings(args: argparse.Namespace) -> ix.Settings:
         max_aspect=im.max_aspect,
         multi_scale=im.multi_scale and not args.no_multi_scale,
         scale_ratio=im.scale_ratio,
-        config=args.config,
+        config=cfg.name,
     )
     if image.min_patches > image.max_patches:
         raise UsageError(f"--min-patches {image.min_patches} > --max-patches {image.max_patches}")

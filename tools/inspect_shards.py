@@ -14,7 +14,6 @@ Exit status: 0 fine, 2 bad arguments, a missing/corrupt manifest or shard (one-l
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,14 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
+from megatron_navil.cli import OneLineParser
 from megatron_navil.data.shards import ShardDataset, ShardError, sha256_file
 from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
 
 
 def _stats(name: str, a: np.ndarray) -> str:
@@ -133,7 +127,7 @@ def show_sample(ds: ShardDataset, tok: TextTokenizer | None, i: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="inspect_shards.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="inspect_shards.py", description=__doc__.split("\n\n")[0])
     p.add_argument("corpus", help="corpus directory (with manifest.json) or the manifest path")
     p.add_argument(
         "--verify",

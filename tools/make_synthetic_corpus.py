@@ -17,43 +17,24 @@ synthetic_corpus.py. Exit status 2 on bad arguments.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_navil.cli import OneLineParser, int_at_least
 from megatron_navil.testing.synthetic_corpus import write_corpus
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
-        return value
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="make_synthetic_corpus.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="make_synthetic_corpus.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, metavar="DIR", help="output directory (created)")
     p.add_argument(
-        "--num-train", type=_int_at_least(1), default=2000, help="training samples (2000)"
+        "--num-train", type=int_at_least(1), default=2000, help="training samples (2000)"
     )
-    p.add_argument("--num-val", type=_int_at_least(0), default=200, help="held-out samples (200)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (0)")
+    p.add_argument("--num-val", type=int_at_least(0), default=200, help="held-out samples (200)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (0)")
     p.add_argument(
         "--format",
         choices=("conversations", "captions"),
@@ -61,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         help="InternVL conversations with a prompt (default) or caption pairs",
     )
     p.add_argument(
-        "--min-side", type=_int_at_least(1), default=32, help="smallest image side in px (32)"
+        "--min-side", type=int_at_least(1), default=32, help="smallest image side in px (32)"
     )
     p.add_argument(
-        "--max-side", type=_int_at_least(1), default=128, help="largest image side in px (128)"
+        "--max-side", type=int_at_least(1), default=128, help="largest image side in px (128)"
     )
     args = p.parse_args(argv)
     if args.min_side > args.max_side:

@@ -21,22 +21,22 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-
-class _Parser(argparse.ArgumentParser):
-    """User mistakes: one line on stderr, exit code 2 (no usage block, no traceback)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from megatron_navil.cli import OneLineParser
 
 
 def _parser() -> argparse.ArgumentParser:
     from megatron_navil.config.registry import REGISTRY
 
-    p = _Parser(
+    p = OneLineParser(
         description="Per-GPU memory and FLOPs of a NaViL layout (no GPU, no model is built).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("config", metavar="CONFIG", help=f"registered config: {', '.join(REGISTRY)}")
+    p.add_argument(
+        "config",
+        metavar="CONFIG",
+        help=f"model config: {', '.join(REGISTRY)}, a navil_config.json or a checkpoint "
+        "carrying one",
+    )
     g = p.add_argument_group("layout")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size (SP on when > 1)")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
@@ -219,12 +219,13 @@ def _search(cfg, base, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    from megatron_navil.config.registry import REGISTRY, get_config
+    from megatron_navil.config.io import resolve_config
     from megatron_navil.training.planner import STAGE_MAX_PATCHES, Layout, default_patches
 
-    if args.config not in REGISTRY:
-        parser.error(f"unknown config {args.config!r}; known: {', '.join(REGISTRY)}")
-    cfg = get_config(args.config)
+    try:
+        cfg = resolve_config(args.config)
+    except ValueError as exc:
+        parser.error(str(exc))
     for name in ("gpus", "gpu_mem", "seq_length", "gpus_per_node", "top"):
         value = getattr(args, name)
         if value is not None and value <= 0:

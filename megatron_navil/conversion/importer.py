@@ -22,46 +22,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_navil.config.model import (
-    ConnectorConfig,
-    ExpertsConfig,
-    ImageConfig,
-    LanguageConfig,
-    NaViLConfig,
-    VisionConfig,
-)
+from megatron_navil.config.io import config_from_dict
+from megatron_navil.config.model import ExpertsConfig, LanguageConfig, NaViLConfig
 from megatron_navil.conversion.hf_io import SafetensorsDir
 from megatron_navil.conversion.mapping import ConversionError, Rule, check_names, rules
-
-CONFIG_FILE = "navil_config.json"
-"""Written into a converted ``iter_*`` directory: the model config it holds."""
-
-
-def config_to_dict(cfg: NaViLConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
-def config_from_dict(data: dict[str, Any]) -> NaViLConfig:
-    vision = dict(data["vision"])
-    vision["full_attention_layers"] = tuple(vision.get("full_attention_layers", ()))
-    image = dict(data["image"])
-    image["mean"], image["std"] = tuple(image["mean"]), tuple(image["std"])
-    return NaViLConfig(
-        name=data["name"],
-        vision=VisionConfig(**vision),
-        language=LanguageConfig(**data["language"]),
-        connector=ConnectorConfig(**data["connector"]),
-        experts=ExpertsConfig(**data["experts"]),
-        image=ImageConfig(**image),
-        special_token_first_id=data.get("special_token_first_id"),
-    ).validate()
-
 
 # ------------------------------------------------------------------------------------------
 # sources
@@ -271,10 +241,7 @@ def write_rank(spec: ImportSpec) -> int:
             sh.data.copy_(full[sh.global_slice()].reshape(sh.data.shape))
             filled += 1
     state = {"converted_from": {"kind": spec.kind, "path": spec.source}}
-    path = ckpt.save(spec.out, 0, chunks, None, state)
-    if torch.distributed.get_rank() == 0:
-        (path / CONFIG_FILE).write_text(json.dumps(spec.cfg, indent=2) + "\n")
-    torch.distributed.barrier()
+    ckpt.save(spec.out, 0, chunks, None, state, model_config=spec.cfg)
     return filled
 
 

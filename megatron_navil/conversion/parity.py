@@ -105,7 +105,7 @@ def megatron_logits_rank(
     ``[t, V]`` of the packed inputs."""
     import warnings
 
-    from megatron_navil.conversion.importer import config_from_dict
+    from megatron_navil.config.io import config_from_dict
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
     from megatron_navil.training import checkpoint as ckpt
@@ -126,7 +126,7 @@ def megatron_logits(
     checkpoint: str | Path, cfg: NaViLConfig, special_ids: Sequence[int], inputs: ParityInputs
 ) -> torch.Tensor:
     """``[t, V]`` logits of ``inputs.packed`` from a spawned 1-rank megatron process."""
-    from megatron_navil.conversion.importer import config_to_dict
+    from megatron_navil.config.io import config_to_dict
     from megatron_navil.testing.multiproc import run_distributed
 
     out = run_distributed(

@@ -4,6 +4,7 @@ Layout of a save directory::
 
     <dir>/iter_0000100/            one complete checkpoint (torch_dist shards + metadata)
           train_state.json         iteration, LR scheduler, data sampler state, anything else
+          navil_config.json        the model config (when the saver passes it)
           rng/rank_00003.pt        each rank's torch / numpy / python RNG states
     <dir>/iter_0000200.tmp/        a save in progress (or one that crashed): never loaded
     <dir>/latest_checkpointed_iteration.txt   Megatron-LM's marker, written last
@@ -30,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from megatron_navil.config.io import write_config
 
 MARKER = "latest_checkpointed_iteration.txt"
 SAVE_DELAY_ENV = "MEGATRON_NAVIL_TEST_SAVE_DELAY"
@@ -93,9 +96,12 @@ def save(
     optimizer: Any,
     train_state: dict[str, Any],
     keep_last: int | None = None,
+    model_config: Any = None,
 ) -> Path:
     """Save model, optimizer, RNG and ``train_state`` (JSON: scheduler, sampler, ...) as
-    ``iter_<iteration>``; keep the newest ``keep_last`` complete checkpoints. Collective."""
+    ``iter_<iteration>``; keep the newest ``keep_last`` complete checkpoints. ``model_config``
+    (a NaViLConfig or its dict) goes in as ``navil_config.json``, so that tools can name the
+    checkpoint instead of a config (``config.io.resolve_config``). Collective."""
     from megatron.core import dist_checkpointing
 
     rank = torch.distributed.get_rank()
@@ -116,6 +122,8 @@ def save(
     if rank == 0:
         payload = {"iteration": iteration, **train_state}
         (tmp / "train_state.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
+        if model_config is not None:
+            write_config(tmp, model_config)
     torch.distributed.barrier()  # every rank has written its part
     if rank == 0:
         if final.exists():  # re-saving an iteration (e.g. after a resume): replace it

@@ -60,6 +60,7 @@ class LoopConfig:
     flops_per_step: Callable[[StepResult], float] | None = None  # model FLOPs of a step
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU
     extra_state: dict[str, Any] = field(default_factory=dict)  # saved with train_state
+    model_config: Any = None  # saved as navil_config.json (config.io) in every checkpoint
 
 
 class StopSignal:
@@ -211,7 +212,10 @@ def train(
             "results_tail": [asdict(r) for r in results[-1:]],
             **cfg.extra_state,
         }
-        ckpt.save(cfg.save_dir, iteration, chunks, optimizer, train_state, cfg.keep_last)
+        ckpt.save(
+            cfg.save_dir, iteration, chunks, optimizer, train_state, cfg.keep_last,
+            model_config=cfg.model_config,
+        )  # fmt: skip
 
     stop = StopSignal()
     stop.install()

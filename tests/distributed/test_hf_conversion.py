@@ -184,6 +184,7 @@ def test_generate_equals_caption_tool(world):
 def test_round_trips_bit_exact_across_layouts(world):
     from safetensors.torch import load_file
 
+    from megatron_navil.config import io as CIO
     from megatron_navil.conversion import importer as I
     from megatron_navil.conversion.dist_reader import DistCheckpointReader
     from megatron_navil.conversion.export import export
@@ -194,7 +195,7 @@ def test_round_trips_bit_exact_across_layouts(world):
     hf1 = root / "hf" / case
     config = json.loads((hf1 / "config.json").read_text())
     spec = I.ImportSpec(
-        "navil", str(hf1), str(root / "back"), I.config_to_dict(from_hf_config(config)),
+        "navil", str(hf1), str(root / "back"), CIO.config_to_dict(from_hf_config(config)),
         tuple(config["special_token_ids"]), tp=1, pp=2,
     )  # fmt: skip
     back = I.run_import(spec, timeout=900)
@@ -203,7 +204,7 @@ def test_round_trips_bit_exact_across_layouts(world):
     for key in a.shapes:
         assert torch.equal(a.read(key), b.read(key)), key
     # HF -> megatron -> HF: every tensor and the config
-    cfg = I.config_from_dict(json.loads((back / I.CONFIG_FILE).read_text()))
+    cfg = CIO.resolve_config(back)
     assert cfg.language.wo_then_wo_ve
     export(back, root / "hf2", cfg, tokenizer=world["tokenizer"], template="qwen3-chat",
            dtype="float32", max_shard_bytes=300_000)  # fmt: skip

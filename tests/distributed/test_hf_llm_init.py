@@ -90,8 +90,8 @@ def _as_internlm2(llama_dir: Path, out: Path) -> None:
 
 
 def _megatron_logits(checkpoints: list[str], ids: bytes) -> bytes:
+    from megatron_navil.config.io import CONFIG_FILE, config_from_dict
     from megatron_navil.conversion.dist_reader import DistCheckpointReader
-    from megatron_navil.conversion.importer import CONFIG_FILE, config_from_dict
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
     from megatron_navil.training import checkpoint as C
