@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
@@ -270,6 +271,10 @@ def _rss_step() -> dict:
     from megatron_navil.testing import navil_run as N
 
     warnings.filterwarnings("ignore")
+    # glibc: mmap every block of 64 KiB or more (M_MMAP_THRESHOLD = -3), set here rather than
+    # through MALLOC_MMAP_THRESHOLD_, which glibc reads at process start: ranks are forked
+    # from a server that started without it.
+    assert ctypes.CDLL("libc.so.6").mallopt(-3, 65536) == 1
     initialize()
     spec, batch = _tiny_batch(8192, 32)
     N.make_batches(get_config("tiny"), spec, 0)  # warm the batch code path
@@ -283,16 +288,15 @@ def _rss_step() -> dict:
     return {"delta": after - before, "patches": batch["patches"].shape[0]}
 
 
-def test_peak_memory_of_a_tiny_step(monkeypatch):
+def test_peak_memory_of_a_tiny_step():
     """Planner total (weights + grads + Adam + activations + backward workspace, fp32) vs the
     measured peak RSS growth of a training step on CPU, within [0.8, 1.3].
 
-    glibc is told to mmap every block of 64 KiB or more (MALLOC_MMAP_THRESHOLD_), so a freed
+    glibc is told to mmap every block of 64 KiB or more (``mallopt``), so a freed
     tensor leaves RSS at once and the peak RSS is the peak of live memory, as a GPU's
     allocator peak would be (without it, freed forward temporaries stay in the heap and the
     peak is ~1.5x higher). The measurement also holds the batch copies, Python objects and
     megatron-core's bookkeeping (a few MiB). Measured: 330 MiB vs 326 MiB predicted."""
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     res = run_distributed(_rss_step, 1, timeout=300)[0]
     cfg = get_config("tiny")
     layout = P.Layout(seq_length=8192, patches=res["patches"], dtype="fp32")
