@@ -4,13 +4,14 @@ Every distributed test goes through :func:`run_distributed`: a free port per gro
 environment torchrun would set, one thread per process, a hard timeout after which every child
 is killed, and on failure the failing rank's own traceback in the raised error.
 
-Ranks are forked from multiprocessing's fork server, which imports torch and megatron-core once
-(:data:`PRELOAD`) and never runs anything else: each rank is a fresh process (no state of an
-earlier call; tests of process-wide patches rely on that) that skips the 5-15 s of imports a
-spawned interpreter pays on two cores, once per rank and call. The caller's environment at the
-time of the call is the rank's (the fork server's own was fixed when it started), and so are
-its stdout and stderr (reopened through /proc, so pytest captures a rank's prints with the
-test that called it, as it did with spawned ranks).
+On a CPU-only Linux machine (tests, CI) ranks are forked from multiprocessing's fork server,
+which imports torch and megatron-core once (:data:`PRELOAD`) and never runs anything else:
+each rank is a fresh process (no state of an earlier call; tests of process-wide patches rely
+on that) that skips the 5-15 s of imports a spawned interpreter pays on two cores, once per
+rank and call. The caller's environment at the time of the call is the rank's (the fork
+server's own was fixed when it started), and so are its stdout and stderr (reopened through
+/proc, so pytest captures a rank's prints with the test that called it, as it did with spawned
+ranks). With CUDA, ranks are spawned.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ no thread, no CUDA context exists when it forks)."""
 
 
 def _context() -> mp.context.BaseContext:
-    if "forkserver" not in mp.get_all_start_methods():  # not Linux: spawn, imports per rank
+    """The fork server on Linux without CUDA; spawn elsewhere: on a GPU machine an import in
+    the server (TransformerEngine's, say) may initialise CUDA, which a forked rank cannot use."""
+    import torch
+
+    if torch.cuda.is_available() or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))  # no effect once the server runs
