@@ -187,18 +187,21 @@ def _hf(hf_dir: str, steps: int, threads: int, out: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from megatron_navil.training.recipes import get_stage
+
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(
         hf_dir, trust_remote_code=True, dtype=torch.float32
     )
     model.train()
-    recipe_wd = 0.01  # the s2 recipe's, as on the megatron side
+    recipe = get_stage("s2")  # the megatron side's hyper-parameters
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe_wd}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=LR, betas=(0.9, 0.95), eps=1e-8,
+        [{"params": decay, "weight_decay": recipe.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=LR, betas=recipe.betas, eps=recipe.eps,
     )  # fmt: skip
     batch = hf_view(packed_batch(bench_config()))
     losses, times = [], []

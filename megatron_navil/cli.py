@@ -32,7 +32,6 @@ def int_at_least(lo: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
         return value
 
-    parse.__name__ = f"int>={lo}"
     return parse
 
 
