@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int_at_least(1), help="caption only the first N samples of --data"
     )
     p.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=16,
+        help="samples generated together, packed into one sequence per forward as training "
+        "packs them (16; the captions do not depend on it)",
+    )
+    p.add_argument(
         "--show",
         type=int_at_least(0),
         default=5,
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(total=total, unit="caption", disable=args.quiet, dynamic_ncols=True)
         start = time.perf_counter()
         with bar:
-            results = C.caption_all(captioner, chained(), progress=bar)
+            results = C.caption_all(captioner, chained(), progress=bar, batch_size=args.batch_size)
         elapsed = time.perf_counter() - start
     except (C.CaptionError, ShardError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

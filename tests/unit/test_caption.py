@@ -258,10 +258,10 @@ def test_generation_stops_at_im_end_and_at_the_limit(inputs):
 def test_perfect_generator_scores_one(inputs, monkeypatch):
     tok, items = inputs
 
-    def perfect(self, inp):
-        return C.Generation([], inp.reference, "im_end")
+    def perfect(self, inps):
+        return [C.Generation([], inp.reference, "im_end") for inp in inps]
 
-    monkeypatch.setattr(C.Captioner, "generate", perfect)
+    monkeypatch.setattr(C.Captioner, "generate_batch", perfect)
     captioner = C.Captioner(_Scripted([0], 0), tok)
     results = C.caption_all(captioner, items)
     metrics = C.caption_metrics(results)
@@ -312,9 +312,10 @@ def _real_model_run(root: str) -> dict:
 
     loaded.forward = spy
     captioner = C.Captioner(loaded, tok, max_new_tokens=4)
-    first = C.caption_all(captioner, items)
+    first = C.caption_all(captioner, items, batch_size=1)
     first_calls = list(calls)
-    second = C.caption_all(captioner, items)
+    second = C.caption_all(captioner, items, batch_size=4)  # packed: 4 + 2 samples
+    batched_calls = calls[len(first_calls) :]
 
     # Memorise the split with training-loader batches (all six samples packed in one
     # sequence), then caption it one sample per sequence: exact only if prompt, pixels and the
@@ -334,6 +335,7 @@ def _real_model_run(root: str) -> dict:
         opt.step()
     loaded.eval()
     memorised = C.caption_all(C.Captioner(loaded, tok, max_new_tokens=40), items)
+    one_by_one = C.caption_all(C.Captioner(loaded, tok, max_new_tokens=40), items, batch_size=1)
     # pickled here, by value: torch's queue pickler shares tensors through file descriptors
     # that die with this process
     return pickle.dumps(
@@ -343,9 +345,11 @@ def _real_model_run(root: str) -> dict:
             "first": first,
             "second": second,
             "calls": first_calls,
+            "batched_calls": batched_calls,
             "items": items,
             "final_loss": float(loss),
             "memorised": memorised,
+            "one_by_one": one_by_one,
         }
     )
 
@@ -374,6 +378,17 @@ def test_real_model_captions(real, corpus):
         for _ in range(r.new_tokens + (r.stop == "im_end") - 1):
             next(by_call)
     assert next(by_call, None) is None
+    # batched: the first forward packs samples 0-3 as training would, and the captions above
+    # (one sample per forward) are the same (second == first)
+    call = real["batched_calls"][0]
+    lengths = [int(inp.input_ids.shape[0]) for inp in real["items"][:4]]
+    assert call["cu_seqlens"].tolist() == [0, *np.cumsum(lengths).tolist()]
+    assert torch.equal(call["input_ids"], torch.cat([i.input_ids for i in real["items"][:4]]))
+    assert torch.equal(call["patches"], torch.cat([i.patches for i in real["items"][:4]]))
+    assert call["position_ids"].tolist() == [p for n in lengths for p in range(n)]
+    bounds = call["vision_cu_seqlens"].tolist()
+    assert bounds[0] == 0 and bounds[-1] == call["patches"].shape[0]
+    assert len(bounds) - 1 == sum(len(i.vision_cu_seqlens) - 1 for i in real["items"][:4])
 
 
 def test_memorised_split_is_captioned_exactly(real):
@@ -381,6 +396,7 @@ def test_memorised_split_is_captioned_exactly(real):
     results = real["memorised"]
     assert all(r.stop == "im_end" for r in results)
     assert [r.generated for r in results] == [r.reference for r in results]
+    assert [r.generated for r in real["one_by_one"]] == [r.generated for r in results]
     metrics = C.caption_metrics(results)
     assert metrics.metrics["exact"]["accuracy"] == 1.0
     assert metrics.metrics["position"]["accuracy"] == 1.0
