@@ -42,8 +42,8 @@ done
 
 rm -rf "$OUT/ckpt" "$OUT/logs"
 # 1024-token packed sequences: at 4 processes on 2 cores a step's cost is mostly per-micro-batch
-# overhead (measured 1.15 s/step at 512 tokens, 1.53 s at 1024), so longer sequences train on
-# 1.5x the samples per second
+# overhead (measured 1.21 s/step at 512 tokens, 1.53 s at 1024), so longer sequences train on
+# 1.6x the samples per second
 train() {
   .venv/bin/torchrun --standalone --nproc-per-node "$NPROC" -m megatron_navil.train \
     --config tiny --data "$OUT/shards/train" --tp "$TP" --pp "$PP" --ep "$EP" --etp 1 \
