@@ -412,10 +412,6 @@ class Captioner:
         last[:, self.banned] = -math.inf
         return torch.argmax(last, dim=-1).tolist()
 
-    def next_token(self, inp: CaptionInput, ids: torch.Tensor) -> int:
-        """The argmax next token after ``ids`` (the prompt + what was generated so far)."""
-        return self.next_tokens([inp], [ids])[0]
-
     def generate(self, inp: CaptionInput) -> Generation:
         """Greedy generation for one input."""
         return self.generate_batch([inp])[0]
@@ -454,8 +450,6 @@ def pack_inputs(kwargs: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     before it, positions restarting at 0 per sample, as the training loader packs."""
     if not kwargs:
         raise ValueError("pack_inputs needs at least one sample")
-    if len(kwargs) == 1:
-        return dict(kwargs[0])
     lengths = torch.tensor([int(k["input_ids"].shape[0]) for k in kwargs])
     out = {
         "input_ids": torch.cat([k["input_ids"] for k in kwargs]),
