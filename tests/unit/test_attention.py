@@ -39,6 +39,26 @@ def test_matches_masked_reference(causal, kv_heads):
     torch.testing.assert_close(out.double(), _reference(q, k, v, bounds, causal), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_padded_buckets_match_reference_with_gradients(causal):
+    # Lengths that share length buckets but differ (6 and 7; 23 and 30), so segments are padded
+    # inside a bucket, plus buckets of one: outputs and all three gradients against float64.
+    torch.manual_seed(2)
+    bounds = [0, *itertools.accumulate([6, 23, 7, 1, 30, 3, 7])]
+    t = bounds[-1]
+    q, k, v = (torch.randn(t, h, 8, requires_grad=True) for h in (4, 2, 2))
+    out = varlen_attention(q, k, v, torch.tensor(bounds, dtype=torch.int32), causal)
+    probe = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * probe).sum(), (q, k, v))
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = _reference(q64, k64, v64, bounds, causal)
+    want = torch.autograd.grad((ref * probe).sum(), (q64, k64, v64))
+    # float32 against float64, |values| <~ 10: a few ulp.
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    for got, exp in zip(grads, want, strict=True):
+        torch.testing.assert_close(got.double(), exp, rtol=0, atol=5e-5)
+
+
 def test_segments_are_isolated_bitwise():
     torch.manual_seed(1)
     cu = torch.tensor([0, 5, 12, 20], dtype=torch.int32)
