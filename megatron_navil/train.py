@@ -10,6 +10,7 @@ AdamW and LR schedule (``training``), the packed-sequence loader over indexed sh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -163,12 +164,14 @@ class LoaderSource:
             batch = next(self._it)
             # Counts from the host copy (no device sync), then the tensors to the device.
             real_tokens = int(batch.cu_seqlens[batch.num_samples])
+            patches = int(batch.vision_cu_seqlens[-1])  # also where pixels were not loaded
             flops = self.flops_of(batch) if self.flops_of is not None else None
             if self.device is not None and self.device.type != "cpu":
                 batch = batch.to(self.device, non_blocking=True)
             kwargs = batch.as_model_kwargs()
             kwargs["loss_weights"] = batch.loss_weights
             kwargs["num_real_tokens"] = real_tokens
+            kwargs["num_patches"] = patches
             if flops is not None:
                 kwargs["model_flops"] = flops
             out.append(kwargs)
@@ -224,12 +227,44 @@ def _special_ids(manifest: dict[str, Any]) -> list[int]:
     return [int(ids[t]) for t in SPECIAL_TOKENS]
 
 
+IMAGE_FIELDS = ("min_patches", "max_patches", "max_aspect", "multi_scale", "scale_ratio")
+"""The image preprocessing the indexer decides and records in a corpus manifest."""
+
+
+def corpus_image_config(cfg: Any, images: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    """``cfg`` with the image preprocessing of the corpora it trains on (``images``: each
+    manifest's ``image`` section), and the fields that changed. The checkpoint's config then
+    says how the training images were prepared (e.g. corpora indexed with
+    ``--no-multi-scale``), so captioning and the HF export prepare images the same way; a
+    field on which a blend's corpora disagree keeps ``cfg``'s value. The patch size and merge
+    are the model's: a corpus with others is a ValueError."""
+    for image in images:
+        for key, want in (("patch", cfg.vision.patch), ("merge", cfg.connector.merge)):
+            if key in image and int(image[key]) != want:
+                raise ValueError(
+                    f"the corpus was indexed with {key} {image[key]}, the model's {key} is "
+                    f"{want} (re-index with --config {cfg.name})"
+                )
+    changes = {}
+    for f in IMAGE_FIELDS:
+        values = {image.get(f) for image in images}
+        if len(values) == 1 and None not in values:
+            value = type(getattr(cfg.image, f))(values.pop())
+            if value != getattr(cfg.image, f):
+                changes[f] = value
+    if not changes:
+        return cfg, {}
+    image_cfg = dataclasses.replace(cfg.image, **changes)
+    return dataclasses.replace(cfg, image=image_cfg).validate(), changes
+
+
 def _model_config(args: argparse.Namespace) -> Any:
     """``--config`` when given (a name, a file or a checkpoint), else the config saved with
     the checkpoint that ``--load`` resumes, else with ``--init``'s, else ``tiny``. A checkpoint
     that carries a config different from an explicit ``--config`` is a ValueError naming the
     first differing field (loading would fail later with a shape error, or worse, not at all
-    for a difference of e.g. RoPE base)."""
+    for a difference of e.g. RoPE base); the image preprocessing is not compared, the corpus
+    sets it (:func:`corpus_image_config`)."""
     from megatron_navil.config.io import checkpoint_config_file, resolve_config
     from megatron_navil.conversion.hf_config import same_model
 
@@ -242,7 +277,7 @@ def _model_config(args: argparse.Namespace) -> Any:
         return resolve_config(carried[0][1] if carried else "tiny")
     cfg = resolve_config(args.config)
     for flag, found in carried:
-        diff = same_model(cfg, resolve_config(found))
+        diff = [d for d in same_model(cfg, resolve_config(found)) if not d.startswith("image.")]
         if diff:
             raise ValueError(
                 f"--config {args.config} differs from the {flag} checkpoint's model "
@@ -301,6 +336,10 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     except (OSError, ValueError) as exc:
         parser.error(f"--data: {exc}")
     special = _special_ids(datasets[0].manifest)
+    try:
+        cfg, image_changes = corpus_image_config(cfg, [d.manifest["image"] for d in datasets])
+    except ValueError as exc:
+        parser.error(f"--data: {exc}")
     vocab = int(datasets[0].manifest["tokenizer"]["vocab_size"])
     if vocab > cfg.language.vocab:
         parser.error(f"the corpus tokenizer has {vocab} ids > the model's vocab "
@@ -335,6 +374,8 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
             "frozen_params_rank0": frozen["frozen"], "data": args.data,
             "global_batch": args.global_batch, "seq_length": args.seq_length,
             "device": str(device), "precision": "bf16" if bf16 else "fp32",
+            # image settings the corpus was indexed with, where they differ from --config's
+            **({"image_from_corpus": image_changes} if image_changes else {}),
         }))  # fmt: skip
     if args.dry_run:
         return 0
@@ -349,6 +390,8 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         weights=args.data_weights, max_patches=args.max_patches, seed=args.seed,
         dp_rank=dp_rank, dp_size=dp, loss_weighting=args.loss_weighting,
         num_workers=args.num_workers,
+        # only the first pipeline stage runs the vision encoder; the others skip decoding
+        pixels=ps.is_pipeline_first_stage(ignore_virtual=True),
     )  # fmt: skip
     peak = mfu_peak_flops(args)
     source = LoaderSource(loader, args.global_batch // dp, device)

@@ -103,6 +103,10 @@ class PackedSequenceBuilder:
         patch_dtype: ``torch.float32`` or ``torch.bfloat16`` patches.
         mean, std: per-channel normalisation (NaViL: 0.5, 0.5).
         draft: JPEG draft-mode decoding when downscaling.
+        pixels: decode and patchify the images (False: ``patches`` is ``[0, 3 * patch *
+            patch]`` and every other field is unchanged, grids and positions coming from the
+            index; for pipeline stages after the first, which never read pixels, so they do
+            not pay for decoding and resampling).
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class PackedSequenceBuilder:
         mean: Sequence[float] = NAVIL_MEAN,
         std: Sequence[float] = NAVIL_STD,
         draft: bool = True,
+        pixels: bool = True,
     ):
         if not datasets:
             raise ValueError("PackedSequenceBuilder: no datasets")
@@ -133,6 +138,7 @@ class PackedSequenceBuilder:
         self.patch_dtype = patch_dtype
         self.mean, self.std = tuple(mean), tuple(std)
         self.draft = bool(draft)
+        self.pixels = bool(pixels)
         ds0 = self.datasets[0]
         self.special_ids = ds0.special_ids
         self.placeholder_id = ds0.placeholder_id
@@ -177,7 +183,8 @@ class PackedSequenceBuilder:
             pos_parts.append(np.arange(n, dtype=np.int64))
             lengths.append(n)
             for image in sample.images:
-                arrays.extend(load_image_scales(image, self.draft))
+                if self.pixels:
+                    arrays.extend(load_image_scales(image, self.draft))
                 grids.extend(image.grids)
         used = sum(lengths)
         if used > self.seq_length:
@@ -193,7 +200,7 @@ class PackedSequenceBuilder:
         patches, got = patchify_batch(
             arrays, self.patch, self.merge, self.mean, self.std, self.patch_dtype
         )
-        if got != grids:
+        if self.pixels and got != grids:
             raise ShardError(f"patch grids {got} differ from the index's {grids}")
         return PackedBatch(
             input_ids=torch.from_numpy(np.concatenate(ids_parts)),

@@ -172,6 +172,7 @@ def build_data_loader(
     prefetch_factor: int | None = 2,
     verify: str = "size",
     multiprocessing_context: str | None = None,
+    pixels: bool = True,
 ) -> PackedDataLoader:
     """Open the corpora and wire stream, sampler, builder and loader (see each class).
 
@@ -196,8 +197,9 @@ def build_data_loader(
     )
     sampler = PackedSampler(stream, global_batch, dp_rank, dp_size)
     builder = PackedSequenceBuilder(
-        datasets, seq_length, loss_weighting, pad_id=pad_id, patch_dtype=patch_dtype
-    )
+        datasets, seq_length, loss_weighting, pad_id=pad_id, patch_dtype=patch_dtype,
+        pixels=pixels,
+    )  # fmt: skip
     return PackedDataLoader(
         sampler,
         PackedSequenceDataset(builder),

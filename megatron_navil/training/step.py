@@ -49,8 +49,14 @@ def _weights(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def model_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
     """The model's keyword arguments of a micro-batch (drops the loss weights and counts)."""
-    drop = {"loss_weights", "num_real_tokens", "model_flops"}
+    drop = {"loss_weights", "num_real_tokens", "num_patches", "model_flops"}
     return {k: v for k, v in batch.items() if k not in drop}
+
+
+def _patches(batch: dict[str, Any]) -> int:
+    if "num_patches" in batch:  # a stage that did not load pixels still counts them
+        return int(batch["num_patches"])
+    return int(batch["patches"].shape[0]) if "patches" in batch else 0
 
 
 def _real_tokens(batch: dict[str, Any]) -> int:
@@ -77,8 +83,8 @@ def train_step(
     step: int = 0,
 ) -> StepResult:
     """Forward/backward over this rank's ``micro_batches`` (dicts of the model's keyword
-    arguments plus optional ``loss_weights [t]``, ``num_real_tokens`` and ``model_flops``, the
-    latter two for the logs), then an optimizer
+    arguments plus optional ``loss_weights [t]``, ``num_real_tokens``, ``num_patches`` and
+    ``model_flops``, the latter three for the logs), then an optimizer
     step. Collective over the whole world. ``nan_policy`` for a non-finite loss: ``stop``
     raises :class:`TrainingDivergedError`, ``skip`` drops the update and goes on (a finite loss
     with a non-finite gradient norm always stops)."""
@@ -95,7 +101,7 @@ def train_step(
             sum(float(_weights(mb).sum()) for mb in micro_batches),
             sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches),
             sum(_real_tokens(mb) for mb in micro_batches),
-            sum(int(mb["patches"].shape[0]) if "patches" in mb else 0 for mb in micro_batches),
+            sum(_patches(mb) for mb in micro_batches),
             sum(float(mb.get("model_flops", 0.0)) for mb in micro_batches),
         ],
         dtype=torch.float64,

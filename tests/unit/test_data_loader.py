@@ -232,6 +232,17 @@ def test_pin_memory_flag(datasets, batches):
         assert not loader.pin_memory  # nothing to pin for: silently off
 
 
+def test_without_pixels_only_the_patches_are_left_out(datasets, batches):
+    # Later pipeline stages load batches with pixels=False: the same sequences, images counted
+    # from the index (vision_cu_seqlens, positions), no patches decoded.
+    with_images = [b for b in batches if b.patches.shape[0]]
+    assert with_images
+    for b, nb in zip(batches, _take(_loader(datasets, pixels=False), len(batches)), strict=True):
+        assert nb.patches.shape == (0, b.patches.shape[1]) and nb.patches.dtype == b.patches.dtype
+        assert PackedBatch(**{**vars(nb), "patches": b.patches}).equals(b)
+        assert int(nb.vision_cu_seqlens[-1]) == b.patches.shape[0]
+
+
 def test_builder_errors(datasets):
     img = datasets[0].special_ids["<IMG_CONTEXT>"]
     with pytest.raises(ValueError, match="visual token"):

@@ -1,13 +1,16 @@
-"""python -m megatron_navil.train: user mistakes are one-line errors with exit code 2."""
+"""python -m megatron_navil.train: user mistakes are one-line errors with exit code 2; the
+image preprocessing the corpus was indexed with becomes the run's (and its checkpoints')."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
-from megatron_navil.train import main
+from megatron_navil.config.registry import get_config
+from megatron_navil.train import corpus_image_config, main
 
 
 @pytest.mark.parametrize(
@@ -46,3 +49,35 @@ def test_bad_data_is_one_line_from_the_real_entry():
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "--data:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_corpus_image_settings_are_adopted():
+    cfg = get_config("tiny")
+    image = {"patch": 16, "merge": 2, "min_patches": 16, "max_patches": 64, "max_aspect": 200.0,
+             "multi_scale": False, "scale_ratio": cfg.image.scale_ratio}  # fmt: skip
+    new, changes = corpus_image_config(cfg, [image, dict(image)])
+    assert changes == {"multi_scale": False} and new.image.multi_scale is False
+    assert new.vision == cfg.vision and new.language == cfg.language
+    assert new.image.max_patches == cfg.image.max_patches
+    # a blend whose corpora disagree keeps the config's value
+    same, changes = corpus_image_config(cfg, [image, {**image, "multi_scale": True}])
+    assert changes == {} and same is cfg
+    with pytest.raises(ValueError, match="indexed with patch 14, the model's patch is 16"):
+        corpus_image_config(cfg, [{**image, "patch": 14}])
+
+
+def test_dry_run_reports_the_corpus_image_settings(tmp_path):
+    from megatron_navil.testing import synthetic_corpus as S
+    from megatron_navil.testing.loader_corpus import index
+
+    written = S.write_corpus(tmp_path / "src", num_train=4, num_val=0, seed=1, max_side=64)
+    shards = index([written["train"]], tmp_path / "shards", written["tokenizer"],
+                   "--config", "tiny", "--template", "qwen3-chat", "--no-multi-scale")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_navil.train", "--data", str(shards), "--steps", "5",
+         "--warmup", "1", "--dry-run"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["image_from_corpus"] == {"multi_scale": False}, summary
