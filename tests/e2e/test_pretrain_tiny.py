@@ -38,4 +38,8 @@ def test_tiny_pretraining_run(tmp_path):
     # The HF export captions the same held-out images identically through transformers.
     hf = json.loads((out / "captions_hf.json").read_text())
     assert hf["differ_from_megatron"] == 0 and len(hf["captions"]) == 8, proc.stdout[-2000:]
-    assert (out / "hf" / "config.json").is_file()
+    # The corpus is indexed with one scale per image; the checkpoint's config and the HF
+    # export's say so, so steps 4 and 5 prepare images as training did.
+    saved = json.loads((out / "ckpt" / "iter_0000016" / "navil_config.json").read_text())
+    assert saved["image"]["multi_scale"] is False, saved["image"]
+    assert json.loads((out / "hf" / "config.json").read_text())["use_multi_scale"] is False
