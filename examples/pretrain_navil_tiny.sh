@@ -9,14 +9,14 @@
 #      images captioned through transformers (tools/caption_hf.py): the same captions
 # Steps 4 and 5 need no --config: every checkpoint carries its model config (navil_config.json).
 # Everything lands in $OUT (default runs/tiny); re-running reuses the corpus (when made with the
-# same arguments) and its shards and starts training afresh. Environment: STEPS (default 600),
+# same arguments) and its shards and starts training afresh. Environment: STEPS (default 540),
 # NPROC (4), TP/PP/EP (2/2/2), CAPTION_LIMIT (held-out samples to caption, default all 200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export OMP_NUM_THREADS=1
 OUT=${OUT:-runs/tiny}
-STEPS=${STEPS:-600}
+STEPS=${STEPS:-540}
 NPROC=${NPROC:-4}
 TP=${TP:-2} PP=${PP:-2} EP=${EP:-2}
 PY=.venv/bin/python
