@@ -227,10 +227,6 @@ def _special_ids(manifest: dict[str, Any]) -> list[int]:
     return [int(ids[t]) for t in SPECIAL_TOKENS]
 
 
-IMAGE_FIELDS = ("min_patches", "max_patches", "max_aspect", "multi_scale", "scale_ratio")
-"""The image preprocessing the indexer decides and records in a corpus manifest."""
-
-
 def corpus_image_config(cfg: Any, images: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
     """``cfg`` with the image preprocessing of the corpora it trains on (``images``: each
     manifest's ``image`` section), and the fields that changed. The checkpoint's config then
@@ -238,6 +234,9 @@ def corpus_image_config(cfg: Any, images: list[dict[str, Any]]) -> tuple[Any, di
     ``--no-multi-scale``), so captioning and the HF export prepare images the same way; a
     field on which a blend's corpora disagree keeps ``cfg``'s value. The patch size and merge
     are the model's: a corpus with others is a ValueError."""
+    from megatron_navil.config.model import ImageConfig
+    from megatron_navil.data.indexer import ImageSettings
+
     for image in images:
         for key, want in (("patch", cfg.vision.patch), ("merge", cfg.connector.merge)):
             if key in image and int(image[key]) != want:
@@ -245,13 +244,15 @@ def corpus_image_config(cfg: Any, images: list[dict[str, Any]]) -> tuple[Any, di
                     f"the corpus was indexed with {key} {image[key]}, the model's {key} is "
                     f"{want} (re-index with --config {cfg.name})"
                 )
+    # what the indexer records (ImageSettings) that is also the config's image preprocessing
+    recorded = [f.name for f in dataclasses.fields(ImageSettings)]
     changes = {}
-    for f in IMAGE_FIELDS:
-        values = {image.get(f) for image in images}
+    for name in (n for n in recorded if n in ImageConfig.__dataclass_fields__):
+        values = {image.get(name) for image in images}
         if len(values) == 1 and None not in values:
-            value = type(getattr(cfg.image, f))(values.pop())
-            if value != getattr(cfg.image, f):
-                changes[f] = value
+            value = type(getattr(cfg.image, name))(values.pop())
+            if value != getattr(cfg.image, name):
+                changes[name] = value
     if not changes:
         return cfg, {}
     image_cfg = dataclasses.replace(cfg.image, **changes)
