@@ -4,14 +4,14 @@ Forward + backward of ``megatron_navil.models.attention.varlen_attention`` (segm
 into padded batches, one per length bucket) against the two plain-PyTorch ways to attend inside
 segments of a packed sequence:
   per segment   one ``scaled_dot_product_attention`` per segment (this module's earlier CPU
-                path; what Megatron-LM's local attention does per sample)
+                path)
   block mask    one call over the whole sequence with a ``t x t`` block-diagonal boolean mask
 
 Segment layouts are those of the tiny pretraining run (``examples/pretrain_navil_tiny.sh``, one
 1024-token micro-batch as its loader packs it): the LLM's 12 samples of 85 tokens + a 4-token
 padding segment (causal; 4 heads, 2 kv heads, head dim 16), and the vision encoder's 12 images
 at 4 scales of 16, 16, 36 and 64 patches (bidirectional; 2 heads of 16). ``--scale K``
-multiplies the hidden sizes' head counts by K. All three give the same outputs (checked, fp32,
+multiplies both head counts by K. All three give the same outputs (checked, fp32,
 within 1e-5). Median of ``--repeats`` runs, alternating; prints a table, writes JSON
 (default benchmarks/results/varlen_attention.json).
 """
