@@ -20,6 +20,7 @@ from megatron_navil.config.model import (
     ImageConfig,
     LanguageConfig,
     NaViLConfig,
+    PromptConfig,
     VisionConfig,
 )
 from megatron_navil.config.registry import REGISTRY, get_config
@@ -34,10 +35,29 @@ def config_to_dict(cfg: NaViLConfig) -> dict[str, Any]:
     return asdict(cfg)
 
 
+def _vision_fields(vision: dict[str, Any]) -> dict[str, Any]:
+    """``vision`` with tuples for lists, and a config written before the token order was
+    configurable (keys ``window``/``full_attention_layers``, no ``window_size``) read as what
+    it was trained with: raster order (``window_size`` None). The old window attention
+    restored raster order after the encoder; no checkpoint used it, so it is refused."""
+    if "window_size" not in vision:
+        window = vision.pop("window", None)
+        layers = vision.pop("full_attention_layers", ())
+        if window is not None or layers:
+            raise ValueError(
+                f"vision.window={window}, full_attention_layers={layers}: the window "
+                "attention that restored raster order is gone (window_size/"
+                "fullatt_block_indexes now follow the released NaViL code)"
+            )
+        vision["window_size"] = None
+    if vision.get("fullatt_block_indexes") is not None:
+        vision["fullatt_block_indexes"] = tuple(vision["fullatt_block_indexes"])
+    return vision
+
+
 def config_from_dict(data: dict[str, Any]) -> NaViLConfig:
     """Inverse of :func:`config_to_dict`, validated."""
-    vision = dict(data["vision"])
-    vision["full_attention_layers"] = tuple(vision.get("full_attention_layers", ()))
+    vision = _vision_fields(dict(data["vision"]))
     image = dict(data["image"])
     image["mean"], image["std"] = tuple(image["mean"]), tuple(image["std"])
     return NaViLConfig(
@@ -47,6 +67,8 @@ def config_from_dict(data: dict[str, Any]) -> NaViLConfig:
         connector=ConnectorConfig(**data["connector"]),
         experts=ExpertsConfig(**data["experts"]),
         image=ImageConfig(**image),
+        # configs written before prompts were part of the model: the released default
+        prompt=PromptConfig(**data.get("prompt", {})),
         special_token_first_id=data.get("special_token_first_id"),
     ).validate()
 

@@ -55,8 +55,13 @@ class VisionConfig:
     rope_theta: float = 10000.0  # 2D RoPE base: half the frequencies rows, half columns
     norm_eps: float = 1e-6  # RMSNorm epsilon (norm1, norm2, and the full-width QK-norm)
     layer_scale_init: float = 0.1  # initial value of ls1/ls2
-    window: int | None = None  # window attention side in merge units (None: full attention)
-    full_attention_layers: tuple[int, ...] = ()  # layers that stay global under window attention
+    window_size: int | None = 8  # the released code's token order (NAVIL.md "The released
+    # code's exact behaviour", 1): patches of each image/scale are permuted, whole merge units
+    # at a time, into windows of window_size/merge x window_size/merge units before the first
+    # block, and the encoder's (and connector's) outputs stay in that order. In patches, a
+    # multiple of the merge size. None: raster order (the paper's form; no permutation).
+    fullatt_block_indexes: tuple[int, ...] | None = None  # None: every block attends over the
+    # whole image/scale; a tuple: the blocks listed do, the others attend within each window
 
     @property
     def head_dim(self) -> int:
@@ -79,16 +84,30 @@ class VisionConfig:
             f"head dim {self.head_dim} must be a multiple of 4 (2D RoPE: rows and columns "
             "each rotate pairs)",
         )
-        if self.window is not None:
-            _check(self.window > 0, "VisionConfig", "window", self.window, "must be > 0")
-        for layer in self.full_attention_layers:
+        if self.window_size is not None:
             _check(
-                0 <= layer < self.depth,
-                "VisionConfig",
-                "full_attention_layers",
-                self.full_attention_layers,
-                f"layer {layer} outside [0, {self.depth})",
+                self.window_size > 0, "VisionConfig", "window_size", self.window_size, "must be > 0"
             )
+        if self.fullatt_block_indexes is not None:
+            _check(
+                self.window_size is not None,
+                "VisionConfig",
+                "fullatt_block_indexes",
+                self.fullatt_block_indexes,
+                "window attention needs window_size",
+            )
+            for layer in self.fullatt_block_indexes:
+                _check(
+                    0 <= layer < self.depth,
+                    "VisionConfig",
+                    "fullatt_block_indexes",
+                    self.fullatt_block_indexes,
+                    f"block {layer} outside [0, {self.depth})",
+                )
+
+    def window_units(self, merge: int) -> int | None:
+        """The window side in merge units (``window_size // merge``), None in raster order."""
+        return None if self.window_size is None else self.window_size // merge
 
 
 @dataclass(frozen=True)
@@ -120,7 +139,8 @@ class LanguageConfig:
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
     tie_embeddings: bool = False  # share input embedding and LM head (neither backbone does)
     wo_then_wo_ve: bool = False  # released 2B code: visual attention output goes through wo,
-    # then wo_ve; off = the paper's formula (wo_ve alone). On only to load official 2B weights.
+    # then wo_ve (on in navil-2b, as its released weights were trained); off = the paper's
+    # formula (wo_ve alone).
 
     def validate(self) -> None:
         _positive(self, "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab")
@@ -219,6 +239,39 @@ class ImageConfig:
         )
 
 
+CHAT_TEMPLATES: tuple[str, ...] = ("internlm2-chat", "qwen3-chat")
+"""Chat templates (NAVIL.md "Chat templates"); data/templates.py renders them."""
+
+DEFAULT_SYSTEM_MESSAGE = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "  # noqa: RUF001
+    "是一个有用无害的人工智能助手。"
+)
+"""InternVL's default system message, which both of the released NaViL templates carry
+(NAVIL.md, "The released code's exact behaviour", 4)."""
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How conversations are rendered for this model: the official config.json's top-level
+    ``template`` and ``system_message``. Training takes them from the corpus it reads (the
+    indexer rendered its samples with them), so a checkpoint says how its prompts looked and
+    captioning and the HF export build prompts the same way."""
+
+    template: str = "qwen3-chat"  # internlm2-chat | qwen3-chat
+    system_message: str = DEFAULT_SYSTEM_MESSAGE  # the system turn of every conversation;
+    # "" = no system turn (e.g. the tiny run, whose small tokenizer would spend ~100 tokens
+    # a sample on it)
+
+    def validate(self) -> None:
+        _check(
+            self.template in CHAT_TEMPLATES,
+            "PromptConfig",
+            "template",
+            self.template,
+            f"must be one of {CHAT_TEMPLATES}",
+        )
+
+
 RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "full")
 """Activation recompute modes, shared with ``training/planner.py``'s memory model."""
 
@@ -271,13 +324,24 @@ class NaViLConfig:
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     special_token_first_id: int | None = None  # id of '</box>' when the 12 ids are contiguous
     # (2B: 92544..92555 appended to InternLM2's vocab); None: the tokenizer resolves them.
 
     def validate(self) -> NaViLConfig:
         """Check every part and their agreement; returns self for chaining."""
-        for part in (self.vision, self.language, self.connector, self.experts, self.image):
+        parts = (self.vision, self.language, self.connector, self.experts, self.image)
+        for part in (*parts, self.prompt):
             part.validate()
+        window, merge = self.vision.window_size, self.connector.merge
+        if window is not None:
+            _check(
+                window % merge == 0,
+                "VisionConfig",
+                "window_size",
+                window,
+                f"must be a multiple of the merge size {merge} (windows hold whole merge units)",
+            )
         first = self.special_token_first_id
         if first is not None:
             _check(first >= 0, "NaViLConfig", "special_token_first_id", first, "must be >= 0")

@@ -10,6 +10,7 @@ from megatron_navil.config.model import (
     ImageConfig,
     LanguageConfig,
     NaViLConfig,
+    PromptConfig,
     VisionConfig,
 )
 
@@ -19,6 +20,9 @@ def _tiny() -> NaViLConfig:
     # still splits across TP=2 (heads, kv heads, FFN) and PP=2 (layers).
     return NaViLConfig(
         name="tiny",
+        # window_size 8 (the released models' token order): images up to 128 px wide (4
+        # merge units, the tiny run's 96..128 px images and all their scales) are one window
+        # wide, so their tokens stay in raster order; wider images are permuted.
         vision=VisionConfig(depth=2, width=32, mlp=64, heads=2),
         language=LanguageConfig(
             variant="qwen3",
@@ -51,7 +55,11 @@ def _navil_2b() -> NaViLConfig:
             head_dim=128,
             ffn=8192,
             vocab=92544,
+            # the released 2B code: a visual token's attention output through wo, then wo_ve
+            # (NAVIL.md; the released code's behaviour wins for navil-2b/9b)
+            wo_then_wo_ve=True,
         ),
+        prompt=PromptConfig(template="internlm2-chat"),
         special_token_first_id=92544,
     )
 

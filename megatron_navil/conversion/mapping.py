@@ -133,10 +133,6 @@ def check_supported(cfg: NaViLConfig) -> None:
             f"ExpertsConfig.per_modality={cfg.experts.per_modality}: the HF format has one "
             "FFN expert per modality (NaViL); learned routing inside a modality is megatron-only"
         )
-    if cfg.vision.window is not None:
-        raise ConversionError(
-            f"VisionConfig.window={cfg.vision.window}: window attention is not in the HF model"
-        )
     if cfg.language.tie_embeddings:
         raise ConversionError("LanguageConfig.tie_embeddings=True is not supported")
     if cfg.language.variant == "internlm2" and cfg.language.qk_norm:

@@ -52,7 +52,7 @@ def make_inputs(
 ) -> ParityInputs:
     """Random text ids (below ``text_vocab``, default the LM vocabulary; never one of the 12
     special ids) around image blocks, random patch values."""
-    from megatron_navil.ops import image_token_layout, patch_positions, vision_cu_seqlens
+    from megatron_navil.ops import image_token_layout, vision_kwargs
 
     gen = torch.Generator().manual_seed(seed)
     merge, patch = cfg.connector.merge, cfg.vision.patch
@@ -87,8 +87,7 @@ def make_inputs(
         pixel_values = torch.randn(n, cfg.vision.channels * patch * patch, generator=gen)
         grid_tensor = torch.tensor(grids, dtype=torch.long)
         packed["patches"] = pixel_values
-        packed["patch_positions"] = patch_positions(grids, merge)
-        packed["vision_cu_seqlens"] = vision_cu_seqlens(grids, merge)
+        packed.update(vision_kwargs(grids, merge, cfg.vision.window_units(merge)))
     width = max(lengths)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)

@@ -15,7 +15,8 @@ Per packed sequence (``[k, 2]`` draws ``(dataset, sample)`` from the plan, in la
    next-token: ``labels[j] = ids[j + 1]`` when token ``j + 1`` is a loss target of the same
    sample, ``IGNORE_INDEX`` elsewhere (never across samples); position ids restart per sample;
 5. a padding segment (``pad_id``, positions from 0, no loss) fills the sequence to
-   ``seq_length``; ``cu_seqlens``, ``vision_cu_seqlens``, ``patch_positions`` and the loss
+   ``seq_length``; ``cu_seqlens``, the vision inputs of ``ops.vision_kwargs`` (positions,
+   segments and, with a ``vision_window_size``, the released code's window order) and the loss
    weights (:func:`megatron_navil.data.batch.loss_weights`) complete the
    :class:`~megatron_navil.data.batch.PackedBatch`.
 
@@ -34,7 +35,7 @@ from PIL import Image
 
 from megatron_navil.data.batch import IGNORE_INDEX, LOSS_WEIGHTINGS, PackedBatch, loss_weights
 from megatron_navil.data.shards import ImageEntry, ShardDataset, ShardError, expand_image_blocks
-from megatron_navil.ops import patch_positions, patchify_batch, vision_cu_seqlens
+from megatron_navil.ops import patchify_batch, vision_kwargs
 
 VISUAL_TOKENS = ("<IMG_CONTEXT>", "<img>")
 NAVIL_MEAN = (0.5, 0.5, 0.5)
@@ -107,6 +108,8 @@ class PackedSequenceBuilder:
             patch]`` and every other field is unchanged, grids and positions coming from the
             index; for pipeline stages after the first, which never read pixels, so they do
             not pay for decoding and resampling).
+        vision_window_size: the model's ``VisionConfig.window_size`` (patches; None: raster
+            order): each batch then carries the window order its vision encoder runs in.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class PackedSequenceBuilder:
         std: Sequence[float] = NAVIL_STD,
         draft: bool = True,
         pixels: bool = True,
+        vision_window_size: int | None = None,
     ):
         if not datasets:
             raise ValueError("PackedSequenceBuilder: no datasets")
@@ -144,6 +148,14 @@ class PackedSequenceBuilder:
         self.placeholder_id = ds0.placeholder_id
         self.merge = int(ds0.manifest["image"]["merge"])
         self.patch = int(ds0.manifest["image"]["patch"])
+        if vision_window_size is not None and (
+            int(vision_window_size) < self.merge or int(vision_window_size) % self.merge
+        ):
+            raise ValueError(
+                f"vision_window_size {vision_window_size} must be a positive multiple of the "
+                f"corpus's merge size {self.merge}"
+            )
+        self.window = None if vision_window_size is None else int(vision_window_size) // self.merge
         visual = {self.special_ids[k] for k in VISUAL_TOKENS}
         if int(pad_id) in visual:
             raise ValueError(f"pad_id {pad_id} is a visual token id ({sorted(visual)})")
@@ -202,6 +214,7 @@ class PackedSequenceBuilder:
         )
         if self.pixels and got != grids:
             raise ShardError(f"patch grids {got} differ from the index's {grids}")
+        vision = vision_kwargs(grids, self.merge, self.window)
         return PackedBatch(
             input_ids=torch.from_numpy(np.concatenate(ids_parts)),
             position_ids=torch.from_numpy(np.concatenate(pos_parts)),
@@ -209,9 +222,11 @@ class PackedSequenceBuilder:
             labels=torch.from_numpy(labels),
             loss_weights=torch.from_numpy(loss_weights(labels, cu, self.loss_weighting)),
             patches=patches,
-            patch_positions=patch_positions(grids, self.merge),
-            vision_cu_seqlens=vision_cu_seqlens(grids, self.merge),
+            patch_positions=vision["patch_positions"],
+            vision_cu_seqlens=vision["vision_cu_seqlens"],
             sample_keys=torch.from_numpy(draws.copy()),
             seq_index=int(seq_index),
             epoch=int(epoch),
+            vision_window_index=vision.get("vision_window_index"),
+            vision_window_cu_seqlens=vision.get("vision_window_cu_seqlens"),
         )

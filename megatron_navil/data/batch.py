@@ -16,6 +16,9 @@ Layouts (one packed sequence; ``t`` LLM tokens, ``p`` patches, ``m`` real sample
                      order the image blocks (and, inside a block, the scales, smallest first)
                      appear in ``input_ids``
   sample_keys        int64 ``[m, 2]`` ``(dataset, sample)`` of each real sample, in order
+  vision_window_index       int64 ``[p]`` / None: the released code's window order of the
+  vision_window_cu_seqlens  patches and one segment per window (``ops.vision_kwargs``), when
+                            the builder has a vision window size
 The model's ``<IMG_CONTEXT>`` count equals ``p / merge**2``.
 
 Loss weighting of packed multi-sample sequences (NAVIL.md "Training recipe"), ``n`` the number
@@ -71,7 +74,10 @@ _TENSORS = (
     "patch_positions",
     "vision_cu_seqlens",
     "sample_keys",
+    "vision_window_index",
+    "vision_window_cu_seqlens",
 )
+_VISION = ("patches", "patch_positions", "vision_cu_seqlens", *_TENSORS[-2:])
 
 
 @dataclass
@@ -91,6 +97,8 @@ class PackedBatch:
     """Position of this sequence in the global stream (``StreamPosition.consumed``)."""
     epoch: int
     """Blended epoch the sequence belongs to."""
+    vision_window_index: torch.Tensor | None = None
+    vision_window_cu_seqlens: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -112,13 +120,16 @@ class PackedBatch:
             "labels": self.labels,
         }
         if self.patches.shape[0]:
-            out["patches"] = self.patches
-            out["patch_positions"] = self.patch_positions
-            out["vision_cu_seqlens"] = self.vision_cu_seqlens
+            for name in _VISION:
+                if getattr(self, name) is not None:
+                    out[name] = getattr(self, name)
         return out
 
     def _map(self, fn) -> PackedBatch:
-        return replace(self, **{name: fn(getattr(self, name)) for name in _TENSORS})
+        return replace(
+            self,
+            **{n: None if getattr(self, n) is None else fn(getattr(self, n)) for n in _TENSORS},
+        )
 
     def pin_memory(self) -> PackedBatch:
         """A copy in pinned host memory (``DataLoader(pin_memory=True)`` calls this)."""

@@ -173,6 +173,7 @@ def build_data_loader(
     verify: str = "size",
     multiprocessing_context: str | None = None,
     pixels: bool = True,
+    vision_window_size: int | None = None,
 ) -> PackedDataLoader:
     """Open the corpora and wire stream, sampler, builder and loader (see each class).
 
@@ -198,7 +199,7 @@ def build_data_loader(
     sampler = PackedSampler(stream, global_batch, dp_rank, dp_size)
     builder = PackedSequenceBuilder(
         datasets, seq_length, loss_weighting, pad_id=pad_id, patch_dtype=patch_dtype,
-        pixels=pixels,
+        pixels=pixels, vision_window_size=vision_window_size,
     )  # fmt: skip
     return PackedDataLoader(
         sampler,

@@ -6,12 +6,15 @@ Layouts (one packed sequence per micro-batch):
   cu_seqlens                        int32 ``[samples + 1]``: causal attention inside a sample
   patches                           ``[p, 3 * 16 * 16]`` (``ops.patchify_batch``, merge-unit order)
   patch_positions                   ``[p, 2]`` (row, col) per patch; ``vision_cu_seqlens``
-                                    int32: one segment per image and scale; ``vision_window``
-                                    (window attention only): ``models.vision.WindowIndex``
+                                    int32: one segment per image and scale;
+  vision_window_index               ``[p]`` int64, the released code's window order (with
+                                    ``VisionConfig.window_size``); ``vision_window_cu_seqlens``
+                                    int32, one segment per window (``ops.vision_kwargs``)
   hidden between stages             ``[t / tp, 1, H]`` (sequence parallel) or ``[t, 1, H]``
 
 Tokens ``<IMG_CONTEXT>`` and ``<img>`` use the visual experts. The connector's outputs replace
-the ``<IMG_CONTEXT>`` embeddings in order (their count must match); the 12 special tokens take
+the ``<IMG_CONTEXT>`` embeddings in order (their count must match; in window order when the
+config has one, as the released models fill them); the 12 special tokens take
 their rows of the separate ``special_token_embedding`` table instead of the LLM embedding.
 Labels equal to ``IGNORE_INDEX`` carry no loss (the data pipeline marks everything but text
 targets so); the last stage returns the per-token loss ``[t]`` (0 where ignored).
@@ -172,7 +175,8 @@ class NaViLModel(_megatron_module()):  # type: ignore[misc]
         patches: torch.Tensor | None,
         patch_positions: torch.Tensor | None,
         vision_cu_seqlens: torch.Tensor | None,
-        vision_window: Any,
+        vision_window_index: torch.Tensor | None,
+        vision_window_cu_seqlens: torch.Tensor | None,
     ) -> torch.Tensor:
         """``[t]`` ids (+ images) -> ``[t, 1, H]`` embeddings, image features in place."""
         match = input_ids.unsqueeze(1) == self.special_ids.unsqueeze(0)  # [t, 12]
@@ -193,7 +197,13 @@ class NaViLModel(_megatron_module()):  # type: ignore[misc]
         if patch_positions is None or vision_cu_seqlens is None:
             raise ValueError("patches need patch_positions and vision_cu_seqlens")
         features = self.mlp1(
-            self.vision_model(patches, patch_positions, vision_cu_seqlens, vision_window)
+            self.vision_model(
+                patches,
+                patch_positions,
+                vision_cu_seqlens,
+                vision_window_index,
+                vision_window_cu_seqlens,
+            )
         )  # [n_tokens, H]
         if features.shape[0] != n_slots:
             raise ValueError(
@@ -212,7 +222,8 @@ class NaViLModel(_megatron_module()):  # type: ignore[misc]
         patches: torch.Tensor | None = None,
         patch_positions: torch.Tensor | None = None,
         vision_cu_seqlens: torch.Tensor | None = None,
-        vision_window: Any = None,
+        vision_window_index: torch.Tensor | None = None,
+        vision_window_cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states ``[s, 1, H]`` (not the last stage), else the per-token loss ``[t]``
         (with ``labels``) or vocab-parallel logits ``[t, 1, V / tp]``."""
@@ -242,7 +253,12 @@ class NaViLModel(_megatron_module()):  # type: ignore[misc]
 
         if self.pre_process:
             hidden = self._embed(
-                input_ids, patches, patch_positions, vision_cu_seqlens, vision_window
+                input_ids,
+                patches,
+                patch_positions,
+                vision_cu_seqlens,
+                vision_window_index,
+                vision_window_cu_seqlens,
             )
             if self.sequence_parallel:
                 hidden = tpl.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)

@@ -37,18 +37,19 @@ their sum of squares (norms.py). The patch embedding, norm1/norm2 and ls1/ls2 ar
 Any group works, including a group of size 1 inside a larger model-TP group (navil-2b's 23
 heads): its parameters are then not tensor-parallel.
 
-Window attention (``VisionConfig.window``, Qwen2.5-VL style): the embedded patches and their
-RoPE angles are permuted into window order (ops.window_permutation), layers outside
-``full_attention_layers`` attend inside each window, the others inside each image/scale (the
-permutation keeps each grid's patches in its own range, so ``cu_seqlens`` still applies), and
-the output is permuted back.
+Token order (``VisionConfig.window_size``, the released NaViL code; ../shared/NAVIL.md, "The
+released code's exact behaviour", 1): the embedded patches and their RoPE angles are gathered
+into window order (``window_index``, from ``ops.vision_kwargs``) before the first block and the
+output stays in that order, so the connector's tokens fill the ``<IMG_CONTEXT>`` slots in
+window order. With ``fullatt_block_indexes`` None every block attends over its whole image/
+scale (``cu_seqlens``: the order changes nothing but the output order); with a tuple, the
+blocks not listed attend within each window (``window_cu_seqlens``). ``window_size`` None:
+raster order, no permutation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,35 +65,6 @@ from megatron_navil.models.tp import (
     linear_config,
     mark_tensor_parallel,
 )
-from megatron_navil.ops import patch_positions, vision_cu_seqlens, window_permutation
-
-
-class WindowIndex(NamedTuple):
-    """Window order of the packed patches (ops.window_permutation)."""
-
-    perm: torch.Tensor  # [t] int64: x_window = x[perm]
-    inverse: torch.Tensor  # [t] int64: x = x_window[inverse]
-    cu_seqlens: torch.Tensor  # [windows + 1] int32
-
-
-@dataclass(frozen=True)
-class VisionPacking:
-    """What the encoder needs besides the patches, for a list of grids (one per image scale)."""
-
-    positions: torch.Tensor  # [t, 2] int64
-    cu_seqlens: torch.Tensor  # [len(grids) + 1] int32
-    window: WindowIndex | None  # set when the config uses window attention
-
-
-def vision_packing(
-    grids: Sequence[Sequence[int]], cfg: VisionConfig, merge: int = 2
-) -> VisionPacking:
-    """Positions, segments and (with ``cfg.window``) the window index of packed ``grids``
-    (patch grids in packing order, as patchify_batch returns them)."""
-    window = None
-    if cfg.window is not None:
-        window = WindowIndex(*window_permutation(grids, cfg.window, merge))
-    return VisionPacking(patch_positions(grids, merge), vision_cu_seqlens(grids, merge), window)
 
 
 def _linears(config: Any) -> tuple[type, type, Any]:
@@ -286,7 +258,8 @@ class VisionEmbeddings(ShardedModule):
 
 
 class VisionEncoder(ShardedModule):
-    """The vision encoder: ``forward(patches_td, positions, cu_seqlens, window=None) -> [t, W]``.
+    """The vision encoder: ``forward(patches_td, positions, cu_seqlens, window_index=None,
+    window_cu_seqlens=None) -> [t, W]`` (in window order when the config has one).
 
     Args:
         cfg: sizes (validated).
@@ -322,14 +295,18 @@ class VisionEncoder(ShardedModule):
             for _ in range(cfg.depth)
         ]
         self.encoder = torch.nn.ModuleDict({"layers": torch.nn.ModuleList(layers)})
-        self._full_layers = frozenset(cfg.full_attention_layers)
+        full = cfg.fullatt_block_indexes
+        self._windowed = frozenset(
+            () if full is None else (i for i in range(cfg.depth) if i not in full)
+        )
 
     def _check(
         self,
         patches_td: torch.Tensor,
         positions: torch.Tensor,
         cu_seqlens: torch.Tensor,
-        window: WindowIndex | None,
+        window_index: torch.Tensor | None,
+        window_cu_seqlens: torch.Tensor | None,
     ) -> None:
         cfg = self.cfg
         width = cfg.channels * cfg.patch**2
@@ -345,48 +322,53 @@ class VisionEncoder(ShardedModule):
                 f"got {positions.dtype} {tuple(positions.shape)}"
             )
         check_cu_seqlens(cu_seqlens, t, "VisionEncoder")
-        if (window is None) != (cfg.window is None):
+        if (window_index is None) != (cfg.window_size is None):
+            state = "missing" if window_index is None else "given"
             raise ValueError(
-                f"VisionEncoder: window index {'missing' if window is None else 'given'} but "
-                f"VisionConfig.window={cfg.window} (build inputs with vision_packing)"
+                f"VisionEncoder: vision_window_index {state} but VisionConfig.window_size="
+                f"{cfg.window_size} (build the vision inputs with ops.vision_kwargs(grids, merge, "
+                "cfg.vision.window_units(merge)))"
             )
-        if window is not None:
-            for name in ("perm", "inverse"):
-                if getattr(window, name).shape != (t,):
-                    raise ValueError(
-                        f"VisionEncoder: window.{name} must be [t={t}], got "
-                        f"{tuple(getattr(window, name).shape)}"
-                    )
-            check_cu_seqlens(window.cu_seqlens, t, "VisionEncoder (window.cu_seqlens)")
+        if window_index is not None and window_index.shape != (t,):
+            raise ValueError(
+                f"VisionEncoder: vision_window_index must be [t={t}], got "
+                f"{tuple(window_index.shape)}"
+            )
+        if self._windowed:
+            if window_cu_seqlens is None:
+                raise ValueError(
+                    "VisionEncoder: fullatt_block_indexes is set, the windowed blocks need "
+                    "vision_window_cu_seqlens"
+                )
+            check_cu_seqlens(window_cu_seqlens, t, "VisionEncoder (vision_window_cu_seqlens)")
 
     def forward(
         self,
         patches_td: torch.Tensor,
         positions: torch.Tensor,
         cu_seqlens: torch.Tensor,
-        window: WindowIndex | None = None,
+        window_index: torch.Tensor | None = None,
+        window_cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``[t, C*p*p]`` patches -> ``[t, W]`` features, replicated over the TP group.
+        """``[t, C*p*p]`` patches -> ``[t, W]`` features, replicated over the TP group, in
+        window order (``x[window_index]``) when the config has a ``window_size``.
 
         Raises:
             ValueError: a wrong patch width, positions not ``[t, 2]`` integers, cu_seqlens not
                 rising from 0 to ``t``, a window index missing/unexpected for the config or of
-                the wrong length.
+                the wrong length, window segments missing where blocks attend within windows.
         """
-        self._check(patches_td, positions, cu_seqlens, window)
+        self._check(patches_td, positions, cu_seqlens, window_index, window_cu_seqlens)
         x = self.embeddings(patches_td)
         cos, sin = vision_rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        if window is not None:
-            x, cos, sin = x[window.perm], cos[window.perm], sin[window.perm]
+        if window_index is not None:  # the released code's order, never undone
+            x, cos, sin = x[window_index], cos[window_index], sin[window_index]
         for i, layer in enumerate(self.encoder["layers"]):
-            full = window is None or i in self._full_layers
-            cu = cu_seqlens if full else window.cu_seqlens
+            cu = window_cu_seqlens if i in self._windowed else cu_seqlens
             if self.full_recompute:  # keep only the block's inputs
                 x = checkpoint_full(layer, x, cos, sin, cu)
             else:
                 x = layer(x, cos, sin, cu)
-        if window is not None:
-            x = x[window.inverse]
         return x
 
 
@@ -402,8 +384,5 @@ __all__ = [
     "VisionEmbeddings",
     "VisionEncoder",
     "VisionMLP",
-    "VisionPacking",
-    "WindowIndex",
     "tp_size_for",
-    "vision_packing",
 ]

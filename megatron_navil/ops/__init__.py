@@ -22,6 +22,7 @@ from megatron_navil.ops.positions import (
     patch_positions_reference,
     vision_cu_seqlens,
     vision_cu_seqlens_reference,
+    vision_kwargs,
     window_permutation,
     window_permutation_reference,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "smart_resize_reference",
     "vision_cu_seqlens",
     "vision_cu_seqlens_reference",
+    "vision_kwargs",
     "window_permutation",
     "window_permutation_reference",
 ]

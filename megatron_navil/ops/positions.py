@@ -11,10 +11,13 @@ Layouts (``n = sum_i gh_i * gw_i``; one grid per image *scale*, in packing order
   inverse      [n] int64: packed index -> window order, ``x = x_window[inverse]``
   window_cu    [num_windows + 1] int32: one segment per window of the window order
 
-Windows (optional, Qwen2.5-VL style window attention): ``window x window`` merge units tiled
-from the top-left of each grid, partial at the right and bottom edges, in raster order; inside a
-window the units stay in raster order and each unit's ``merge * merge`` patches stay contiguous,
-so the 2x2 pixel shuffle after the encoder still sees whole units. Windows never span two grids.
+Windows (the released NaViL code's token order, Qwen2.5-VL's window index): ``window x window``
+merge units tiled from the top-left of each grid, partial at the right and bottom edges, in
+raster order; inside a window the units stay in raster order and each unit's ``merge * merge``
+patches stay contiguous, so the 2x2 pixel shuffle after the encoder still sees whole units.
+Windows never span two grids. The released models run their vision encoder on the patches in
+this order and never restore raster order (../shared/NAVIL.md, "The released code's exact
+behaviour", 1); :func:`vision_kwargs` gives the model what it needs for that.
 
 Each op runs the compiled ``megatron_navil._C`` (csrc/positions.cpp: per-patch loops, which run
 in data-loader workers) when built and the pure-PyTorch ``*_reference`` otherwise; the results
@@ -227,3 +230,32 @@ def window_permutation(
         return window_permutation_reference(grid_list, window, merge)
     perm, inverse, window_cu = native.window_permutation(grid_list, window, merge)
     return perm, inverse, window_cu
+
+
+def vision_kwargs(
+    grids: GridsLike, merge: int = 2, window: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The vision inputs of ``NaViLModel.forward`` for packed patch ``grids`` (one per image
+    scale, in packing order), besides the patches themselves:
+
+    * ``patch_positions`` ``[n, 2]`` int64 and ``vision_cu_seqlens`` int32 (one segment per
+      grid);
+    * with ``window`` (the window side in merge units, ``VisionConfig.window_units``):
+      ``vision_window_index`` ``[n]`` int64 (the encoder runs on ``x[index]``: the released
+      code's window order) and ``vision_window_cu_seqlens`` int32 (one segment per window,
+      for the blocks that attend within windows).
+
+    The single place that turns grids into these tensors (data loader, captioning, tests).
+
+    Raises:
+        ValueError: as :func:`window_permutation`.
+    """
+    out = {
+        "patch_positions": patch_positions(grids, merge),
+        "vision_cu_seqlens": vision_cu_seqlens(grids, merge),
+    }
+    if window is not None:
+        perm, _, window_cu = window_permutation(grids, window, merge)
+        out["vision_window_index"] = perm
+        out["vision_window_cu_seqlens"] = window_cu
+    return out

@@ -54,6 +54,19 @@ class BatchSpec:
     special_ids: tuple[int, ...] = field(default_factory=lambda: tuple(range(500, 512)))
 
 
+def windowed_tiny() -> NaViLConfig:
+    """The tiny config with windows of 2x2 merge units and block 0 attending within them
+    (block 1 global): the batches' images (up to 4 units wide) then really are permuted and
+    windowed, which the default window of 4 units would leave in raster order."""
+    import dataclasses
+
+    from megatron_navil.config.registry import get_config
+
+    cfg = get_config("tiny")
+    vision = dataclasses.replace(cfg.vision, window_size=4, fullatt_block_indexes=(1,))
+    return cfg.replace(vision=vision).validate()
+
+
 def special_ids_for(cfg: NaViLConfig) -> tuple[int, ...]:
     """12 ids at the top of the tiny vocabulary (inside it, like Qwen3's)."""
     top = cfg.language.vocab
@@ -65,7 +78,7 @@ def pack(
 ) -> dict[str, torch.Tensor]:
     """One packed micro-batch: the model's keyword arguments. A padding sample fills the
     sequence to ``seq_length`` (its own segment, no loss)."""
-    from megatron_navil.ops import image_token_layout, patch_positions, vision_cu_seqlens
+    from megatron_navil.ops import image_token_layout, vision_kwargs
 
     merge, patch = cfg.connector.merge, cfg.vision.patch
     special = torch.tensor(spec.special_ids)
@@ -108,8 +121,7 @@ def pack(
     if grids:
         n = sum(h * w for h, w in grids)
         batch["patches"] = torch.randn(n, cfg.vision.channels * patch * patch, generator=gen)
-        batch["patch_positions"] = patch_positions(grids, merge)
-        batch["vision_cu_seqlens"] = vision_cu_seqlens(grids, merge)
+        batch.update(vision_kwargs(grids, merge, cfg.vision.window_units(merge)))
     return batch
 
 

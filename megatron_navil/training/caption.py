@@ -46,6 +46,7 @@ from megatron_navil.data.shards import (
     image_cost,
 )
 from megatron_navil.data.tokenizer import TextTokenizer
+from megatron_navil.ops import patch_positions, vision_cu_seqlens, vision_kwargs
 from megatron_navil.training import checkpoint as ckpt
 
 STOP_TOKEN = "<|im_end|>"
@@ -71,32 +72,29 @@ class CaptionInput:
     """int64 ``[t]``: the prompt, image blocks expanded."""
     patches: torch.Tensor
     """float32 ``[p, 3 * patch * patch]`` of the prompt's images (``p`` may be 0)."""
-    patch_positions: torch.Tensor
-    """int64 ``[p, 2]``."""
-    vision_cu_seqlens: torch.Tensor
-    """int32 ``[images * scales + 1]``."""
+    grids: tuple[tuple[int, int], ...]
+    """Patch grid of every scale of the prompt's images, in packing order."""
+    merge: int
+    """Patches per side of a merge unit."""
     prompt_tokens: np.ndarray
     """int64: the stored prompt tokens (one placeholder per image)."""
     reference: str | None = None
     """The sample's first answer without its ``<|im_end|>`` (None for bare images)."""
 
-    def model_kwargs(self) -> dict[str, torch.Tensor]:
-        """``NaViLModel.forward`` keyword arguments of the prompt (without any new tokens)."""
-        return self.model_kwargs_for(self.input_ids)
+    @property
+    def patch_positions(self) -> torch.Tensor:
+        """int64 ``[p, 2]``."""
+        return patch_positions(self.grids, self.merge)
 
-    def model_kwargs_for(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Keyword arguments for ``input_ids`` = the prompt + generated tokens."""
-        t = int(input_ids.shape[0])
-        out = {
-            "input_ids": input_ids,
-            "position_ids": torch.arange(t, dtype=torch.long),
-            "cu_seqlens": torch.tensor([0, t], dtype=torch.int32),
-        }
-        if self.patches.shape[0]:
-            out["patches"] = self.patches
-            out["patch_positions"] = self.patch_positions
-            out["vision_cu_seqlens"] = self.vision_cu_seqlens
-        return out
+    @property
+    def vision_cu_seqlens(self) -> torch.Tensor:
+        """int32 ``[images * scales + 1]``."""
+        return vision_cu_seqlens(self.grids, self.merge)
+
+    def model_kwargs(self, window: int | None = None) -> dict[str, torch.Tensor]:
+        """``NaViLModel.forward`` keyword arguments of the prompt (without any new tokens);
+        ``window``: the model's ``VisionConfig.window_units(merge)``."""
+        return pack_inputs([self], [self.input_ids], window)
 
 
 def prompt_length(loss_mask: np.ndarray) -> int:
@@ -156,14 +154,14 @@ def caption_input(
     t = len(ids)
     if not torch.equal(packed.input_ids[:t], torch.from_numpy(ids)):
         raise CaptionError(f"sample {index}: prompt differs from the loader's sequence")
-    segments = sum(len(im.grids) for im in sample.images[:k])  # one per image and scale
-    p = int(packed.vision_cu_seqlens[segments]) if packed.patches.shape[0] else 0
+    grids = tuple(tuple(g) for im in sample.images[:k] for g in im.grids)  # image scales
+    p = int(packed.vision_cu_seqlens[len(grids)]) if packed.patches.shape[0] else 0
     return CaptionInput(
         source=source if source is not None else f"{getattr(dataset, 'root', 'corpus')}[{index}]",
         input_ids=packed.input_ids[:t].clone(),
         patches=packed.patches[:p].clone(),
-        patch_positions=packed.patch_positions[:p].clone(),
-        vision_cu_seqlens=packed.vision_cu_seqlens[: segments + 1].clone(),
+        grids=grids,
+        merge=builder.merge,
         prompt_tokens=sample.tokens[:n].copy(),
         reference=reference_of(sample, tokenizer) if with_reference else None,
     )
@@ -258,10 +256,15 @@ def image_inputs(
 
 
 def indexer_settings(
-    cfg: NaViLConfig, template: str, system: str = "", max_tokens: int = 16384
+    cfg: NaViLConfig,
+    template: str | None = None,
+    system: str | None = None,
+    max_tokens: int = 16384,
 ) -> dict[str, Any]:
     """The indexer's settings (as a dict) for ``cfg``'s image rules, as ``tools/index_corpus.py
-    --config`` sets them."""
+    --config`` sets them; template and system message default to ``cfg.prompt``'s."""
+    template = cfg.prompt.template if template is None else template
+    system = cfg.prompt.system_message if system is None else system
     from megatron_navil.data.indexer import ImageSettings, Settings
 
     im = cfg.image
@@ -397,6 +400,8 @@ class Captioner:
         self.stop_id = tokenizer.special_ids[STOP_TOKEN]
         self.banned = torch.tensor([tokenizer.special_ids[t] for t in IMAGE_BLOCK_TOKENS])
         self.vocab = min(int(model.cfg.language.vocab), int(tokenizer.vocab_size))
+        cfg = model.cfg
+        self.window = cfg.vision.window_units(cfg.connector.merge)  # the model's token order
 
     @torch.no_grad()
     def next_tokens(self, inputs: Sequence[CaptionInput], ids: Sequence[torch.Tensor]) -> list[int]:
@@ -405,7 +410,7 @@ class Captioner:
         as training packs samples (:func:`pack_inputs`), so each attends only to itself."""
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        kwargs = pack_inputs([inp.model_kwargs_for(x) for inp, x in zip(inputs, ids, strict=True)])
+        kwargs = pack_inputs(inputs, ids, self.window)
         logits = self.model(**{k: v.to(device) for k, v in kwargs.items()})  # [t, 1, V]
         ends = kwargs["cu_seqlens"][1:].long() - 1
         last = logits[ends.to(device), 0, : self.vocab].float().cpu().clone()
@@ -443,30 +448,31 @@ class Captioner:
         ]
 
 
-def pack_inputs(kwargs: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One packed sequence of several samples' ``NaViLModel.forward`` arguments (each as
-    :meth:`CaptionInput.model_kwargs_for` gives them): tokens and patches concatenated,
-    ``cu_seqlens`` / ``vision_cu_seqlens`` with each sample's segments offset by the ones
-    before it, positions restarting at 0 per sample, as the training loader packs."""
-    if not kwargs:
-        raise ValueError("pack_inputs needs at least one sample")
-    lengths = torch.tensor([int(k["input_ids"].shape[0]) for k in kwargs])
+def pack_inputs(
+    inputs: Sequence[CaptionInput], ids: Sequence[torch.Tensor], window: int | None = None
+) -> dict[str, torch.Tensor]:
+    """One packed sequence of ``NaViLModel.forward`` arguments for several samples, sample
+    ``i`` being ``ids[i]`` (its prompt + what was generated for it) with the images of
+    ``inputs[i]``: tokens and patches concatenated, ``cu_seqlens`` one segment per sample,
+    positions restarting at 0 per sample, the vision inputs of all the samples' grids
+    (``ops.vision_kwargs``, with the model's ``window``), as the training loader packs."""
+    if not inputs or len(inputs) != len(ids):
+        raise ValueError(
+            f"pack_inputs needs one id tensor per input, got {len(ids)} for {len(inputs)}"
+        )
+    lengths = torch.tensor([int(x.shape[0]) for x in ids])
     out = {
-        "input_ids": torch.cat([k["input_ids"] for k in kwargs]),
-        "position_ids": torch.cat([k["position_ids"] for k in kwargs]),
+        "input_ids": torch.cat(list(ids)),
+        "position_ids": torch.cat([torch.arange(int(n), dtype=torch.long) for n in lengths]),
         "cu_seqlens": torch.cat(
             [torch.zeros(1, dtype=torch.int32), torch.cumsum(lengths, 0).to(torch.int32)]
         ),
     }
-    visual = [k for k in kwargs if "patches" in k]
+    visual = [inp for inp in inputs if inp.patches.shape[0]]
     if visual:
-        bounds, offset = [torch.zeros(1, dtype=torch.int32)], 0
-        for k in visual:
-            bounds.append(k["vision_cu_seqlens"][1:].to(torch.int32) + offset)
-            offset += int(k["patches"].shape[0])
-        out["patches"] = torch.cat([k["patches"] for k in visual])
-        out["patch_positions"] = torch.cat([k["patch_positions"] for k in visual])
-        out["vision_cu_seqlens"] = torch.cat(bounds)
+        out["patches"] = torch.cat([inp.patches for inp in visual])
+        grids = [g for inp in visual for g in inp.grids]  # window order is per grid
+        out.update(vision_kwargs(grids, visual[0].merge, window))
     return out
 
 

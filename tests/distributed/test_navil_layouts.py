@@ -39,9 +39,8 @@ LAYOUTS = [
 
 
 def _cfg():
-    from megatron_navil.config.registry import get_config
-
-    return get_config("tiny")
+    # window order and window attention on, with images the windows really permute
+    return N.windowed_tiny()
 
 
 def _compare(layouts: list) -> dict:

@@ -37,11 +37,10 @@ def _grads(run) -> dict:
 
 def _compare() -> dict:
     from megatron_navil.config.model import Recompute
-    from megatron_navil.config.registry import get_config
     from megatron_navil.testing import navil_run as N
 
     warnings.filterwarnings("ignore")
-    cfg = get_config("tiny")
+    cfg = N.windowed_tiny()  # window order and window attention in the vision blocks
     out = {}
     for name, layout in LAYOUTS:
         ref = N.setup_run(cfg, layout)

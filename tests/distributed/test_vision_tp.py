@@ -34,10 +34,11 @@ SEED = 11
 # Three images, each at two scales (the second smaller), all of different sizes.
 GRIDS = [(8, 12), (6, 8), (4, 6), (2, 4), (6, 6), (4, 4)]
 CONFIGS = {
-    "full": VisionConfig(depth=2, width=64, mlp=128, heads=4),
+    "full": VisionConfig(depth=2, width=64, mlp=128, heads=4),  # window order of 4x4 units
     "window": VisionConfig(
-        depth=3, width=64, mlp=128, heads=4, window=2, full_attention_layers=(1,)
+        depth=3, width=64, mlp=128, heads=4, window_size=4, fullatt_block_indexes=(1,)
     ),
+    "raster": VisionConfig(depth=2, width=64, mlp=128, heads=4, window_size=None),
 }
 LAYOUTS = ["tp2", "replicated"]
 
@@ -59,12 +60,16 @@ def _model(cfg: VisionConfig, group, replica_group):
 
 
 def _step(model, cfg: VisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    from megatron_navil.models.vision import vision_packing
+    from megatron_navil.ops import vision_kwargs
 
-    pack = vision_packing(GRIDS, cfg)
+    kw = vision_kwargs(GRIDS, 2, cfg.window_units(2))
+    cu = kw["vision_cu_seqlens"]
     gen = torch.Generator().manual_seed(5)
-    patches = torch.randn(int(pack.cu_seqlens[-1]), 768, generator=gen)
-    feats = model.vision_model(patches, pack.positions, pack.cu_seqlens, pack.window)
+    patches = torch.randn(int(cu[-1]), 768, generator=gen)
+    feats = model.vision_model(
+        patches, kw["patch_positions"], cu, kw.get("vision_window_index"),
+        kw.get("vision_window_cu_seqlens"),
+    )  # fmt: skip
     tokens = model.mlp1(feats)
     weights = torch.randn(tokens.shape, generator=gen)
     (tokens * weights).sum().backward()

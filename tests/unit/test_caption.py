@@ -322,9 +322,8 @@ def _real_model_run(root: str) -> dict:
     # stop token line up with what training saw.
     loaded.forward = forward
     loaded.train()
-    batch = PackedSequenceBuilder([ds], 4096, pad=False).build(
-        np.array([[0, i] for i in range(len(ds))])
-    )
+    builder = PackedSequenceBuilder([ds], 4096, pad=False, vision_window_size=8)  # tiny's
+    batch = builder.build(np.array([[0, i] for i in range(len(ds))]))
     kwargs = batch.as_model_kwargs()
     count = (batch.labels != IGNORE_INDEX).sum()
     opt = torch.optim.Adam(loaded.parameters(), lr=3e-3)

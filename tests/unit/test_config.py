@@ -67,7 +67,14 @@ def test_experts_add_parameters_not_activation():
     [
         ("vision", dict(heads=5), r"VisionConfig.heads=5: must divide width=32"),
         ("vision", dict(width=24, heads=4), r"VisionConfig.heads=4: head dim 6 must be a mul"),
-        ("vision", dict(full_attention_layers=(3,)), r"full_attention_layers=\(3,\)"),
+        ("vision", dict(fullatt_block_indexes=(3,)), r"fullatt_block_indexes=\(3,\): block 3"),
+        ("vision", dict(window_size=0), r"VisionConfig.window_size=0: must be > 0"),
+        (
+            "vision",
+            dict(window_size=None, fullatt_block_indexes=(0,)),
+            r"fullatt_block_indexes=\(0,\): window attention needs window_size",
+        ),
+        ("vision", dict(window_size=5), r"window_size=5: must be a multiple of the merge size 2"),
         ("language", dict(kv_heads=3), r"LanguageConfig.kv_heads=3: must divide heads=4"),
         ("language", dict(variant="llama"), r"LanguageConfig.variant='llama'"),
         ("language", dict(wo_then_wo_ve=True), r"wo_then_wo_ve=True: is a quirk of the released"),

@@ -94,3 +94,25 @@ def test_train_takes_the_checkpoints_config_unless_told(tmp_path):
     assert _model_config(args(config="tiny", load=str(tmp_path / "load"))) == tiny
     with pytest.raises(ValueError, match=r"differs from the --init checkpoint's model.*layers"):
         _model_config(args(config="tiny", init=str(tmp_path / "init")))
+
+
+def test_configs_written_before_the_token_order_read_as_raster(tmp_path):
+    """A navil_config.json from before ``window_size`` existed was trained in raster order:
+    it loads as ``window_size=None``; its never-used window attention is refused."""
+    data = config_to_dict(get_config("tiny"))
+    vision = data["vision"]
+    del vision["window_size"], vision["fullatt_block_indexes"]
+    vision.update(window=None, full_attention_layers=[])
+    old = config_from_dict(json.loads(json.dumps(data)))
+    assert old.vision.window_size is None and old.vision.fullatt_block_indexes is None
+    assert old.replace(vision=get_config("tiny").vision) == get_config("tiny")
+    vision.update(window=2, full_attention_layers=[1])
+    with pytest.raises(ValueError, match="the window attention that restored raster order"):
+        config_from_dict(data)
+    new = config_to_dict(
+        get_config("navil-9b").replace(
+            vision=dataclasses.replace(get_config("navil-9b").vision, fullatt_block_indexes=(3, 7))
+        )
+    )
+    back = config_from_dict(json.loads(json.dumps(new)))
+    assert back.vision.fullatt_block_indexes == (3, 7) and back.vision.window_size == 8

@@ -28,7 +28,10 @@ def datasets(loader_corpora):
 
 
 def _loader(datasets, **kw):
-    args = dict(seq_length=SEQ, max_patches=MAX_PATCHES, global_batch=4, window=40, seed=3)
+    args = dict(
+        seq_length=SEQ, max_patches=MAX_PATCHES, global_batch=4, window=40, seed=3,
+        vision_window_size=8,  # the tiny model's token order
+    )  # fmt: skip
     args.update(kw)
     return build_data_loader(datasets, **args)
 

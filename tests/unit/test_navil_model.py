@@ -70,11 +70,13 @@ def _cases() -> dict:
     # An image whose patch grid is not a multiple of the merge size: 67 patches in all.
     vcu = batch["vision_cu_seqlens"].clone()
     vcu[-1] -= 1
+    index = batch["vision_window_index"]
     odd = dict(
         batch,
         patches=batch["patches"][:-1],
         patch_positions=batch["patch_positions"][:-1],
         vision_cu_seqlens=vcu,
+        vision_window_index=index[index != index.numel() - 1],
     )
     out["err_odd_patches"] = _error(lambda: model(**odd))
     from megatron_navil.ops import patch_positions

@@ -49,6 +49,61 @@ def _offsets(grids):
     return np.concatenate([[0], np.cumsum([gh * gw for gh, gw in grids], dtype=np.int64)])
 
 
+# ------------------------------------------------- the released code's order (NAVIL.md, 1)
+
+
+def released_window_order(gh: int, gw: int, window_size: int = 8, merge: int = 2) -> list[int]:
+    """Section 1 of "The released code's exact behaviour", literally: the patches of one
+    image (patchify order: merge units in raster order, row-major inside a unit) permuted a
+    whole unit at a time into windows of ``window_size / merge`` units a side, windows in
+    raster order over the merged grid, units in raster order inside a window. Built by
+    walking windows and units, not by the ops' padding-and-reshape."""
+    side = window_size // merge
+    uh, uw = gh // merge, gw // merge
+    unit = merge * merge
+    order = []
+    for wr in range(0, uh, side):
+        for wc in range(0, uw, side):
+            for ur in range(wr, min(wr + side, uh)):
+                for uc in range(wc, min(wc + side, uw)):
+                    first = (ur * uw + uc) * unit  # patchify's index of the unit's first patch
+                    order.extend(range(first, first + unit))
+    return order
+
+
+@pytest.mark.parametrize(
+    "image", [(64, 256), (1000, 747), (256, 256)], ids=["64x256", "1000x747", "16x16-patches"]
+)
+def test_released_window_order(image):
+    """The window order of images wider than 4 merge units (at NaViL's image rules) against
+    section 1; raster order (what the model used before) is not it, so the test fails for
+    raster."""
+    from megatron_navil.hf.modeling_navil import window_order
+    from megatron_navil.ops import merged_grid, smart_resize, vision_kwargs
+
+    grid = merged_grid(*smart_resize(*image))
+    assert grid[1] > 8  # wider than one window of 4 merge units
+    want = released_window_order(*grid)
+    assert want != list(range(grid[0] * grid[1]))  # permuted: every NaViL-size image is
+    perm, inverse, _ = window_permutation([grid], 4)
+    assert perm.tolist() == want
+    assert inverse[perm].tolist() == list(range(len(want)))
+    assert vision_kwargs([grid], 2, 4)["vision_window_index"].tolist() == want
+    index, _ = window_order(torch.tensor([grid]), 2, 4)  # the exported remote code's copy
+    assert index.tolist() == want
+    # Two images packed: each permuted inside its own range.
+    both, _, _ = window_permutation([grid, (2, 12)], 4)
+    n = grid[0] * grid[1]
+    assert both.tolist() == want + [n + i for i in released_window_order(2, 12)]
+
+
+def test_window_order_is_the_identity_up_to_one_window_wide():
+    for grid in [(2, 2), (8, 8), (16, 8), (64, 8)]:  # merged width <= 4 units
+        assert released_window_order(*grid) == list(range(grid[0] * grid[1]))
+        assert window_permutation([grid], 4)[0].tolist() == list(range(grid[0] * grid[1]))
+    assert released_window_order(4, 10) != list(range(40))  # 2 rows of 5 units: permuted
+
+
 # ----------------------------------------------------------------------------- known values
 
 

@@ -1,10 +1,12 @@
 """Vision encoder and connector against a plain-PyTorch reference, 2D RoPE against
 transformers' Qwen2-VL, image isolation, bad inputs and meta-device parameter counts.
 
-The reference is written from the model description (NAVIL.md "Architecture"), not from the
-module: official weight names and layouts (Conv2d patch embedding ``[W, 3, 16, 16]``, qkv rows
-``[q; k; v]``), one image/scale at a time, explicit softmax with a window mask instead of the
-module's permutation, pixel shuffle from a raster feature map built from the positions, all in
+The reference is written from the model description (NAVIL.md "Architecture" and "The released
+code's exact behaviour", 1), not from the module: official weight names and layouts (Conv2d
+patch embedding ``[W, 3, 16, 16]``, qkv rows ``[q; k; v]``), one image/scale at a time,
+explicit softmax with a window mask instead of the module's segments, pixel shuffle from a
+raster feature map built from the positions, the output order a sort of the merge units by
+(window row, window column, unit row, unit column) instead of the module's gather, all in
 float64. Tolerance 1e-5 relative to the largest reference value: the module runs in float32
 (~6e-8 relative rounding per operation) through two blocks of sums over at most 768 terms, so
 its error against the exact value stays orders of magnitude below 1e-5 (measured <= 4.2e-7),
@@ -13,6 +15,7 @@ while any layout or ordering mistake changes outputs by O(1).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -34,13 +37,21 @@ from megatron_navil.models.connector import Connector, pixel_shuffle
 from megatron_navil.models.meta import meta_param_counts
 from megatron_navil.models.rope import apply_vision_rope, vision_rope_cos_sin
 from megatron_navil.models.tp import standalone_linear_config
-from megatron_navil.models.vision import VisionEncoder, tp_size_for, vision_packing
-from megatron_navil.ops import patch_positions
+from megatron_navil.models.vision import VisionEncoder, tp_size_for
+from megatron_navil.ops import patch_positions, vision_kwargs
 from megatron_navil.testing.multiproc import free_port
 
 TOL = 1e-5
 GRIDS = [(8, 12), (4, 4), (2, 6), (6, 4)]  # two images, each with a second (smaller) scale
-WINDOWED = VisionConfig(depth=3, width=32, mlp=64, heads=2, window=2, full_attention_layers=(1,))
+# Window order of 2x2 merge units with attention inside windows except in block 1; the tiny
+# config's default order (windows of 4x4 units, every block global: GRIDS[0] is 6 units wide,
+# so it is permuted); and raster order.
+WINDOWED = VisionConfig(
+    depth=3, width=32, mlp=64, heads=2, window_size=4, fullatt_block_indexes=(1,)
+)
+RASTER = VisionConfig(depth=2, width=32, mlp=64, heads=2, window_size=None)
+CONFIGS = [get_config("tiny").vision, WINDOWED, RASTER]
+IDS = ["window-order", "window-attention", "raster"]
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +84,17 @@ def _build(cfg: VisionConfig, group, seed: int = 0):
     return enc, con
 
 
+class Pack:
+    """The encoder's inputs besides the patches (``ops.vision_kwargs``)."""
+
+    def __init__(self, grids, cfg: VisionConfig, merge: int = 2) -> None:
+        kw = vision_kwargs(grids, merge, cfg.window_units(merge))
+        self.positions, self.cu_seqlens = kw["patch_positions"], kw["vision_cu_seqlens"]
+        self.window = (kw.get("vision_window_index"), kw.get("vision_window_cu_seqlens"))
+
+
 def _inputs(cfg: VisionConfig, grids=GRIDS, seed: int = 1):
-    pack = vision_packing(grids, cfg)
+    pack = Pack(grids, cfg)
     t = int(pack.cu_seqlens[-1])
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(t, 3 * 16 * 16, generator=gen), pack
@@ -115,9 +135,25 @@ def _hf_rope(positions: torch.Tensor, cfg: VisionConfig):
     return Qwen2VLVisionRotaryEmbedding(hf_cfg)(torch.zeros(1), positions)
 
 
+def window_sort(pos: torch.Tensor, cfg: VisionConfig, merge: int = 2) -> torch.Tensor:
+    """Section 1's order of one image/scale's patches (``pos`` ``[n, 2]``, any order): a
+    stable sort by (window row, window column, unit row, unit column, row and column inside
+    the unit), windows of ``window_size / merge`` units a side; raster units without one."""
+    side = cfg.window_units(merge) or 1 << 30
+    r, c = pos[:, 0].tolist(), pos[:, 1].tolist()
+    keys = [
+        (ur // side, uc // side, ur, uc, a % merge, b % merge)
+        for a, b in zip(r, c, strict=True)
+        for ur, uc in [(a // merge, b // merge)]
+    ]
+    return torch.tensor(sorted(range(len(keys)), key=keys.__getitem__))
+
+
 def reference(sd, cfg: VisionConfig, patches, positions, bounds, merge=2):
-    """Per image/scale: Conv2d embed, blocks with explicit masked softmax, pixel shuffle from
-    the raster map, LayerNorm -> Linear -> GELU -> Linear. Returns (features, tokens)."""
+    """Per image/scale: Conv2d embed, blocks with explicit masked softmax (windows of
+    ``window_size`` patches where ``fullatt_block_indexes`` leaves a block out), features and
+    tokens in :func:`window_sort` order (pixel shuffle from the raster map), LayerNorm ->
+    Linear -> GELU -> Linear. Returns (features, tokens)."""
     w, heads, hd, eps = cfg.width, cfg.heads, cfg.head_dim, cfg.norm_eps
     feats, tokens = [], []
     for s, e in itertools.pairwise(bounds):
@@ -127,11 +163,11 @@ def reference(sd, cfg: VisionConfig, patches, positions, bounds, merge=2):
         x = F.conv2d(patches[s:e].double().view(n, 3, 16, 16), sd[emb + "weight"], sd[emb + "bias"])
         x = x.view(n, w)
         cos, sin = (c.double() for c in _hf_rope(pos, cfg))
-        side = merge * (cfg.window or 1)
+        side = cfg.window_size or 1
         win = (pos[:, 0] // side) * 100000 + pos[:, 1] // side
         for i in range(cfg.depth):
             p = f"vision_model.encoder.layers.{i}."
-            full = cfg.window is None or i in cfg.full_attention_layers
+            full = cfg.fullatt_block_indexes is None or i in cfg.fullatt_block_indexes
             allowed = torch.ones(n, n, dtype=torch.bool) if full else win[:, None] == win[None]
             h = _rms(x, sd[p + "norm1.weight"], eps)
             q, k, v = (h @ sd[p + "attn.qkv.weight"].T).split(w, dim=-1)
@@ -145,15 +181,17 @@ def reference(sd, cfg: VisionConfig, patches, positions, bounds, merge=2):
             h = _rms(x, sd[p + "norm2.weight"], eps)
             h = F.gelu(h @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"])
             x = x + sd[p + "ls2"] * (h @ sd[p + "mlp.fc2.weight"].T + sd[p + "mlp.fc2.bias"])
-        feats.append(x)
-        # Pixel shuffle: raster feature map, then each 2x2 unit's [p00, p01, p10, p11].
+        order = window_sort(pos, cfg, merge)
+        feats.append(x[order])
+        # Pixel shuffle: raster feature map, then each 2x2 unit's [p00, p01, p10, p11], the
+        # units in the order their first patch has in `order`.
         gh, gw = int(pos[:, 0].max()) + 1, int(pos[:, 1].max()) + 1
         fmap = torch.empty(gh, gw, w, dtype=x.dtype)
         fmap[pos[:, 0], pos[:, 1]] = x
-        for ur in range(gh // merge):
-            for uc in range(gw // merge):
-                unit = fmap[ur * merge : (ur + 1) * merge, uc * merge : (uc + 1) * merge]
-                tokens.append(unit.reshape(-1))
+        for r, c in pos[order][:: merge * merge].tolist():
+            ur, uc = r // merge, c // merge
+            unit = fmap[ur * merge : (ur + 1) * merge, uc * merge : (uc + 1) * merge]
+            tokens.append(unit.reshape(-1))
     m = torch.stack(tokens)
     m = F.layer_norm(m, (m.shape[1],), sd["mlp1.0.weight"], sd["mlp1.0.bias"], eps=1e-5)
     m = F.gelu(m @ sd["mlp1.1.weight"].T + sd["mlp1.1.bias"])
@@ -167,11 +205,11 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("cfg", [get_config("tiny").vision, WINDOWED], ids=["full", "window"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_matches_reference(group, cfg):
     enc, con = _build(cfg, group)
     patches, pack = _inputs(cfg)
-    feats = enc(patches, pack.positions, pack.cu_seqlens, pack.window)
+    feats = enc(patches, pack.positions, pack.cu_seqlens, *pack.window)
     tokens = con(feats)
     ref_feats, ref_tokens = reference(
         to_official(enc, con, cfg.heads), cfg, patches, pack.positions, pack.cu_seqlens.tolist()
@@ -185,30 +223,41 @@ def test_matches_reference(group, cfg):
     wrong[key] = enc.encoder["layers"][0].attn.qkv.weight.double()
     bad, _ = reference(wrong, cfg, patches, pack.positions, pack.cu_seqlens.tolist())
     assert _rel(feats, bad) > 1e3 * TOL
+    # ... and so does the token order: the reference in raster order differs by O(1).
+    if cfg.window_size is not None:
+        raster = dataclasses.replace(cfg, window_size=None, fullatt_block_indexes=None)
+        if cfg.fullatt_block_indexes is None:  # same attention, other order
+            _, raster_tokens = reference(
+                to_official(enc, con, cfg.heads), raster, patches, pack.positions,
+                pack.cu_seqlens.tolist(),
+            )  # fmt: skip
+            assert _rel(tokens, raster_tokens) > 1e3 * TOL
 
 
 def test_window_attention_changes_the_output(group):
-    """Windows are really used: the same weights without windows give other features."""
+    """Windows are really used: the same weights with every block global give other
+    features (in the same order)."""
     enc, _ = _build(WINDOWED, group)
-    full_enc, _ = _build(VisionConfig(depth=3, width=32, mlp=64, heads=2), group)
+    global_cfg = dataclasses.replace(WINDOWED, fullatt_block_indexes=None)
+    full_enc, _ = _build(global_cfg, group)
     for a, b in zip(enc.parameters(), full_enc.parameters(), strict=True):
         assert torch.equal(a, b)
     patches, pack = _inputs(WINDOWED)
-    windowed = enc(patches, pack.positions, pack.cu_seqlens, pack.window)
-    full = full_enc(patches, pack.positions, pack.cu_seqlens)
+    windowed = enc(patches, pack.positions, pack.cu_seqlens, *pack.window)
+    full = full_enc(patches, pack.positions, pack.cu_seqlens, *pack.window)
     assert (windowed - full).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("cfg", [get_config("tiny").vision, WINDOWED], ids=["full", "window"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_images_and_scales_are_isolated(group, cfg):
     enc, con = _build(cfg, group)
     patches, pack = _inputs(cfg)
-    base = enc(patches, pack.positions, pack.cu_seqlens, pack.window)
+    base = enc(patches, pack.positions, pack.cu_seqlens, *pack.window)
     bounds = pack.cu_seqlens.tolist()
     s, e = bounds[1], bounds[2]  # the first image's second scale
     changed = patches.clone()
     changed[s:e] += torch.randn(e - s, changed.shape[1])
-    out = enc(changed, pack.positions, pack.cu_seqlens, pack.window)
+    out = enc(changed, pack.positions, pack.cu_seqlens, *pack.window)
     assert not torch.equal(out[s:e], base[s:e])
     assert torch.equal(out[:s], base[:s]) and torch.equal(out[e:], base[e:])
     tokens, base_tokens = con(out), con(base)
@@ -259,12 +308,17 @@ def test_bad_inputs(group):
     with pytest.raises(ValueError, match="positions must be an integer"):
         enc(patches, pack.positions.float(), pack.cu_seqlens)
     with pytest.raises(
-        ValueError, match=re.escape("window index given but VisionConfig.window=None")
+        ValueError, match=re.escape("vision_window_index missing but VisionConfig.window_size=8")
     ):
-        enc(patches, pack.positions, pack.cu_seqlens, vision_packing(GRIDS, WINDOWED).window)
+        enc(patches, pack.positions, pack.cu_seqlens)
+    renc, _ = _build(RASTER, group)
+    with pytest.raises(ValueError, match=r"vision_window_index given but .*window_size=None"):
+        renc(patches, pack.positions, pack.cu_seqlens, *pack.window)
+    with pytest.raises(ValueError, match=r"vision_window_index must be \[t="):
+        enc(patches, pack.positions, pack.cu_seqlens, pack.window[0][:-1])
     wenc, _ = _build(WINDOWED, group)
-    with pytest.raises(ValueError, match="window index missing"):
-        wenc(patches, pack.positions, pack.cu_seqlens)
+    with pytest.raises(ValueError, match="windowed blocks need vision_window_cu_seqlens"):
+        wenc(patches, pack.positions, pack.cu_seqlens, pack.window[0])
     with pytest.raises(ValueError, match="heads=2 do not split over a TP group of 4"):
         VisionEncoder(cfg, standalone_linear_config(), _FakeGroup(4))
     with pytest.raises(ValueError, match="tp_group is None; pass the process group explicitly"):
