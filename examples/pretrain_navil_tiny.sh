@@ -44,7 +44,11 @@ fi
 # the patches. In one process over 360 steps that read colours at 0.87 instead of 0.65 (groups
 # 0.87 vs 0.82), each step 25% cheaper. The run's checkpoints record multi_scale=false (taken
 # from the corpus), so steps 4 and 5 prepare images as training did.
-INDEX_ARGS="--config tiny --template qwen3-chat --no-multi-scale"
+# --no-system: no system turn in the samples. The released models (and the indexer's default)
+# put InternVL's default system message in every conversation: about 180 tokens of this tiny
+# byte-level tokenizer, 6x a caption sample. The checkpoints record it (the prompt is taken
+# from the corpus), so captions and the HF export prompt without one too.
+INDEX_ARGS="--config tiny --template qwen3-chat --no-multi-scale --no-system"
 if [ "$(cat "$OUT/shards/index_args" 2>/dev/null)" != "$INDEX_ARGS" ]; then
   rm -rf "$OUT/shards"
 fi

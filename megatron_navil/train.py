@@ -259,6 +259,24 @@ def corpus_image_config(cfg: Any, images: list[dict[str, Any]]) -> tuple[Any, di
     return dataclasses.replace(cfg, image=image_cfg).validate(), changes
 
 
+def corpus_prompt_config(cfg: Any, settings: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    """``cfg`` with the chat template and system message the corpora were rendered with
+    (``settings``: each manifest's ``settings``), and the fields that changed; a field on
+    which a blend's corpora disagree keeps ``cfg``'s value. The checkpoint's config then says
+    how its prompts looked, for captioning and the HF export."""
+    changes = {}
+    for field, key in (("template", "template"), ("system_message", "system")):
+        values = {s.get(key) for s in settings}
+        if len(values) == 1 and None not in values:
+            value = values.pop()
+            if value != getattr(cfg.prompt, field):
+                changes[field] = value
+    if not changes:
+        return cfg, {}
+    prompt = dataclasses.replace(cfg.prompt, **changes)
+    return dataclasses.replace(cfg, prompt=prompt).validate(), changes
+
+
 def _model_config(args: argparse.Namespace) -> Any:
     """``--config`` when given (a name, a file or a checkpoint), else the config saved with
     the checkpoint that ``--load`` resumes, else with ``--init``'s, else ``tiny``. A checkpoint
@@ -278,7 +296,11 @@ def _model_config(args: argparse.Namespace) -> Any:
         return resolve_config(carried[0][1] if carried else "tiny")
     cfg = resolve_config(args.config)
     for flag, found in carried:
-        diff = [d for d in same_model(cfg, resolve_config(found)) if not d.startswith("image.")]
+        diff = [
+            d
+            for d in same_model(cfg, resolve_config(found))
+            if not d.startswith(("image.", "prompt."))
+        ]
         if diff:
             raise ValueError(
                 f"--config {args.config} differs from the {flag} checkpoint's model "
@@ -339,6 +361,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     special = _special_ids(datasets[0].manifest)
     try:
         cfg, image_changes = corpus_image_config(cfg, [d.manifest["image"] for d in datasets])
+        cfg, prompt_changes = corpus_prompt_config(cfg, [d.manifest["settings"] for d in datasets])
     except ValueError as exc:
         parser.error(f"--data: {exc}")
     vocab = int(datasets[0].manifest["tokenizer"]["vocab_size"])
@@ -377,6 +400,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
             "device": str(device), "precision": "bf16" if bf16 else "fp32",
             # image settings the corpus was indexed with, where they differ from --config's
             **({"image_from_corpus": image_changes} if image_changes else {}),
+            **({"prompt_from_corpus": prompt_changes} if prompt_changes else {}),
         }))  # fmt: skip
     if args.dry_run:
         return 0
@@ -393,6 +417,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         num_workers=args.num_workers,
         # only the first pipeline stage runs the vision encoder; the others skip decoding
         pixels=ps.is_pipeline_first_stage(ignore_virtual=True),
+        vision_window_size=cfg.vision.window_size,
     )  # fmt: skip
     peak = mfu_peak_flops(args)
     source = LoaderSource(loader, args.global_batch // dp, device)

@@ -82,10 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--template",
         choices=TEMPLATES,
-        help="chat template for --images (default: --data's, else qwen3-chat)",
+        help="chat template for --images (default: --data's, else the checkpoint config's)",
     )
     p.add_argument(
-        "--system", default=None, help="system message for --images (default: --data's, else none)"
+        "--system",
+        default=None,
+        help="system message for --images (default: --data's, else the checkpoint config's; "
+        "'' for none)",
     )
     p.add_argument(
         "--prompt",
@@ -186,7 +189,8 @@ def _image_settings(args, cfg, dataset) -> dict:
         if args.system is not None:
             settings["system"] = args.system
         return settings
-    return indexer_settings(cfg, args.template or "qwen3-chat", args.system or "")
+    system = cfg.prompt.system_message if args.system is None else args.system
+    return indexer_settings(cfg, args.template or cfg.prompt.template, system)
 
 
 def _no_nan(metrics: dict) -> dict:

@@ -34,6 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from megatron_navil.cli import OneLineParser, nonneg_int, positive_float, positive_int
 from megatron_navil.config import REGISTRY
 from megatron_navil.config.io import resolve_config
+from megatron_navil.config.model import DEFAULT_SYSTEM_MESSAGE
 from megatron_navil.data import indexer as ix
 from megatron_navil.data.templates import TEMPLATES
 from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError
@@ -81,12 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TEMPLATES,
         help="chat template for conversations (default: internlm2-chat)",
     )
-    b.add_argument(
+    sys_group = b.add_mutually_exclusive_group()
+    sys_group.add_argument(
         "--system",
-        default="",
+        default=DEFAULT_SYSTEM_MESSAGE,
         metavar="TEXT",
-        help="system message for conversations without a system turn (default: none, no "
-        "system block)",
+        help="system turn of every conversation that has none of its own (default: InternVL's "
+        "default system message, which the released NaViL models were trained and are run "
+        "with, as InternVL's training adds it to every sample)",
+    )
+    sys_group.add_argument(
+        "--no-system",
+        dest="system",
+        action="store_const",
+        const="",
+        help="no system turn (shorter samples; a model trained so is prompted without one)",
     )
     b.add_argument(
         "--caption-format",

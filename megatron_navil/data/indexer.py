@@ -46,6 +46,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from megatron_navil.config.model import DEFAULT_SYSTEM_MESSAGE
 from megatron_navil.data.images import ImageRejected, prepare_image
 from megatron_navil.data.shards import (
     MANIFEST_NAME,
@@ -97,7 +98,7 @@ class Settings:
     """Everything that determines the output bytes (saved in plan.json)."""
 
     template: str = "internlm2-chat"
-    system: str = ""
+    system: str = DEFAULT_SYSTEM_MESSAGE  # system turn of conversations without one ("": none)
     caption_format: str = "raw"  # raw | chat
     caption_prompt: str = "Describe the image."
     max_tokens: int = 16384

@@ -4,8 +4,11 @@ Templates (../shared/NAVIL.md, "Chat templates"), written here exactly as there:
 
 * ``internlm2-chat``: ``<|im_start|>system\\n{SYS}<|im_end|><|im_start|>user\\n{Q}<|im_end|>
   <|im_start|>assistant\\n{A}<|im_end|>`` (no newline after ``<|im_end|>``); the system block is
-  written only when there is a system message (a ``system`` turn, or the indexer's
-  ``--system``), turns repeat for multi-turn conversations;
+  written when there is a system message: the record's own ``system`` turn, else the
+  renderer's ``system`` (the indexer's ``--system``, by default InternVL's default system
+  message, ``config.DEFAULT_SYSTEM_MESSAGE``, as the released models are prompted and as
+  InternVL's training adds it to every sample; ``--no-system`` / ``""``: none); turns repeat
+  for multi-turn conversations;
 * ``qwen3-chat``: the same, with the assistant prefix followed by an empty think block:
   ``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n{A}<|im_end|>``.
 
@@ -30,10 +33,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from megatron_navil.config.model import CHAT_TEMPLATES
 from megatron_navil.data.tokenizer import TextTokenizer
 
 IMAGE_MARK = "<image>"
-TEMPLATES = ("internlm2-chat", "qwen3-chat")
+TEMPLATES = CHAT_TEMPLATES
 ROLES = {
     "human": "user",
     "user": "user",

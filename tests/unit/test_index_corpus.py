@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from megatron_navil.config.model import DEFAULT_SYSTEM_MESSAGE
 from megatron_navil.config.registry import get_config
 from megatron_navil.data.shards import ShardDataset
 from megatron_navil.data.tokenizer import TextTokenizer
@@ -79,7 +80,11 @@ def test_round_trip_conversations(syn, tmp_path, template):
         rec = json.loads(line)
         s = ds.sample(i)
         q, a = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
-        want = f"<|im_start|>user\n{q.replace('<image>', '<img>')}<|im_end|><|im_start|>assistant\n"
+        # the default system turn (InternVL's message, as the released models are prompted)
+        want = f"<|im_start|>system\n{DEFAULT_SYSTEM_MESSAGE}<|im_end|>"
+        want += (
+            f"<|im_start|>user\n{q.replace('<image>', '<img>')}<|im_end|><|im_start|>assistant\n"
+        )
         assert tok.decode(s.tokens.tolist()) == want + think + a + "<|im_end|>"
         assert tok.decode(s.tokens[s.loss_mask].tolist()) == a + "<|im_end|>"
         assert s.record == i
@@ -146,7 +151,7 @@ def test_jsonl_record_kinds(syn, tmp_path):
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
     ]
     out = tmp_path / "out"
-    assert _build([_jsonl(d / "mix.jsonl", rows)], out, syn / "tokenizer.json") == 0
+    assert _build([_jsonl(d / "mix.jsonl", rows)], out, syn / "tokenizer.json", "--no-system") == 0
     text = _decoded(out)
     assert text == [
         "<|im_start|>user\n<img>\nQ<|im_end|><|im_start|>assistant\nA<|im_end|>",  # prepended
@@ -197,8 +202,10 @@ def test_captions_csv_chat_format_meta_and_tars(syn, tmp_path):
             tf.addfile(info, io.BytesIO(data))
     out = tmp_path / "out"
     inputs = [d / "pairs.csv", d / "meta.json", tar_path]
-    assert _build(inputs, out, syn / "tokenizer.json", "--caption-format", "chat") == 0
-    chat = "<|im_start|>user\n<img>\nDescribe the image.<|im_end|><|im_start|>assistant\n"
+    assert _build(inputs, out, syn / "tokenizer.json", "--caption-format", "chat", "--system",
+                  "Be brief.") == 0  # fmt: skip
+    chat = "<|im_start|>system\nBe brief.<|im_end|>"
+    chat += "<|im_start|>user\n<img>\nDescribe the image.<|im_end|><|im_start|>assistant\n"
     assert _decoded(out) == [
         chat + "a green square, with a comma<|im_end|>",
         chat + "multi\nline<|im_end|>",
@@ -405,3 +412,26 @@ def test_inspect_shards(syn, tmp_path, capsys):
     assert "CORRUPT" in capsys.readouterr().out
     assert inspect_shards.main([str(tmp_path / "nothing")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_system_turn_default_override_and_none(syn, tmp_path):
+    """NAVIL.md, "The released code's exact behaviour", 4: every conversation gets the
+    template's system turn with InternVL's default message (as InternVL's training adds it);
+    --system replaces it, --no-system drops it, a record's own system turn wins."""
+    rows = [
+        {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+        {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"},
+                           {"from": "gpt", "value": "A"}]},
+    ]  # fmt: skip
+    src = _jsonl(tmp_path / "conv.jsonl", rows)
+    body = "<|im_start|>user\nQ<|im_end|><|im_start|>assistant\nA<|im_end|>"
+    for extra, system in (
+        ((), DEFAULT_SYSTEM_MESSAGE),
+        (("--system", "X"), "X"),
+        (("--no-system",), None),
+    ):
+        out = tmp_path / f"out{len(extra)}{system is None}"
+        assert _build([src], out, syn / "tokenizer.json", *extra) == 0
+        head = "" if system is None else f"<|im_start|>system\n{system}<|im_end|>"
+        assert _decoded(out) == [head + body, f"<|im_start|>system\nS<|im_end|>{body}"]
+        assert _manifest(out)["settings"]["system"] == (system or "")
