@@ -7,7 +7,7 @@ Example::
 
 Loads ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` and its tokenizer
 (the remote code from the export: NaViL's image preprocessing and chat template), answers each
-sample's first user turn about its image greedily (``model.chat``), and scores the answers
+sample's first user turn about its image greedily (``model.chat_images``), and scores the answers
 against the sample's reference like ``tools/caption.py`` (exact match; per-field accuracy and
 chance on the synthetic shapes corpus). With ``--compare FILE`` (``tools/caption.py --json``
 output over the same samples) it also counts the captions that differ from the megatron
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for sid, image, question, reference in todo:
             with Image.open(image) as im:
-                text = model.chat(tok, question, [im.convert("RGB")], args.max_new_tokens)
+                text = model.chat_images(tok, question, [im.convert("RGB")], args.max_new_tokens)
             results.append(CaptionResult(sid, reference, text, "", 0, 0, text == reference))
     seconds = time.perf_counter() - began
     for r in results[: args.show]:

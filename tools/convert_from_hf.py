@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         metavar="FILE",
-        help="llm: the tokenizer.json to train with (its 12 NaViL special token ids)",
+        help="the tokenizer (tokenizer.json / tokenizer.model, or a directory) whose 12 NaViL "
+        "special token ids the model uses; navil: default the --hf directory's tokenizer; "
+        "llm: the tokenizer.json to train with",
     )
     p.add_argument(
         "--special-token-ids",
@@ -76,6 +78,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=1234, help="llm: seed of the fresh vision/connector init"
     )
     return p
+
+
+def _navil_ids(args: argparse.Namespace, hf: Path, config: dict, cfg) -> list[int]:
+    """The 12 special-token ids of an HF NaViL directory: from --tokenizer, else the
+    directory's tokenizer (the released code takes them from the tokenizer), checked against
+    the ``special_token_ids`` our exports also write; every id inside the LLM vocabulary."""
+    from megatron_navil.conversion import hf_config
+    from megatron_navil.conversion import importer as I
+    from megatron_navil.conversion.mapping import ConversionError
+
+    written = hf_config.special_token_ids_of(config)
+    source = args.tokenizer or hf
+    try:
+        ids = I.tokenizer_special_ids(source)
+    except ConversionError:
+        if args.tokenizer is not None or written is None:
+            raise ConversionError(
+                f"{hf}: the 12 special token ids come from the tokenizer (the official config "
+                "carries none) and there is none: give --tokenizer"
+            ) from None
+        ids = written
+    if written is not None and written != ids:
+        raise ConversionError(
+            f"the tokenizer ({source}) gives special token ids {ids}, config.json says {written}"
+        )
+    outside = [i for i in ids if not 0 <= i < cfg.language.vocab]
+    if outside:
+        raise ConversionError(
+            f"special token ids {outside} are outside the LLM vocabulary of {cfg.language.vocab}"
+        )
+    print(f"special token ids from {source}: {ids}")
+    return ids
 
 
 def _resolve(args: argparse.Namespace):
@@ -101,7 +135,7 @@ def _resolve(args: argparse.Namespace):
             diff = hf_config.same_model(base, cfg)
             if diff:
                 raise ConversionError(f"{hf} is not a {args.config!r} model: {diff[0]}")
-        ids = hf_config.special_token_ids_of(config)
+        ids = _navil_ids(args, hf, config, cfg)
     else:
         if base is None:
             raise ConversionError("llm needs --config (vision encoder, connector, image rules)")

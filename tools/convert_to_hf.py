@@ -79,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--template",
         choices=("internlm2-chat", "qwen3-chat"),
-        help="chat template (default: internlm2-chat for InternLM2 backbones, else qwen3-chat)",
+        help="chat template (default: the one the model was trained with, from its config)",
+    )
+    p.add_argument(
+        "--system-message",
+        metavar="TEXT",
+        help="system message of the chat template (default: the one the model was trained "
+        "with, from its config; '' for none)",
     )
     p.add_argument(
         "--dtype",
@@ -128,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = E.export(
                 checkpoint, args.output, cfg,
                 special_token_ids=args.special_token_ids, tokenizer=args.tokenizer,
-                template=args.template, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                progress=bar,
+                template=args.template, system_message=args.system_message, dtype=args.dtype,
+                max_shard_bytes=args.max_shard_size, progress=bar,
             )  # fmt: skip
         elapsed = time.perf_counter() - start
     except (ConversionError, TokenizerError) as exc:
@@ -141,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['bytes'] / 1e9:.3f} GB in {len(summary['files'])} file(s), {elapsed:.1f} s "
         f"({total / 1e9 / max(elapsed, 1e-9):.3f} GB/s read), peak RSS {rss:.0f} MB"
     )
+    if summary["released_code"] is None:
+        print("the authors' released NaViL code can load it (official config fields and names)")
+    else:
+        print(f"note: the authors' released NaViL code cannot load it: {summary['released_code']};"
+              " this project's remote code (trust_remote_code=True) can")  # fmt: skip
     return 0
 
 

@@ -11,6 +11,7 @@ with the 12 special tokens and the chat template.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Sequence
@@ -74,23 +75,29 @@ def export(
     special_token_ids: Sequence[int] | None = None,
     tokenizer: str | Path | None = None,
     template: str | None = None,
+    system_message: str | None = None,
     dtype: str = "bfloat16",
     max_shard_bytes: int = 2 * 1024**3,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Convert; returns a summary (tensor count, bytes, files). ``progress``: a tqdm-like
-    object updated with the bytes of every megatron tensor read."""
+    """Convert; returns a summary (tensor count, bytes, files, and ``released_code``: None
+    when the authors' released code can load the result, else why not). ``template`` /
+    ``system_message`` override ``cfg.prompt`` (the prompts the model was trained with).
+    ``progress``: a tqdm-like object updated with the bytes of every megatron tensor read."""
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    if template is not None and template != cfg.prompt.template:
+        cfg = cfg.replace(prompt=dataclasses.replace(cfg.prompt, template=template)).validate()
+    if system_message is not None:
+        prompt = dataclasses.replace(cfg.prompt, system_message=system_message)
+        cfg = cfg.replace(prompt=prompt).validate()
+    template = cfg.prompt.template
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"{out}: output directory exists and is not empty")
     table = rules(cfg)
     reader = DistCheckpointReader(checkpoint)
     check_names(reader.shapes, {r.megatron: r.shape for r in table}, str(checkpoint))
-    template = template or (
-        "internlm2-chat" if cfg.language.variant == "internlm2" else "qwen3-chat"
-    )
     out.mkdir(parents=True, exist_ok=True)
     ids: list[int] | None = None
     im_end: int | None = None
@@ -106,6 +113,13 @@ def export(
         ids = list(range(cfg.special_token_first_id, cfg.special_token_first_id + 12))
     else:
         raise ConversionError("the 12 special token ids are unknown: give a tokenizer or their ids")
+    outside = [i for i in ids if not 0 <= i < cfg.language.vocab]
+    if outside:  # the released code looks every id up in the LLM embedding first
+        raise ConversionError(
+            f"special token ids {outside} are outside the model's vocabulary of "
+            f"{cfg.language.vocab}: the released code (and ours) looks them up in the LLM "
+            "embedding first; import or train with a vocabulary padded to hold them"
+        )
     target = DTYPES[dtype]
     writer = ShardedWriter(out, max_shard_bytes)
     for rule in table:
@@ -116,7 +130,7 @@ def export(
             writer.add(name, piece.to(target))
         del tensor
     files = writer.close()
-    config = hf_config.to_hf_config(cfg, ids, dtype, template)
+    config = hf_config.to_hf_config(cfg, ids, dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"do_sample": False}
     if im_end is not None:
@@ -127,6 +141,7 @@ def export(
         "tensors": sum(len(r.hf) for r in table),
         "bytes": writer.total,
         "files": [f.name for f in files],
+        "released_code": hf_config.released_code_can_load(cfg),
     }
 
 

@@ -151,6 +151,38 @@ def llm_navil_config(base: NaViLConfig, llm_dir: str | Path) -> tuple[NaViLConfi
     return cfg.validate(), bool(config.get("tie_word_embeddings", False))
 
 
+def tokenizer_special_ids(path: str | Path) -> list[int]:
+    """The 12 special-token ids (``SPECIAL_TOKENS`` order) of a tokenizer: a
+    ``tokenizer.json`` / ``tokenizer.model`` file, or an HF directory holding one (its
+    ``tokenizer.json`` first). For a sentencepiece model the tokens the file lacks are the
+    tokens the directory's ``tokenizer_config.json`` (``added_tokens_decoder``) or
+    ``added_tokens.json`` adds, as the released code's ``convert_tokens_to_ids`` finds them;
+    without either, ``TextTokenizer``'s rule (``vocab_size + k`` in that order, NaViL-2B's
+    92544..92555). ConversionError when there is no tokenizer or a token has no id."""
+    from megatron_navil.config.model import SPECIAL_TOKENS
+    from megatron_navil.data.tokenizer import TextTokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        found = [p / n for n in ("tokenizer.json", "tokenizer.model") if (p / n).is_file()]
+        if not found:
+            raise ConversionError(f"{p}: no tokenizer.json or tokenizer.model to take ids from")
+        p = found[0]
+    elif not p.is_file():
+        raise ConversionError(f"{p}: no such tokenizer file")
+    added: dict[str, int] = {}
+    config = p.parent / "tokenizer_config.json"
+    if p.suffix == ".model" and config.is_file():
+        decoder = json.loads(config.read_text()).get("added_tokens_decoder", {})
+        added = {entry["content"]: int(i) for i, entry in decoder.items()}
+    if p.suffix == ".model" and (p.parent / "added_tokens.json").is_file():
+        added |= {
+            k: int(v) for k, v in json.loads((p.parent / "added_tokens.json").read_text()).items()
+        }
+    tok = TextTokenizer(p)
+    return [added.get(t, tok.special_ids[t]) for t in SPECIAL_TOKENS]
+
+
 # ------------------------------------------------------------------------------------------
 # the writer
 

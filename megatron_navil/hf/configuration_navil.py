@@ -14,10 +14,13 @@ the same in every ``transformers`` version.
 then ``wo_ve`` (the released 2B code); absent means True for InternLM2 (the released code's
 behaviour) and False otherwise.
 
-Fields beyond the official ones (absent in official configs, defaults shown): ``special_token_ids``
-(the 12 ids in ``SPECIAL_TOKENS`` order; default ``vocab_size + 0..11``, NaViL-2B's layout),
-``use_multi_scale`` (True), ``max_aspect_ratio`` (200), ``template`` ("internlm2-chat" for
-InternLM2, else "qwen3-chat").
+Official fields used here: ``template`` (default "internlm2-chat" for InternLM2, else
+"qwen3-chat"), ``system_message`` (default InternVL's, which both released templates carry),
+``vision_config.window_size`` (8) and ``fullatt_block_indexes`` (None); the other official
+fields (``anyres_image_size``, ``ps_version``, ...) are kept as they are. Fields beyond the
+official ones (absent in official configs, defaults shown): ``special_token_ids`` (the 12 ids
+in ``SPECIAL_TOKENS`` order; None: ``model.init_special_token_ids(tokenizer)`` sets them, as
+the released API does), ``use_multi_scale`` (True), ``max_aspect_ratio`` (200).
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+DEFAULT_SYSTEM_MESSAGE = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "  # noqa: RUF001
+    "是一个有用无害的人工智能助手。"
+)
+"""InternVL's default system message (a copy: this file is standalone; a test keeps it equal
+to ``megatron_navil.config.model.DEFAULT_SYSTEM_MESSAGE``)."""
 VISION_DEFAULTS: dict[str, Any] = {
     "hidden_size": 1472,
     "num_hidden_layers": 24,
@@ -39,6 +48,8 @@ VISION_DEFAULTS: dict[str, Any] = {
     "qk_normalization": True,
     "norm_type": "rms_norm",
     "initializer_factor": 0.1,
+    "window_size": 8,
+    "fullatt_block_indexes": None,
 }
 LLM_DEFAULTS: dict[str, Any] = {
     "model_type": "internlm2",
@@ -78,6 +89,7 @@ class NaViLChatConfig(PretrainedConfig):
         use_multi_scale: bool = True,
         max_aspect_ratio: float = 200.0,
         template: str | None = None,
+        system_message: str | None = None,
         **kwargs: Any,
     ) -> None:
         vision = dict(VISION_DEFAULTS)
@@ -93,17 +105,18 @@ class NaViLChatConfig(PretrainedConfig):
         self.min_dynamic_patch = int(min_dynamic_patch)
         self.max_dynamic_patch = int(max_dynamic_patch)
         self.scale_downsample_ratio = float(scale_downsample_ratio)
-        if special_token_ids is None:
-            special_token_ids = [llm["vocab_size"] + i for i in range(12)]
-        self.special_token_ids = [int(i) for i in special_token_ids]
+        self.special_token_ids = (
+            None if special_token_ids is None else [int(i) for i in special_token_ids]
+        )
         self.use_multi_scale = bool(use_multi_scale)
         self.max_aspect_ratio = float(max_aspect_ratio)
         if template is None:
             template = "internlm2-chat" if llm["model_type"] == "internlm2" else "qwen3-chat"
         self.template = template
+        self.system_message = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
-        if len(self.special_token_ids) != 12:
+        if self.special_token_ids is not None and len(self.special_token_ids) != 12:
             raise ValueError(f"special_token_ids needs 12 ids, got {self.special_token_ids}")
 
 

@@ -46,6 +46,7 @@ from .processing_navil import (
     SPECIAL_TOKENS,
     VISUAL_TOKENS,
     NaViLImageProcessor,
+    ReleasedImageProcessor,
     expand_images,
 )
 
@@ -86,6 +87,34 @@ def vision_positions(grids: torch.Tensor, merge: int) -> torch.Tensor:
         cols = torch.arange(gw).unsqueeze(0).expand(gh, gw).reshape(shape).permute(0, 2, 1, 3)
         parts.append(torch.stack([rows.flatten(), cols.flatten()], dim=-1))
     return torch.cat(parts) if parts else torch.zeros(0, 2, dtype=torch.long)
+
+
+def window_order(
+    grids: torch.Tensor, merge: int, window: int | None
+) -> tuple[torch.Tensor | None, list[int]]:
+    """The released code's token order of the packed patches of ``grids`` ``[segments, 2]``:
+    ``(index, bounds)`` with ``x[index]`` in window order and ``bounds`` the window segments.
+    ``window`` is ``vision_config.window_size // merge`` (merge units a side; None: raster
+    order, ``(None, [])``). Per grid: the merged grid padded up to whole windows, windows in
+    raster order, merge units in raster order inside a window (padding dropped), each unit's
+    ``merge * merge`` patches kept together (Qwen2.5-VL's window index)."""
+    if window is None:
+        return None, []
+    unit = merge * merge
+    index, bounds, base = [], [0], 0
+    for gh, gw in grids.tolist():
+        uh, uw = gh // merge, gw // merge
+        ids = torch.arange(uh * uw).view(uh, uw)
+        padded = F.pad(ids, (0, -uw % window, 0, -uh % window), value=-1)
+        nh, nw = padded.shape[0] // window, padded.shape[1] // window
+        tiles = padded.view(nh, window, nw, window).permute(0, 2, 1, 3).reshape(nh * nw, -1)
+        for tile in tiles:
+            units = tile[tile >= 0]
+            if units.numel():
+                index.append(base + (units[:, None] * unit + torch.arange(unit)).flatten())
+                bounds.append(bounds[-1] + units.numel() * unit)
+        base += gh * gw
+    return (torch.cat(index) if index else torch.zeros(0, dtype=torch.long)), bounds
 
 
 class VisionEmbeddings(nn.Module):
@@ -180,6 +209,8 @@ class VisionModel(nn.Module):
         self.encoder = VisionEncoder(v)
 
     def forward(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> torch.Tensor:
+        """Features ``[p, W]`` in the released code's window order (``window_size``): the
+        order the connector's tokens fill the ``<IMG_CONTEXT>`` slots in."""
         counts = (image_grid_hw[:, 0] * image_grid_hw[:, 1]).tolist()
         if sum(counts) != pixel_values.shape[0]:
             raise ValueError(
@@ -190,7 +221,8 @@ class VisionModel(nn.Module):
         for c in counts:
             bounds.append(bounds[-1] + int(c))
         x = self.embeddings(pixel_values)
-        positions = vision_positions(image_grid_hw.cpu(), self.merge).to(x.device)
+        grids = image_grid_hw.cpu()
+        positions = vision_positions(grids, self.merge).to(x.device)
         dim = self.head_dim // 2
         inv_freq = 1.0 / (
             self.v.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
@@ -198,8 +230,17 @@ class VisionModel(nn.Module):
         freqs = (positions.float()[..., None] * inv_freq).flatten(1)
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos(), emb.sin()
-        for layer in self.encoder.layers:
-            x = layer(x, cos, sin, bounds)
+        window = getattr(self.v, "window_size", None)
+        index, window_bounds = window_order(
+            grids, self.merge, None if window is None else int(window) // self.merge
+        )
+        if index is not None:  # never undone: the released models' token order
+            index = index.to(x.device)
+            x, cos, sin = x[index], cos[index], sin[index]
+        full = getattr(self.v, "fullatt_block_indexes", None)
+        for i, layer in enumerate(self.encoder.layers):
+            windowed = full is not None and i not in full
+            x = layer(x, cos, sin, window_bounds if windowed else bounds)
         return x
 
 
@@ -473,6 +514,11 @@ class NaViL(NaViLPreTrainedModel):
         # Qwen3: per-head QK-norm; "llama": Qwen3-style names without it (a Llama-initialised
         # NaViL); InternLM2 never has it.
         lm.qk_norm = bool(getattr(lm, "qk_norm", lm.model_type == "qwen3"))
+        if lm.model_type == "internlm2" and getattr(lm, "bias", False):
+            raise ValueError(
+                "llm_config.bias is true (InternLM2's default): NaViL's LLM has no biases; "
+                "the released 2B config says false"
+            )
         if lm.model_type == "internlm2" and lm.qk_norm:
             raise ValueError("llm_config: InternLM2-style layers have no QK-norm")
         self.merge = round(1 / config.downsample_ratio)
@@ -481,13 +527,40 @@ class NaViL(NaViLPreTrainedModel):
         self.special_token_embedding = nn.Embedding(len(SPECIAL_TOKENS), lm.hidden_size)
         self.language_model = LanguageModel(lm)
         # Plain lists, not buffers: from_pretrained builds the model on the meta device and
-        # would leave non-persistent buffers uninitialised.
-        self.special_token_ids = [int(i) for i in config.special_token_ids]
-        self.visual_token_ids = [
-            self.special_token_ids[SPECIAL_TOKENS.index(t)] for t in VISUAL_TOKENS
-        ]
-        self.img_context_token_id = config.special_token_ids[SPECIAL_TOKENS.index("<IMG_CONTEXT>")]
+        # would leave non-persistent buffers uninitialised. Official configs carry no ids:
+        # init_special_token_ids(tokenizer) sets them (NAVIL.md section 5).
+        self.special_token_ids: list[int] | None = None
+        if getattr(config, "special_token_ids", None) is not None:
+            self._set_special_ids([int(i) for i in config.special_token_ids])
+        self.image_processor = ReleasedImageProcessor.from_config(config)
         self.post_init()
+
+    def _set_special_ids(self, ids: list[int]) -> None:
+        vocab = self.language_model.lm.vocab_size
+        outside = [i for i in ids if not 0 <= i < vocab]
+        if len(ids) != len(SPECIAL_TOKENS) or outside:
+            raise ValueError(
+                f"special token ids {ids}: need {len(SPECIAL_TOKENS)} ids inside the LLM "
+                f"vocabulary of {vocab} (outside: {outside})"
+            )
+        self.special_token_ids = ids
+        self.visual_token_ids = [ids[SPECIAL_TOKENS.index(t)] for t in VISUAL_TOKENS]
+        self.img_context_token_id = ids[SPECIAL_TOKENS.index("<IMG_CONTEXT>")]
+        self.img_start_token_id = ids[SPECIAL_TOKENS.index("<img>")]
+        self.img_end_token_id = ids[SPECIAL_TOKENS.index("</img>")]
+
+    def init_special_token_ids(self, tokenizer: Any) -> None:
+        """The 12 special-token ids from ``tokenizer`` (``convert_tokens_to_ids``), the
+        released API; each must be inside the LLM vocabulary."""
+        self._set_special_ids([int(tokenizer.convert_tokens_to_ids(t)) for t in SPECIAL_TOKENS])
+
+    def _ids(self) -> list[int]:
+        if self.special_token_ids is None:
+            raise ValueError(
+                "the special-token ids are unknown (an official config carries none): call "
+                "model.init_special_token_ids(tokenizer) first"
+            )
+        return self.special_token_ids
 
     # embeddings -----------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
@@ -507,7 +580,7 @@ class NaViL(NaViLPreTrainedModel):
     ) -> torch.Tensor:
         """``[B, T]`` ids -> ``[B, T, H]``: LLM embedding, the special-token table for the 12
         special ids, image features at the ``<IMG_CONTEXT>`` positions."""
-        special_ids = torch.tensor(self.special_token_ids, device=input_ids.device)
+        special_ids = torch.tensor(self._ids(), device=input_ids.device)
         match = input_ids.unsqueeze(-1) == special_ids  # [B, T, 12]
         is_special = match.any(-1)
         emb = self.language_model.embed()(torch.where(is_special, 0, input_ids))
@@ -553,8 +626,13 @@ class NaViL(NaViLPreTrainedModel):
         image_grid_hw: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_dict: bool = True,
+        image_grid_thw: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """Logits (and the shifted loss with ``labels``). Images as ours (``pixel_values``
+        ``[p, 3*P*P]``, ``image_grid_hw``) or as the released code passes them
+        (``[p, 3, P, P]``, ``image_grid_thw`` with ``t = 1``)."""
+        pixel_values, image_grid_hw = _as_ours(pixel_values, image_grid_hw, image_grid_thw)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
@@ -587,6 +665,9 @@ class NaViL(NaViLPreTrainedModel):
     ) -> torch.Tensor:
         """Prompt ``[B, T]`` (left-padded) -> ``[B, T + n]`` with the generated tokens; rows
         that stopped at ``eos_token_id`` are padded with it. Greedy unless ``do_sample``."""
+        pixel_values, image_grid_hw = _as_ours(
+            pixel_values, image_grid_hw, kwargs.pop("image_grid_thw", None)
+        )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if eos_token_id is None:
@@ -594,9 +675,7 @@ class NaViL(NaViLPreTrainedModel):
         eos = [] if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         )  # fmt: skip
-        banned = [
-            self.config.special_token_ids[SPECIAL_TOKENS.index(t)] for t in IMAGE_BLOCK_TOKENS
-        ]
+        banned = [self._ids()[SPECIAL_TOKENS.index(t)] for t in IMAGE_BLOCK_TOKENS]
         vocab = self.language_model.lm.vocab_size
         caches: list[list[torch.Tensor]] = [[] for _ in self.language_model.model.layers]
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -632,6 +711,12 @@ class NaViL(NaViLPreTrainedModel):
         return out
 
     # chat -------------------------------------------------------------------------------------
+    def _messages(self, content: str, system: str | None) -> list[dict[str, str]]:
+        system = getattr(self.config, "system_message", None) if system is None else system
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": content}
+        ]
+
     def build_inputs(
         self,
         tokenizer: Any,
@@ -640,28 +725,27 @@ class NaViL(NaViLPreTrainedModel):
         system: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Model inputs of one user turn: each ``<image>`` in ``question`` becomes the next
-        image's block (one ``<image>\\n`` is prepended when there is none and one image),
-        rendered with the config's chat template."""
+        image's block (one ``<image>\\n`` per image is prepended when there is none),
+        rendered with the config's chat template and system message (``system`` overrides;
+        ``""``: none), tokenized with the tokenizer's own special-token handling (BOS where
+        it adds one), as the released ``chat`` does."""
         images = list(images or [])
         if images and "<image>" not in question:
             question = "<image>\n" * len(images) + question
         processed = NaViLImageProcessor.from_config(self.config)(images)
         content = expand_images(question, processed["image_blocks"])
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": content}
-        ]
-        template = CHAT_TEMPLATES[self.config.template]
         text = tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
-        )
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            self._messages(content, system), chat_template=CHAT_TEMPLATES[self.config.template],
+            tokenize=False, add_generation_prompt=True,
+        )  # fmt: skip
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
         return {
             "input_ids": ids,
             "pixel_values": processed["pixel_values"],
             "image_grid_hw": processed["image_grid_hw"],
         }
 
-    def chat(
+    def chat_images(
         self,
         tokenizer: Any,
         question: str,
@@ -669,16 +753,103 @@ class NaViL(NaViLPreTrainedModel):
         max_new_tokens: int = 64,
         system: str | None = None,
     ) -> str:
-        """Answer ``question`` about ``images`` (PIL images), greedily, until ``<|im_end|>``."""
+        """Answer ``question`` about ``images`` (PIL images), greedily, until ``<|im_end|>``
+        (this project's API: images in, preprocessing inside)."""
         inputs = self.build_inputs(tokenizer, question, images, system)
+        return self._answer(tokenizer, inputs, {"max_new_tokens": max_new_tokens})
+
+    def _answer(
+        self,
+        tokenizer: Any,
+        inputs: dict[str, Any],
+        generation: dict[str, Any],
+        skip_special_tokens: bool = False,
+    ) -> str:
+        """Generate until ``<|im_end|>`` (or ``max_new_tokens``), decode the new tokens."""
         device = self.special_token_embedding.weight.device
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs = {k: v.to(device) for k, v in inputs.items() if v is not None}
         eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        out = self.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=eos)
+        kwargs = {k: v for k, v in generation.items() if k in ("max_new_tokens", "do_sample")}
+        out = self.generate(**inputs, eos_token_id=eos, **kwargs)
         new = out[0, inputs["input_ids"].shape[1] :].tolist()
         if eos in new:
             new = new[: new.index(eos)]
-        return tokenizer.decode(new, skip_special_tokens=False).strip()
+        return tokenizer.decode(new, skip_special_tokens=skip_special_tokens).strip()
+
+    def chat(
+        self,
+        tokenizer: Any,
+        pixel_values: torch.Tensor | None,
+        question: str,
+        generation_config: dict[str, Any],
+        history: list[tuple[str, str]] | None = None,
+        return_history: bool = False,
+        num_patches_list: Any = None,
+        num_scales: Any = (2,),
+        IMG_START_TOKEN: str = "<img>",  # the released signature's names
+        IMG_END_TOKEN: str = "</img>",
+        IMG_CONTEXT_TOKEN: str = "<IMG_CONTEXT>",
+        IMG_LINE_BREAK_TOKEN: str = "<IMG_LINE_BREAK>",
+        IMG_FRAME_BREAK_TOKEN: str = "<IMG_FRAME_BREAK>",
+        anyres_image_size: bool = True,
+        verbose: bool = False,
+    ) -> Any:
+        """The released model's ``chat`` (NAVIL.md section 7): ``pixel_values`` from
+        ``model.image_processor`` (``[p, 3, P, P]`` or ``[p, 3*P*P]``, every scale of every
+        image, smallest scale first), ``num_patches_list`` one ``(t, h, w)`` patch grid per
+        scale, ``num_scales`` the scales of each image; ``<image>\\n`` per image is
+        prepended when the question has none; greedy unless ``generation_config`` says
+        ``do_sample``. Returns the answer (and the history with ``return_history``)."""
+        if not anyres_image_size:
+            raise ValueError("NaViL takes native-resolution images: anyres_image_size=True")
+        if self.special_token_ids is None:
+            self.init_special_token_ids(tokenizer)
+        if history is None and pixel_values is not None and "<image>" not in question:
+            question = "<image>\n" * len(num_scales) + question
+        history = list(history or [])
+        assistant = "<|im_start|>assistant\n"
+        if self.config.template != "internlm2-chat":
+            assistant += "<think>\n\n</think>\n\n"
+        system = getattr(self.config, "system_message", None)
+        query = f"<|im_start|>system\n{system}<|im_end|>" if system else ""
+        for old_question, old_answer in history:
+            query += f"<|im_start|>user\n{old_question}<|im_end|>{assistant}{old_answer}<|im_end|>"
+        query += f"<|im_start|>user\n{question}<|im_end|>{assistant}"
+        grids = [] if num_patches_list is None else [list(map(int, g)) for g in num_patches_list]
+        scales = [int(n) for n in num_scales]
+        for image, n in enumerate(scales):  # the first <image>s of the whole query, in order
+            start = sum(scales[:image])
+            block = IMG_START_TOKEN
+            for t, h, w in grids[start : start + n]:
+                row = IMG_CONTEXT_TOKEN * (w // self.merge) + IMG_LINE_BREAK_TOKEN
+                block += (row * (h // self.merge) + IMG_FRAME_BREAK_TOKEN) * t
+            query = query.replace("<image>", block + IMG_END_TOKEN, 1)
+        inputs = {"input_ids": tokenizer(query, return_tensors="pt")["input_ids"]}
+        if pixel_values is not None:
+            inputs["pixel_values"] = pixel_values.reshape(pixel_values.shape[0], -1)
+            inputs["image_grid_hw"] = torch.tensor([[h, w] for _, h, w in grids])
+        generation = {k: v for k, v in dict(generation_config).items() if k != "eos_token_id"}
+        response = self._answer(tokenizer, inputs, generation, skip_special_tokens=True)
+        if verbose:
+            print(question, response)
+        history.append((question, response))
+        return (response, history) if return_history else response
+
+
+def _as_ours(
+    pixel_values: torch.Tensor | None,
+    image_grid_hw: torch.Tensor | None,
+    image_grid_thw: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``pixel_values [p, 3*P*P]`` and ``image_grid_hw`` from either form (module doc)."""
+    if pixel_values is not None and pixel_values.dim() == 4:
+        pixel_values = pixel_values.reshape(pixel_values.shape[0], -1)
+    if image_grid_hw is None and image_grid_thw is not None:
+        thw = torch.as_tensor(image_grid_thw).reshape(-1, 3)
+        if bool((thw[:, 0] != 1).any()):
+            raise ValueError("image_grid_thw: NaViL images have t = 1")
+        image_grid_hw = thw[:, 1:]
+    return pixel_values, image_grid_hw
 
 
 NaViLChatModel = NaViL

@@ -299,3 +299,66 @@ def expand_images(text: str, blocks: Sequence[str]) -> str:
     for block, piece in zip(blocks, pieces[1:], strict=True):
         out += [block, piece]
     return "".join(out)
+
+
+class ReleasedImageProcessor:
+    """``model.image_processor`` of the released NaViL API (NAVIL.md, "The released code's
+    exact behaviour", 2 and 7): one image, one scale per call::
+
+        out = processor(image, return_tensors="pt", min_pixels=..., max_pixels=...)
+        out["pixel_values"]    float32 [gh * gw, 3 * P * P], merge-unit order
+        out["image_grid_thw"]  int64 [[1, gh, gw]]
+
+    The size is Qwen2-VL's ``smart_resize`` with factor 1 on the raw pixels (bicubic when it
+    differs), then zero padding to multiples of ``patch * merge`` and ``(x / 255 - 0.5) / 0.5``.
+    ``max_pixels`` may be the 0-dim float32 tensor the released demo computes for its smaller
+    scales (``grid.prod() * P**2 * ratio**2``): the arithmetic below is written on the given
+    objects, so it is the demo's (a float32 comparison and division), not a float64 copy."""
+
+    def __init__(self, patch: int = 16, merge: int = 2, min_pixels: int = 256 * 256,
+                 max_pixels: int = 24576 * 256) -> None:  # fmt: skip
+        self.patch_size, self.merge_size, self.temporal_patch_size = int(patch), int(merge), 1
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+
+    @classmethod
+    def from_config(cls, config: Any) -> ReleasedImageProcessor:
+        vision = config.vision_config
+        patch = vision["patch_size"] if isinstance(vision, dict) else vision.patch_size
+        area = patch * patch
+        return cls(
+            patch, round(1 / config.downsample_ratio),
+            config.min_dynamic_patch * area, config.max_dynamic_patch * area,
+        )  # fmt: skip
+
+    @staticmethod
+    def target_size(height: int, width: int, min_pixels: Any, max_pixels: Any) -> tuple[int, int]:
+        """Qwen2-VL ``smart_resize(height, width, factor=1, min_pixels, max_pixels)``."""
+        if max(height, width) / min(height, width) > 200:
+            raise ValueError(f"image {height}x{width}: aspect ratio above 200")
+        h, w = height, width
+        if h * w > max_pixels:
+            beta = math.sqrt((height * width) / max_pixels)
+            h, w = max(1, math.floor(height / beta)), max(1, math.floor(width / beta))
+        elif h * w < min_pixels:
+            beta = math.sqrt(min_pixels / (height * width))
+            h, w = math.ceil(height * beta), math.ceil(width * beta)
+        return int(h), int(w)
+
+    def __call__(self, image: Any, return_tensors: str | None = "pt", min_pixels: Any = None,
+                 max_pixels: Any = None, **kwargs: Any) -> dict[str, torch.Tensor]:  # fmt: skip
+        from PIL import Image
+
+        if isinstance(image, (list, tuple)):
+            if len(image) != 1:
+                raise ValueError("one image per call (the released demo's use)")
+            image = image[0]
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+        image = image.convert("RGB")
+        lo = self.min_pixels if min_pixels is None else min_pixels
+        hi = self.max_pixels if max_pixels is None else max_pixels
+        h, w = self.target_size(image.height, image.width, lo, hi)
+        if (h, w) != (image.height, image.width):
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+        values, (gh, gw) = patchify(np.asarray(image), self.patch_size, self.merge_size)
+        return {"pixel_values": values, "image_grid_thw": torch.tensor([[1, gh, gw]])}

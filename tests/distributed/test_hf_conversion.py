@@ -177,7 +177,7 @@ def test_generate_equals_caption_tool(world):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (caption,) = json.loads((world["root"] / "caption.json").read_text())["captions"]
     assert caption["new_tokens"] == len(new)
-    assert caption["generated"] == model.chat(tok, "Describe the image.",
+    assert caption["generated"] == model.chat_images(tok, "Describe the image.",
                                               [Image.open(world["image"])], MAX_NEW)  # fmt: skip
 
 

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -94,13 +96,53 @@ def test_official_2b_config_without_the_flag_uses_the_quirk():
     config["scale_downsample_ratio"] = 0.7071
     cfg = hf_config.from_hf_config(config)
     assert cfg.language.wo_then_wo_ve is True
-    assert cfg.special_token_first_id == 92544
-    assert hf_config.special_token_ids_of(config) == list(range(92544, 92556))
+    # official configs carry no special-token ids: they come from the tokenizer (section 5)
+    assert cfg.special_token_first_id is None
+    assert hf_config.special_token_ids_of(config) is None
     from megatron_navil.hf.configuration_navil import NaViLChatConfig
 
     assert NaViLChatConfig(**config).llm_config["wo_then_wo_ve"] is True
     with pytest.raises(ConversionError, match="not a NaViL checkpoint"):
         hf_config.from_hf_config({"model_type": "llama"})
+    config["llm_config"]["bias"] = True  # InternLM2Config's default: biases NaViL does not have
+    with pytest.raises(ConversionError, match=r"llm_config\.bias is true"):
+        hf_config.from_hf_config(config)
+
+
+@pytest.mark.parametrize("name", ["navil-2b", "navil-9b"])
+def test_exported_config_is_what_the_released_code_reads(name):
+    """NAVIL.md section 6: the released class names, InternLM2's bias written false, every
+    official top-level and vision field, the template and system message."""
+    from megatron_navil.testing import official_reference as R
+
+    cfg = get_config(name)
+    config = hf_config.to_hf_config(cfg, IDS, "bfloat16")
+    assert R.check_config(config) == []
+    arch = config["llm_config"]["architectures"]
+    if name == "navil-2b":
+        assert arch == ["InternLM2VEForCausalLM"] and config["llm_config"]["bias"] is False
+        assert config["template"] == "internlm2-chat"
+    else:
+        assert arch == ["Qwen3VEForCausalLM"] and config["template"] == "qwen3-chat"
+    assert config["system_message"] == R.DEFAULT_SYSTEM_MESSAGE
+    assert config["vision_config"]["window_size"] == 8
+    assert config["vision_config"]["fullatt_block_indexes"] is None
+    assert config["scale_downsample_ratio"] == 0.7071 or name  # the helper's default
+    assert hf_config.released_code_can_load(cfg) is None
+    # the released code's own names for its tensors are exactly ours
+    expected = R.expected_tensors(config)
+    assert hf_shapes(cfg) == expected
+    # a Llama-style backbone: our remote code only
+    llama = cfg.replace(
+        language=dataclasses.replace(
+            cfg.language, variant="qwen3", qk_norm=False, wo_then_wo_ve=False
+        )
+    )
+    config = hf_config.to_hf_config(llama, IDS, "bfloat16")
+    assert config["llm_config"]["model_type"] == "llama"
+    assert "QK-norm" in hf_config.released_code_can_load(llama)
+    assert R.check_config(config)  # refused by the released code
+    assert hf_config.same_model(hf_config.from_hf_config(config), llama) == []
 
 
 def test_check_names_names_the_tensor():
