@@ -498,3 +498,37 @@ class Reference:
         x = _rms(x, sd[pre + "norm.weight"], eps)
         head = "language_model.output.weight" if self.internlm2 else "language_model.lm_head.weight"
         return x @ sd[head].T
+
+
+# ------------------------------------------------------------------------------------------
+# this project's side of a comparison (not part of the reference)
+
+
+def pipeline_logits_rank(
+    checkpoint: str, tokenizer: str, images: list[str], question: str
+) -> bytes:
+    """In one spawned rank: for each image, the prompt this project builds for it and
+    ``question`` (the indexer's rendering and image rules, the loader's pixels, the model's
+    token order), and a megatron checkpoint's float64 logits on it; pickled list of dicts
+    ``{"ids", "patches", "grids", "logits"}``."""
+    import pickle
+    import warnings
+
+    from megatron_navil.config.io import resolve_config
+    from megatron_navil.data.tokenizer import TextTokenizer
+    from megatron_navil.parallel import initialize
+    from megatron_navil.training import caption as C
+
+    warnings.filterwarnings("ignore")
+    initialize()
+    cfg = resolve_config(checkpoint)
+    tok = TextTokenizer(tokenizer)
+    model = C.load_model(cfg, checkpoint, tok)
+    window = cfg.vision.window_units(cfg.connector.merge)
+    out = []
+    for inp in C.image_inputs(images, tok, C.indexer_settings(cfg), question):
+        with torch.no_grad():
+            logits = model(**C.pack_inputs([inp], [inp.input_ids], window))[:, 0].double()
+        out.append({"ids": inp.input_ids.tolist(), "patches": inp.patches,
+                    "grids": [list(g) for g in inp.grids], "logits": logits})  # fmt: skip
+    return pickle.dumps(out)

@@ -30,7 +30,6 @@ import os
 import pickle
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,35 +49,6 @@ def _cli(script: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(ROOT / "tools" / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-
-
-def _megatron_side(checkpoint: str, tokenizer: str, image: str) -> bytes:
-    """In one rank: our pipeline's prompt for (image, QUESTION) and the imported model's
-    logits on it."""
-    from megatron_navil.config.io import resolve_config
-    from megatron_navil.data.tokenizer import TextTokenizer
-    from megatron_navil.parallel import initialize
-    from megatron_navil.training import caption as C
-
-    warnings.filterwarnings("ignore")
-    initialize()
-    cfg = resolve_config(checkpoint)
-    tok = TextTokenizer(tokenizer)
-    (inp,) = C.image_inputs([image], tok, C.indexer_settings(cfg), QUESTION)
-    model = C.load_model(cfg, checkpoint, tok)
-    window = cfg.vision.window_units(cfg.connector.merge)
-    kwargs = C.pack_inputs([inp], [inp.input_ids], window)
-    with torch.no_grad():
-        logits = model(**kwargs)[:, 0].double()
-    return pickle.dumps(
-        {
-            "ids": inp.input_ids,
-            "patches": inp.patches,
-            "grids": inp.grids,
-            "logits": logits,
-            "cfg": cfg,
-        }
-    )
 
 
 @pytest.fixture(scope="module")
@@ -160,18 +130,23 @@ def test_import_caption_export(world):
     assert "special token ids from" in proc.stdout and str(list(range(12))) in proc.stdout
     checkpoint = root / "imported" / "iter_0000000"
     (side,) = run_distributed(
-        _megatron_side, 1, str(checkpoint), str(official / "tokenizer.json"),
-        str(world["image"]), timeout=900,
+        R.pipeline_logits_rank, 1, str(checkpoint), str(official / "tokenizer.json"),
+        [str(world["image"])], QUESTION, timeout=900,
     )  # fmt: skip
-    side = pickle.loads(side)
+    (side,) = pickle.loads(side)
     # our prompt and pixels are the released code's ...
-    assert side["ids"].tolist() == world["ids"].tolist()
-    assert [tuple(g) for g in side["grids"]] == [(h, w) for _, h, w in world["grids"]]
+    assert side["ids"] == world["ids"].tolist()
+    assert side["grids"] == [[h, w] for _, h, w in world["grids"]]
     flat = world["pixels"].reshape(world["pixels"].shape[0], -1)
     assert float((side["patches"].double() - flat).abs().max()) < 1e-6
     # ... and so are the logits, through the window order
     assert _rel(side["logits"], world["logits"]) < TOL
-    assert side["cfg"].vision.window_size == 8
+    # the same through the compatibility report
+    report = _cli("compare_hf.py", "--checkpoint", str(checkpoint), "--official", str(official),
+                  "--images", str(world["image"]))  # fmt: skip
+    assert report.returncode == 0, report.stdout + report.stderr[-2000:]
+    assert "0 config problem(s), 0 missing and 0 unexpected" in report.stdout
+    assert "agree within the tolerance" in report.stdout
 
     caption = _cli("caption.py", "--checkpoint", str(checkpoint), "--images",
                    str(world["image"]), "--tokenizer", str(official / "tokenizer.json"),
