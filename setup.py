@@ -101,6 +101,7 @@ setup(
         "packaging",
         "psutil",  # needed by megatron-core's torch_dist checkpoint writer, not declared by it
         "sentencepiece",
+        "protobuf",  # sentencepiece's model proto, read to export a .model as tokenizer.json
         "pillow",
         "safetensors",
         "transformers",

@@ -11,7 +11,8 @@ in a plain ``transformers`` install: ``config.json`` (official NaViL fields, ``a
 ``model-XXXXX-of-YYYYY.safetensors`` + ``model.safetensors.index.json`` (official parameter
 names), ``generation_config.json``, the remote-code files (``modeling_navil.py``,
 ``configuration_navil.py``, ``processing_navil.py``) and, with --tokenizer, the tokenizer with
-the 12 special tokens and the chat template. Tensors stream one at a time (memory: one tensor
+the 12 special tokens and the chat template (loads in transformers 4.51 and 5.x; a sentencepiece
+``.model`` adds ``tokenization_navil.py``). Tensors stream one at a time (memory: one tensor
 plus one output shard). Every tensor of the checkpoint must map and every expected tensor must
 be there, or the export stops naming it. Exit status 2 on bad input.
 """
@@ -65,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         metavar="FILE",
-        help="the HF tokenizer.json the model was trained with (gives the special token ids "
-        "and is exported with the chat template)",
+        help="the tokenizer.json or sentencepiece .model the model was trained with (gives the "
+        "special token ids and is exported with the chat template)",
     )
     p.add_argument(
         "--special-token-ids",

@@ -6,7 +6,7 @@ read one global tensor (``DistCheckpointReader``), transform it to its HF tensor
 hand them to the shard writer. Peak memory: one megatron tensor, its HF pieces and the
 current output shard. Then ``config.json`` (``auto_map`` to the remote code),
 ``generation_config.json``, the remote-code files and, with a tokenizer, the tokenizer files
-with the 12 special tokens and the chat template.
+with the 12 special tokens and the chat template (``tokenizer_export.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from megatron_navil.config.model import SPECIAL_TOKENS, NaViLConfig
+from megatron_navil.config.model import NaViLConfig
 from megatron_navil.conversion import hf_config
 from megatron_navil.conversion.dist_reader import DistCheckpointReader
 from megatron_navil.conversion.hf_io import ShardedWriter
@@ -37,34 +37,17 @@ def copy_remote_code(out: Path) -> None:
 
 
 def write_tokenizer(tokenizer_path: str | Path, out: Path, template: str) -> tuple[list[int], int]:
-    """The tokenizer (HF ``tokenizer.json``) with NaViL's 12 special tokens and the chat
-    template's control tokens as special tokens, saved with ``save_pretrained`` so
-    ``AutoTokenizer.from_pretrained(out, trust_remote_code=True)`` loads it; returns the 12
-    special ids and the id of ``<|im_end|>`` (end of a turn: generation stops there)."""
-    from transformers import PreTrainedTokenizerFast
+    """The tokenizer files (HF ``tokenizer.json`` or sentencepiece ``.model`` source) with
+    NaViL's 12 special tokens and the chat template's control tokens as special tokens and the
+    chat template, loadable by ``AutoTokenizer.from_pretrained(out, trust_remote_code=True)`` in
+    transformers 4.51 and 5.x with the ids of ``TextTokenizer`` (see
+    ``conversion/tokenizer_export.py``); returns the 12 special ids and the id of
+    ``<|im_end|>`` (end of a turn: generation stops there). ConversionError for a tokenizer
+    file that cannot be used."""
+    from megatron_navil.conversion.tokenizer_export import write_tokenizer_files
 
-    from megatron_navil.data.tokenizer import CONTROL_TOKENS, TextTokenizer
-    from megatron_navil.hf.processing_navil import CHAT_TEMPLATES
-
-    text = TextTokenizer(tokenizer_path)
-    if text.kind != "hf":
-        raise ConversionError(
-            f"{tokenizer_path}: only HF tokenizer.json files are exported (sentencepiece .model "
-            "tokenizers need their own tokenizer class)"
-        )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=text._hf,
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        additional_special_tokens=list(SPECIAL_TOKENS + CONTROL_TOKENS),
-    )
-    fast.chat_template = CHAT_TEMPLATES[template]
-    fast.save_pretrained(str(out))
-    ids = [text.special_ids[t] for t in SPECIAL_TOKENS]
-    check = [fast.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
-    if check != ids:
-        raise ConversionError(f"exported tokenizer maps the special tokens to {check}, not {ids}")
-    return ids, int(fast.convert_tokens_to_ids("<|im_end|>"))
+    result = write_tokenizer_files(tokenizer_path, out, template)
+    return result.special_ids, result.im_end
 
 
 def export(

@@ -5,7 +5,8 @@ Both are wrapped by :class:`TextTokenizer`, which guarantees that the 12 NaViL s
 ``<|im_end|>``, ``<think>``, ``</think>``) are single ids:
 
 * HF: tokens the vocabulary lacks are added as special tokens (``Tokenizer.add_special_tokens``,
-  appended after the vocabulary, in ``SPECIAL_TOKENS`` order then the control tokens);
+  appended after the vocabulary, in ``SPECIAL_TOKENS`` order then the control tokens); tokens it
+  has as plain entries are declared special too, keeping their ids (never split in a text);
 * sentencepiece: pieces the model has are used (``piece_to_id``, not ``<unk>``); missing ones
   get ids ``vocab_size + k`` in the same order (NaViL-2B's 92544..92555 for InternLM2).
 
@@ -14,6 +15,17 @@ User text is encoded by :meth:`TextTokenizer.encode_text`: the grounding tokens 
 backend without special-token handling. Reserved strings (image tokens and template control
 tokens, :data:`RESERVED`) must not appear in user text; :meth:`find_reserved` finds them so the
 indexer can skip such samples instead of silently routing text as image tokens.
+
+Inference-side encoding (what an HF export of this tokenizer gives, see
+``conversion/tokenizer_export.py``): :meth:`TextTokenizer.encode_prompt` encodes a rendered
+prompt in which every special and control token is one id; :attr:`TextTokenizer.prefix_ids` /
+:attr:`TextTokenizer.suffix_ids` are the ids the tokenizer's own special-token handling puts
+before / after a text (``tokenizer(text)`` with ``add_special_tokens=True``, the released NaViL
+code's call): for ``tokenizer.json``, what its post-processor adds; for a sentencepiece
+``.model``, which has no such setting, the ``add_bos_token`` (default true) and ``add_eos_token``
+(default false) of a ``tokenizer_config.json`` next to the file, with the model's own BOS / EOS
+pieces, as Llama's and InternLM2's slow tokenizers do (InternLM2: BOS ``<s>``, no EOS). The
+training pipeline adds neither.
 
 Fingerprint: ``sha256(sha256(file bytes) + json(12 special ids))`` (:attr:`fingerprint`).
 """
@@ -34,6 +46,9 @@ RESERVED = tuple(t for t in SPECIAL_TOKENS if t not in TEXT_SPECIALS) + CONTROL_
 """Strings that must not occur in user text."""
 
 _TEXT_SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in TEXT_SPECIALS) + ")")
+_ALL_SPECIAL_RE = re.compile(
+    "(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS + CONTROL_TOKENS) + ")"
+)
 _RESERVED_RE = re.compile("|".join(re.escape(t) for t in RESERVED))
 
 
@@ -52,6 +67,10 @@ class TextTokenizer:
             raise TokenizerError(f"{self.path}: cannot read tokenizer ({exc.strerror})") from None
         self.file_sha256 = hashlib.sha256(raw).hexdigest()
         self.added: list[str] = []
+        self.prefix_ids: tuple[int, ...] = ()
+        """Ids ``tokenizer(text)`` puts before the text (``add_special_tokens=True``)."""
+        self.suffix_ids: tuple[int, ...] = ()
+        """Ids ``tokenizer(text)`` puts after the text (``add_special_tokens=True``)."""
         if self.path.suffix == ".model":
             self.kind = "sentencepiece"
             self._init_sp(raw)
@@ -78,9 +97,34 @@ class TextTokenizer:
         if missing:
             tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
             self.added = missing
+        # tokens the vocabulary has as plain entries become added special tokens with their
+        # ids too, so the backend never splits them (as an HF export, which declares all 16
+        # special, does not); user text cannot contain them (RESERVED, grounding split apart)
+        declared = {t.content for t in tok.get_added_tokens_decoder().values()}
+        plain = [t for t in SPECIAL_TOKENS + CONTROL_TOKENS if t not in declared]
+        if plain:
+            tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in plain])
         self._hf = tok
         self.special_ids = {t: int(tok.token_to_id(t)) for t in SPECIAL_TOKENS + CONTROL_TOKENS}
         self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
+        self.prefix_ids, self.suffix_ids = self._hf_affixes(tok)
+
+    def _hf_affixes(self, tok) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """What the post-processor adds around a text: encode a probe with and without
+        special tokens and find the plain ids inside the other encoding."""
+        for probe in ("a", "0", " ", "."):
+            plain = tok.encode(probe, add_special_tokens=False).ids
+            if plain:
+                break
+        full = tok.encode(probe, add_special_tokens=True).ids
+        if not plain:
+            return tuple(full), ()
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return tuple(full[:start]), tuple(full[start + len(plain) :])
+        raise TokenizerError(
+            f"{self.path}: its post-processor changes the text's ids ({plain} -> {full})"
+        )
 
     def _init_sp(self, raw: bytes) -> None:
         import sentencepiece as spm
@@ -104,6 +148,40 @@ class TextTokenizer:
                 nxt += 1
         self.vocab_size = nxt
         self._sp_extra = {v: k for k, v in self.special_ids.items() if v >= base}
+        settings = self._sp_settings()
+        for flag, attr, piece_id, name in (
+            ("add_bos_token", "prefix_ids", sp.bos_id(), "BOS"),
+            ("add_eos_token", "suffix_ids", sp.eos_id(), "EOS"),
+        ):
+            if settings[flag]:
+                if piece_id < 0:
+                    raise TokenizerError(
+                        f"{self.path}: {flag} is set but the model has no {name} piece"
+                    )
+                setattr(self, attr, (int(piece_id),))
+
+    def _sp_settings(self) -> dict[str, bool]:
+        """``add_bos_token`` / ``add_eos_token`` of a ``tokenizer_config.json`` next to the
+        ``.model`` (defaults: BOS yes, EOS no, as Llama/InternLM2 slow tokenizers)."""
+        settings = {"add_bos_token": True, "add_eos_token": False}
+        config = self.path.parent / "tokenizer_config.json"
+        if not config.is_file():
+            return settings
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TokenizerError(f"{config}: not a readable JSON file ({msg})") from None
+        if not isinstance(data, dict):
+            raise TokenizerError(f"{config}: not a JSON object")
+        for key in settings:
+            value = data.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, bool):
+                raise TokenizerError(f"{config}: {key} must be true or false, not {value!r}")
+            settings[key] = value
+        return settings
 
     # encoding ---------------------------------------------------------------------------
 
@@ -127,6 +205,22 @@ class TextTokenizer:
     def encode_markup(self, text: str) -> list[int]:
         """Ids of template text (no user content): plain encoding, nothing is checked."""
         return self._encode_plain(text)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a rendered prompt as an HF tokenizer gives them with
+        ``add_special_tokens=False``: every special and control token is its id, the text
+        between them is encoded plainly (for ``tokenizer.json`` the backend with its own added
+        tokens, for sentencepiece each piece on its own). Without :attr:`prefix_ids` /
+        :attr:`suffix_ids`."""
+        if self.kind == "hf":
+            return self._hf.encode(text, add_special_tokens=False).ids if text else []
+        out: list[int] = []
+        for k, piece in enumerate(_ALL_SPECIAL_RE.split(text)):
+            if k % 2:
+                out.append(self.special_ids[piece])
+            else:
+                out.extend(self._encode_plain(piece))
+        return out
 
     @staticmethod
     def find_reserved(text: str) -> str | None:
