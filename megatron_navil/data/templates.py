@@ -22,6 +22,11 @@ answer the ids of the answer alone. (Tokenizing the whole templated string at on
 across that boundary, e.g. byte-level BPE splits ``"\\n\\nA"`` as ``"\\n" "\\n" "A"`` but the
 prompt's trailing ``"\\n\\n"`` as one token; this project follows the inference split.)
 
+Every sample starts with the tokenizer's :attr:`~TextTokenizer.prefix_ids` (no loss): what its
+own special-token handling puts before a text, e.g. InternLM2's BOS ``<s>``, nothing for Qwen3
+(NAVIL.md, "The released code's exact behaviour", 4: the released code tokenizes the prompt with
+``tokenizer(query)``).
+
 Other sample kinds (no template): caption pairs ``raw`` = ``<img>`` + caption + ``<|im_end|>``
 (loss on caption and ``<|im_end|>``), or ``chat`` = a one-turn conversation with a fixed prompt;
 text-only documents and interleaved documents = their text (and placeholders, in order)
@@ -93,9 +98,15 @@ class Renderer:
                 out.placeholders += 1
             out.add(self.tok.encode_text(piece), loss)
 
+    def _start(self) -> Rendered:
+        """A sample's start: the tokenizer's prefix (BOS where it adds one), no loss."""
+        out = Rendered([], [])
+        out.add(self.tok.prefix_ids, False)
+        return out
+
     def conversation(self, turns: Sequence[tuple[str, str]]) -> Rendered:
         """``turns``: ``(role, text)`` with role ``system``/``user``/``assistant``."""
-        out = Rendered([], [])
+        out = self._start()
         system = self.system
         body = list(turns)
         if body and body[0][0] == "system":
@@ -126,14 +137,16 @@ class Renderer:
         self.check_text(caption)
         if IMAGE_MARK in caption:
             raise SampleRejected("placeholder_mismatch", "caption contains '<image>'")
-        out = Rendered([self.placeholder], [False], 1)
+        out = self._start()
+        out.add([self.placeholder], False)
+        out.placeholders += 1
         out.add(self.tok.encode_text(caption), True)
         out.add([self.im_end], True)
         return out
 
     def document(self, parts: Sequence[tuple[str, str | None]]) -> Rendered:
         """Text and images in order: ``("text", s)`` or ``("image", None)``; loss on text."""
-        out = Rendered([], [])
+        out = self._start()
         for kind, value in parts:
             if kind == "image":
                 out.add([self.placeholder], False)

@@ -25,7 +25,9 @@ code's call): for ``tokenizer.json``, what its post-processor adds; for a senten
 ``.model``, which has no such setting, the ``add_bos_token`` (default true) and ``add_eos_token``
 (default false) of a ``tokenizer_config.json`` next to the file, with the model's own BOS / EOS
 pieces, as Llama's and InternLM2's slow tokenizers do (InternLM2: BOS ``<s>``, no EOS). The
-training pipeline adds neither.
+indexer puts :attr:`~TextTokenizer.prefix_ids` before every sample (data/templates.py), as the
+released code's ``tokenizer(query)`` does before every prompt; the suffix is left out (a
+tokenizer that appends EOS to every text would end the prompt with it).
 
 Fingerprint: ``sha256(sha256(file bytes) + json(12 special ids))`` (:attr:`fingerprint`).
 """

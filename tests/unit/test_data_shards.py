@@ -317,3 +317,29 @@ def test_sentencepiece_appends_missing_specials(tmp_path):
     ids = tok.encode_text("red <ref>x</ref>")
     assert tok.special_ids["<ref>"] in ids
     assert tok.decode([tok.special_ids["<img>"]]) == "<img>"
+
+
+def test_every_sample_starts_with_the_tokenizers_prefix(tmp_path):
+    """An InternLM2-style sentencepiece tokenizer adds BOS before a text, as the released
+    code's ``tokenizer(query)`` does: so does every rendered sample (no loss on it); a
+    tokenizer that adds nothing (byte-level BPE, Qwen3) gets nothing."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(["the red circle is on the left", "a blue square"] * 50))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=20, minloglevel=2
+    )
+    tok = TextTokenizer(tmp_path / "sp.model")
+    bos = tok._sp.bos_id()
+    assert tok.prefix_ids == (bos,)
+    r = Renderer(tok, "internlm2-chat", system="")
+    for out in (
+        r.conversation([("user", "Q"), ("assistant", "A")]),
+        r.caption("a blue square", "raw", ""),
+        r.document([("text", "red"), ("image", None)]),
+    ):
+        assert out.ids[0] == bos and not out.mask[0]
+        assert bos not in out.ids[1:]
+    (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": false}')
+    plain = Renderer(TextTokenizer(tmp_path / "sp.model"), "internlm2-chat", system="")
+    assert plain.conversation([("user", "Q"), ("assistant", "A")]).ids[0] != bos
