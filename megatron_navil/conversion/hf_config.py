@@ -2,8 +2,8 @@
 
 Exact both ways for what the HF model can express (``mapping.check_supported``), including
 ``LanguageConfig.wo_then_wo_ve`` (``llm_config.wo_then_wo_ve``; absent in official configs,
-where it defaults to True for InternLM2, the released 2B code's behaviour) and the exact
-``scale_ratio`` (ours is sqrt(2)/2 to double precision; official configs say 0.7071).
+where it defaults to True for InternLM2, the released 2B code's behaviour) and ``scale_ratio``
+(``scale_downsample_ratio``, 0.7071 in official configs and by default here too).
 """
 
 from __future__ import annotations

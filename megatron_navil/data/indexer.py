@@ -88,7 +88,7 @@ class ImageSettings:
     max_patches: int = 24576
     max_aspect: float = 200.0
     multi_scale: bool = True
-    scale_ratio: float = 0.7071067811865476
+    scale_ratio: float = 0.7071  # the released configs' scale_downsample_ratio
     config: str = "custom"
 
 
