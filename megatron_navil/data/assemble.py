@@ -82,6 +82,7 @@ def _check_compatible(datasets: Sequence[ShardDataset]) -> None:
             ),
             ("image patch", first["image"]["patch"], m["image"]["patch"]),
             ("image merge", first["image"]["merge"], m["image"]["merge"]),
+            ("image rule", first["image"].get("rule"), m["image"].get("rule")),
             ("placeholder id", first["placeholder_id"], m["placeholder_id"]),
         ):
             if a != b:
