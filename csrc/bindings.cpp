@@ -17,9 +17,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("smart_resize", &megatron_navil::smart_resize, py::arg("height"), py::arg("width"),
         py::arg("patch") = 16, py::arg("merge") = 2, py::arg("min_patches") = 256,
         py::arg("max_patches") = 24576, py::arg("max_aspect") = 200.0,
-        "(new_height, new_width) under NaViL's rule: unchanged when the padded patch count is "
-        "in [min_patches, max_patches], else an aspect-preserving rescale into the bounds. "
-        "Raises ValueError for bad arguments or an aspect ratio above max_aspect.");
+        "(new_height, new_width) under the released NaViL rule (Qwen2-VL smart_resize, factor "
+        "1): unchanged when height * width is in [min_patches, max_patches] * patch^2, else "
+        "scaled by sqrt of the ratio to the bound crossed (floor above, ceil below). Raises "
+        "ValueError for bad arguments or an aspect ratio above max_aspect.");
   // The GIL is released while the ops run: they touch no Python objects, and data-loader
   // threads can patchify concurrently.
   m.def("patchify", &megatron_navil::patchify, py::arg("image"), py::arg("patch"),

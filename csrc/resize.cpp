@@ -30,14 +30,6 @@ std::string format_g(double value) {
   return buf;
 }
 
-// Padded patch count of an h x w image (merged_grid's product); exact in 128 bits for sides
-// and patch/merge up to kMaxImageSide.
-i128 padded_count(int64_t h, int64_t w, int64_t unit, int64_t merge) {
-  const i128 gh = static_cast<i128>((h + unit - 1) / unit) * merge;
-  const i128 gw = static_cast<i128>((w + unit - 1) / unit) * merge;
-  return gh * gw;
-}
-
 }  // namespace
 
 std::pair<int64_t, int64_t> smart_resize(int64_t height, int64_t width, int64_t patch,
@@ -57,11 +49,6 @@ std::pair<int64_t, int64_t> smart_resize(int64_t height, int64_t width, int64_t 
     fail("min_patches (" + std::to_string(min_patches) + ") must be <= max_patches (" +
          std::to_string(max_patches) + ")");
   }
-  const int64_t merge_sq = merge * merge;  // < 2^62: merge <= kMaxImageSide
-  if (max_patches < merge_sq) {
-    fail("max_patches (" + std::to_string(max_patches) + ") must be >= merge * merge (" +
-         std::to_string(merge_sq) + "): any image takes at least one merge unit");
-  }
   if (!std::isfinite(max_aspect) || max_aspect < 1.0) {
     fail("max_aspect must be a finite number >= 1, got " + format_g(max_aspect));
   }
@@ -73,70 +60,42 @@ std::pair<int64_t, int64_t> smart_resize(int64_t height, int64_t width, int64_t 
          std::to_string(long_side) + "/" + std::to_string(short_side) +
          " > max_aspect=" + format_g(max_aspect));
   }
-
-  const int64_t unit = patch * merge;  // < 2^62
-  const i128 count = padded_count(height, width, unit, merge);
-  if (count >= min_patches && count <= max_patches) {
-    return {height, width};
+  // patch^2 < 2^62 and max_patches < 2^63: the products are exact in 128 bits.
+  const i128 patch_area = static_cast<i128>(patch) * patch;
+  const i128 max_pixels = patch_area * max_patches;
+  if (max_pixels >= kMaxExactPixels) {
+    fail("max_patches * patch * patch must be below 2**53 (max_patches=" +
+         std::to_string(max_patches) + ", patch=" + std::to_string(patch) + ")");
   }
-
-  // The aspect-preserving family, indexed by the new long side.
-  auto short_for = [&](int64_t new_long) -> int64_t {
-    const i128 num = static_cast<i128>(2) * short_side * new_long + long_side;
-    const int64_t s = static_cast<int64_t>(num / (static_cast<i128>(2) * long_side));
-    return s < 1 ? 1 : s;
-  };
-  auto count_for = [&](int64_t new_long) -> i128 {
-    return padded_count(new_long, short_for(new_long), unit, merge);
-  };
-  // Largest x in [lo, hi] with count_for(x) <= limit, given count_for(lo) <= limit
-  // (count_for is non-decreasing in x).
-  auto last_at_most = [&](int64_t lo, int64_t hi, i128 limit) -> int64_t {
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo + 1) / 2;
-      if (count_for(mid) <= limit) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    return lo;
-  };
-  const std::string no_fit = "no size keeping the aspect ratio of " + std::to_string(height) +
-                             "x" + std::to_string(width) + " has a padded patch count in [" +
-                             std::to_string(min_patches) + ", " + std::to_string(max_patches) +
-                             "]";
-
-  int64_t new_long = 0;
-  if (count > max_patches) {
-    // count_for(1) == merge * merge <= max_patches (checked above), count_for(long_side) > max.
-    new_long = last_at_most(1, long_side - 1, max_patches);
-  } else {
-    // Smallest x in (long_side, kMaxImageSide] with count_for(x) >= min_patches.
-    if (count_for(kMaxImageSide) < min_patches) {
-      fail(no_fit);
-    }
-    int64_t lo = long_side + 1;
-    int64_t hi = kMaxImageSide;
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (count_for(mid) >= min_patches) {
-        hi = mid;
-      } else {
-        lo = mid + 1;
-      }
-    }
-    const i128 target = count_for(lo);
-    if (target > max_patches) {
-      fail(no_fit);
-    }
-    new_long = last_at_most(lo, kMaxImageSide, target);
+  const int64_t pixels = height * width;  // < 2^62: both sides < 2^31
+  if (pixels >= kMaxExactPixels) {
+    fail("height * width must be below 2**53 (image " + std::to_string(height) + "x" +
+         std::to_string(width) + ")");
   }
-  const int64_t new_short = short_for(new_long);
-  if (height >= width) {
-    return {new_long, new_short};
+  // min_pixels <= max_pixels < 2^53 (min_patches <= max_patches): every count below is an
+  // exact double, so each division is Python's correctly rounded int / int.
+  const int64_t min_pixels = static_cast<int64_t>(patch_area * min_patches);
+  const auto hd = static_cast<double>(height);
+  const auto wd = static_cast<double>(width);
+  if (pixels > static_cast<int64_t>(max_pixels)) {
+    const double beta = std::sqrt(static_cast<double>(pixels) / static_cast<double>(max_pixels));
+    // h / beta <= h < 2^31: the casts are exact.
+    const auto new_h = static_cast<int64_t>(std::floor(hd / beta));
+    const auto new_w = static_cast<int64_t>(std::floor(wd / beta));
+    return {new_h < 1 ? 1 : new_h, new_w < 1 ? 1 : new_w};
   }
-  return {new_short, new_long};
+  if (pixels < min_pixels) {
+    const double beta = std::sqrt(static_cast<double>(min_pixels) / static_cast<double>(pixels));
+    const double new_h = std::ceil(hd * beta);
+    const double new_w = std::ceil(wd * beta);
+    if (new_h > static_cast<double>(kMaxImageSide) || new_w > static_cast<double>(kMaxImageSide)) {
+      fail("upsampling image " + std::to_string(height) + "x" + std::to_string(width) + " to " +
+           std::to_string(min_pixels) + " pixels gives a side above " +
+           std::to_string(kMaxImageSide));
+    }
+    return {static_cast<int64_t>(new_h), static_cast<int64_t>(new_w)};
+  }
+  return {height, width};
 }
 
 }  // namespace megatron_navil

@@ -211,7 +211,9 @@ class ImageConfig:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     multi_scale: bool = True  # visual multi-scale packing (VMP)
-    scale_ratio: float = math.sqrt(2) / 2  # per-side factor between scales (area halves)
+    # per-side factor between scales (area about halves): the released configs'
+    # scale_downsample_ratio, 0.7071 exactly (not sqrt(2)/2; ops/vmp.py says why it matters)
+    scale_ratio: float = 0.7071
 
     def validate(self) -> None:
         _positive(self, "min_patches", "max_patches")

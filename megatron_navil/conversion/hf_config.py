@@ -3,7 +3,7 @@
 Written to ../shared/NAVIL.md, "The released code's exact behaviour", 6: ``architectures``
 ``["NaViL"]``, ``model_type`` ``navil_chat``, every official top-level field (``template``,
 ``system_message``, ``downsample_ratio``, ``min_dynamic_patch``/``max_dynamic_patch``,
-``scale_downsample_ratio``, ``anyres_image_size``, ``force_image_size``, ``pad2square``,
+``scale_downsample_ratio`` (0.7071, here too), ``anyres_image_size``, ``force_image_size``, ``pad2square``,
 ``ps_version``, ``select_layer``, ``use_backbone_lora``, ``use_llm_lora``), every official
 ``vision_config`` field (``window_size``, ``fullatt_block_indexes``, ``qkv_bias``, ...), and an
 ``llm_config`` whose ``architectures`` is the released class (``InternLM2VEForCausalLM`` /

@@ -3,12 +3,14 @@
 Per packed sequence (``[k, 2]`` draws ``(dataset, sample)`` from the plan, in layout order):
 
 1. read each sample from its memory-mapped shard (``ShardDataset.sample``);
-2. images (:func:`load_image_scales`): decode with Pillow (for a JPEG whose base scale is
-   smaller than the stored image, ``Image.draft`` lets libjpeg decode at a reduced size that is
-   still at least the base scale: 1/2, 1/4 or 1/8); resample to every stored scale size with
-   bicubic (``Image.resize(..., BICUBIC)``, NaViL's choice) unless the decoded size already
-   is that size; the base scale is the stored ``smart_resize`` target, smaller (VMP) scales
-   are resampled from the same decoded image;
+2. images (:func:`load_image_scales`): decode with Pillow at full size, then resample to
+   every stored scale size with bicubic (``Image.resize(..., BICUBIC)``) unless the image
+   already is that size, as the released NaViL code does (bitwise its pixels); the base scale
+   is the stored ``smart_resize`` target, smaller (VMP) scales are resampled from the same
+   decoded image. Opt-in (``draft=True``): for a JPEG whose base scale is smaller than the
+   stored image, ``Image.draft`` lets libjpeg decode at a reduced size that is still at least
+   the base scale (1/2, 1/4 or 1/8): much faster for large photos, but its pixels differ from
+   the full decode's, so from what the released models were trained on;
 3. ``ops.patchify_batch`` over all scales of all images of the sequence in one call (C++,
    GIL released), grids checked against the index;
 4. ``expand_image_blocks`` turns each ``<img>`` placeholder into the image's block; labels are
@@ -52,11 +54,12 @@ def _pixels(img: Image.Image) -> torch.Tensor:
     return flat.view(img.height, img.width, 3)
 
 
-def load_image_scales(entry: ImageEntry, draft: bool = True) -> list[torch.Tensor]:
+def load_image_scales(entry: ImageEntry, draft: bool = False) -> list[torch.Tensor]:
     """uint8 ``[h, w, 3]`` tensors of ``entry`` at each of its stored scales (smallest first).
 
-    Decodes once (JPEG draft mode when ``draft`` and the base scale is smaller than the stored
-    image on both sides) and resamples to each scale with bicubic (see the module doc).
+    Decodes once, at full size by default (the released NaViL code's pixels), and resamples to
+    each scale with bicubic (see the module doc). ``draft=True`` opts into JPEG draft mode when
+    the base scale is smaller than the stored image on both sides: faster, not the same pixels.
     """
     base_h, base_w = entry.scales[-1]
     orig_h, orig_w = entry.orig_size
@@ -83,6 +86,7 @@ def _check_compatible(datasets: Sequence[ShardDataset]) -> None:
             ),
             ("image patch", first["image"]["patch"], m["image"]["patch"]),
             ("image merge", first["image"]["merge"], m["image"]["merge"]),
+            ("image rule", first["image"].get("rule"), m["image"].get("rule")),
             ("placeholder id", first["placeholder_id"], m["placeholder_id"]),
         ):
             if a != b:
@@ -103,7 +107,8 @@ class PackedSequenceBuilder:
         pad: pad every sequence to ``seq_length`` (False: only the samples' tokens).
         patch_dtype: ``torch.float32`` or ``torch.bfloat16`` patches.
         mean, std: per-channel normalisation (NaViL: 0.5, 0.5).
-        draft: JPEG draft-mode decoding when downscaling.
+        draft: JPEG draft-mode decoding when downscaling (opt-in: faster for large JPEGs, but
+            not the pixels of the released code's full decode; default False).
         pixels: decode and patchify the images (False: ``patches`` is ``[0, 3 * patch *
             patch]`` and every other field is unchanged, grids and positions coming from the
             index; for pipeline stages after the first, which never read pixels, so they do
@@ -122,7 +127,7 @@ class PackedSequenceBuilder:
         patch_dtype: torch.dtype = torch.float32,
         mean: Sequence[float] = NAVIL_MEAN,
         std: Sequence[float] = NAVIL_STD,
-        draft: bool = True,
+        draft: bool = False,
         pixels: bool = True,
         vision_window_size: int | None = None,
     ):

@@ -49,6 +49,7 @@ from typing import Any
 from megatron_navil.config.model import DEFAULT_SYSTEM_MESSAGE
 from megatron_navil.data.images import ImageRejected, prepare_image
 from megatron_navil.data.shards import (
+    IMAGE_RULE,
     MANIFEST_NAME,
     SCHEMA_VERSION,
     ImageEntry,
@@ -89,8 +90,11 @@ class ImageSettings:
     max_patches: int = 24576
     max_aspect: float = 200.0
     multi_scale: bool = True
-    scale_ratio: float = 0.7071067811865476
+    scale_ratio: float = 0.7071  # the released configs' scale_downsample_ratio
     config: str = "custom"
+    # the geometry the stored scales follow: data.shards.IMAGE_RULE, the released NaViL code's
+    # resize and multi-scale chain (ShardDataset refuses a manifest without it or with another)
+    rule: str = IMAGE_RULE
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,15 @@ import numpy as np
 
 MAGIC = b"NAVILIDX"
 SCHEMA_VERSION = 1
+IMAGE_RULE = "navil-release"
+"""The image geometry a corpus's stored scale sizes follow, recorded as the manifest's
+``image["rule"]`` (the indexer's ``ImageSettings.rule``). ``"navil-release"`` names the released
+NaViL code's rules (../shared/NAVIL.md, "The released code's exact behaviour", 2 and 3):
+``ops.smart_resize`` = Qwen2-VL's smart_resize with factor 1 on raw pixels, and
+``ops.scales_for_image`` = the demo's multi-scale chain with its float32 budget. Manifests
+without it were indexed with the earlier rule (no resize while the padded patch count is in
+bounds, a sqrt(2)/2 area-halving chain) and are refused. A change to either op that alters a
+stored size needs a new name here."""
 MANIFEST_NAME = "manifest.json"
 HEADER_SIZE = 128
 ALIGN = 64
@@ -708,6 +717,25 @@ def load_manifest(path: str | os.PathLike) -> tuple[dict, Path]:
     return manifest, p.parent
 
 
+def _check_image_rule(manifest: dict, root: Path) -> None:
+    """ShardError (one line) unless the corpus's scales follow :data:`IMAGE_RULE`."""
+    image = manifest.get("image")
+    if not isinstance(image, dict):
+        raise ShardError(f"{root / MANIFEST_NAME}: malformed manifest (no image section)")
+    rule = image.get("rule")
+    if rule is None:
+        raise ShardError(
+            f"corpus {root} was indexed with the old image rule (padded-count resize, "
+            "sqrt(2)/2 multi-scale chain); this version resizes as the released NaViL code "
+            "does: re-index it with tools/index_corpus.py"
+        )
+    if rule != IMAGE_RULE:
+        raise ShardError(
+            f"corpus {root} was indexed with image rule {rule!r}; this version implements "
+            f"{IMAGE_RULE!r} (the released NaViL code's): re-index it with tools/index_corpus.py"
+        )
+
+
 VERIFY_MODES = ("checksum", "size", "none")
 
 
@@ -727,6 +755,7 @@ class ShardDataset:
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"ShardDataset.verify={self.verify!r}: must be one of {VERIFY_MODES}")
         self.manifest, self.root = load_manifest(self.path)
+        _check_image_rule(self.manifest, self.root)
         try:
             counts = self._open_shards()
             for key in ("placeholder_id",):

@@ -11,12 +11,20 @@ the two equal. Layouts:
   image_grid_hw  int64 ``[segments, 2]``: the patch grid (rows, cols) of each packed scale;
                  one vision-encoder attention segment each
 
-Rules (NaViL, "Images"): no resize while the padded patch count is in ``[min_patches,
-max_patches]``, else an aspect-keeping bicubic rescale; aspect ratios above ``max_aspect`` are
-rejected; zero-pad bottom/right to a multiple of ``patch * merge``; ``(x / 255 - 0.5) / 0.5``.
-Multi-scale packing: besides the base scale, the original image is resampled with a pixel
-budget of ``scale_ratio ** 2`` times the previous scale's area until the padded patch count
-falls below ``min_patches``. The image block in the token stream is ``<img>``, per scale
+Rules (the released NaViL code's; NAVIL.md "The released code's exact behaviour", 2 and 3):
+the target size is transformers' Qwen2-VL ``smart_resize`` with factor 1 on raw pixels
+(``min/max_pixels = min/max_patches * patch**2``: above the maximum scale down by
+``beta = sqrt(H * W / max_pixels)`` with floor, below the minimum scale up with ceil, so small
+images are upsampled); aspect ratios above ``max_aspect`` are rejected; bicubic resample,
+zero-pad bottom/right to a multiple of ``patch * merge``; ``(x / 255 - 0.5) / 0.5``.
+Multi-scale packing, as the released demo does it: after the base scale, re-run the resize on
+the original size with the float32 budget ``f32(previous padded grid area in pixels) *
+f32(scale_ratio ** 2)`` (the demo's int64 tensor times a float), stopping when the budget is
+below ``min_pixels`` or the padded patch count does not decrease; smallest scale first. Inside
+that resize the budget stays float32 as in torch: ``f32(H * W) > budget`` and ``(H * W) /
+budget`` as ``f32(f32(1 / budget) * f32(H * W))`` (``Tensor.__rtruediv__``). ``scale_ratio``
+is the config's ``scale_downsample_ratio`` (0.7071 in the released configs).
+The image block in the token stream is ``<img>``, per scale
 (smallest first) ``h`` rows of ``w`` ``<IMG_CONTEXT>`` + ``<IMG_LINE_BREAK>`` then
 ``<IMG_FRAME_BREAK>``, finally ``</img>`` (``h, w`` the merged grid = patch grid / merge).
 """
@@ -49,7 +57,6 @@ VISUAL_TOKENS = ("<IMG_CONTEXT>", "<img>")
 """Tokens routed to the visual experts."""
 IMAGE_BLOCK_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<IMG_LINE_BREAK>", "<IMG_FRAME_BREAK>")
 """Never generated: an ``<IMG_CONTEXT>`` without its patches cannot be fed back."""
-MAX_SIDE = 2**31 - 1
 
 # The chat templates (NAVIL.md "Chat templates") as Jinja for ``tokenizer.apply_chat_template``;
 # ``<image>`` in a message is replaced by the image block before tokenization.
@@ -68,16 +75,34 @@ CHAT_TEMPLATES = {
 }
 
 
-def _padded_count(h: int, w: int, patch: int, merge: int) -> int:
-    unit = patch * merge
-    return (-(-h // unit) * merge) * (-(-w // unit) * merge)
-
-
 def merged_grid(height: int, width: int, patch: int = 16, merge: int = 2) -> tuple[int, int]:
     """Patch grid ``(rows, cols)`` after zero-padding each side to a multiple of
     ``patch * merge``."""
     unit = patch * merge
     return -(-height // unit) * merge, -(-width // unit) * merge
+
+
+def _f32(n: int) -> np.float32:
+    """An integer rounded once to float32, as torch casts an int64."""
+    return np.int64(n).astype(np.float32)
+
+
+def _resize(height: int, width: int, min_pixels: int, max_pixels: Any) -> tuple[int, int]:
+    """Qwen2-VL's smart_resize with factor 1; ``max_pixels`` an int or a numpy float32."""
+    pixels = height * width
+    if isinstance(max_pixels, np.float32):  # the demo's float32 tensor budget
+        above = _f32(pixels) > max_pixels
+        ratio = float((np.float32(1.0) / max_pixels) * _f32(pixels)) if above else 0.0
+    else:
+        above = pixels > max_pixels
+        ratio = pixels / max_pixels if above else 0.0
+    if above:
+        beta = math.sqrt(ratio)
+        return max(1, math.floor(height / beta)), max(1, math.floor(width / beta))
+    if pixels < min_pixels:
+        beta = math.sqrt(min_pixels / pixels)
+        return math.ceil(height * beta), math.ceil(width * beta)
+    return height, width
 
 
 def smart_resize(
@@ -89,10 +114,10 @@ def smart_resize(
     max_patches: int = 24576,
     max_aspect: float = 200.0,
 ) -> tuple[int, int]:
-    """``(height, width)`` to resample to: unchanged when the padded patch count is in
-    bounds, else the aspect-keeping size whose padded count is the largest <= max (above) or
-    the smallest >= min at the largest such size (below). ValueError for aspect > max_aspect
-    or when no size fits."""
+    """``(height, width)`` to resample to: Qwen2-VL's smart_resize with factor 1,
+    ``min_pixels = min_patches * patch**2``, ``max_pixels = max_patches * patch**2`` (``merge``
+    takes no part; the padded grid may exceed ``max_patches``). ValueError for aspect >
+    max_aspect."""
     if height < 1 or width < 1:
         raise ValueError(f"image size {height}x{width} must be positive")
     long_side, short_side = max(height, width), min(height, width)
@@ -101,44 +126,7 @@ def smart_resize(
             f"image {height}x{width} has aspect ratio {long_side}/{short_side} > "
             f"max_aspect={max_aspect:g}"
         )
-    count = _padded_count(height, width, patch, merge)
-    if min_patches <= count <= max_patches:
-        return height, width
-
-    def short_for(new_long: int) -> int:
-        return max(1, (2 * short_side * new_long + long_side) // (2 * long_side))
-
-    def count_for(new_long: int) -> int:
-        return _padded_count(new_long, short_for(new_long), patch, merge)
-
-    def last_at_most(lo: int, hi: int, limit: int) -> int:
-        while lo < hi:
-            mid = lo + (hi - lo + 1) // 2
-            if count_for(mid) <= limit:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    no_fit = f"no size keeping the aspect ratio of {height}x{width} fits the patch bounds"
-    if count > max_patches:
-        new_long = last_at_most(1, long_side - 1, max_patches)
-    else:
-        if count_for(MAX_SIDE) < min_patches:
-            raise ValueError(no_fit)
-        lo, hi = long_side + 1, MAX_SIDE
-        while lo < hi:
-            mid = lo + (hi - lo) // 2
-            if count_for(mid) >= min_patches:
-                hi = mid
-            else:
-                lo = mid + 1
-        target = count_for(lo)
-        if target > max_patches:
-            raise ValueError(no_fit)
-        new_long = last_at_most(lo, MAX_SIDE, target)
-    new_short = short_for(new_long)
-    return (new_long, new_short) if height >= width else (new_short, new_long)
+    return _resize(height, width, min_patches * patch * patch, max_patches * patch * patch)
 
 
 def scales_for_image(
@@ -149,39 +137,29 @@ def scales_for_image(
     min_patches: int = 256,
     max_patches: int = 24576,
     max_aspect: float = 200.0,
-    scale_ratio: float = math.sqrt(2) / 2,
+    scale_ratio: float = 0.7071,
     multi_scale: bool = True,
 ) -> list[tuple[int, int]]:
-    """Pixel sizes of an image's scales, smallest first; the last is :func:`smart_resize`'s."""
+    """Pixel sizes of an image's scales, smallest first; the last is :func:`smart_resize`'s,
+    the others the released demo's chain (module doc)."""
     base = smart_resize(height, width, patch, merge, min_patches, max_patches, max_aspect)
     if not multi_scale:
         return [base]
-    long_side, short_side = max(height, width), min(height, width)
-
-    def short_for(new_long: int) -> int:
-        return max(1, (2 * short_side * new_long + long_side) // (2 * long_side))
-
+    min_pixels = min_patches * patch * patch
+    ratio_sq = np.float32(scale_ratio**2)
     scales = [base]
-    prev_area, prev_long = base[0] * base[1], max(base)
+    gh, gw = merged_grid(base[0], base[1], patch, merge)
     while True:
-        budget = prev_area * scale_ratio * scale_ratio
-        if short_for(1) > budget or prev_long - 1 < 1:
+        budget = _f32(gh * gw * patch * patch) * ratio_sq
+        if budget < _f32(min_pixels):
             break
-        lo, hi = 1, prev_long - 1
-        while lo < hi:
-            mid = lo + (hi - lo + 1) // 2
-            if mid * short_for(mid) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        new_short = short_for(lo)
-        size = (lo, new_short) if height >= width else (new_short, lo)
-        gh, gw = merged_grid(size[0], size[1], patch, merge)
-        if gh * gw < min_patches:
+        size = _resize(height, width, min_pixels, budget)
+        nh, nw = merged_grid(size[0], size[1], patch, merge)
+        if nh * nw >= gh * gw:
             break
-        scales.append(size)
-        prev_area, prev_long = lo * new_short, lo
-    return scales[::-1]
+        scales.insert(0, size)
+        gh, gw = nh, nw
+    return scales
 
 
 def patchify(
@@ -233,7 +211,7 @@ class NaViLImageProcessor:
         min_patches: int = 256,
         max_patches: int = 24576,
         max_aspect: float = 200.0,
-        scale_ratio: float = math.sqrt(2) / 2,
+        scale_ratio: float = 0.7071,
         multi_scale: bool = True,
     ) -> None:
         self.patch, self.merge = int(patch), int(merge)

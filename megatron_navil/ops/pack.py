@@ -26,11 +26,12 @@ first sample in that order). FFD uses at most 11/9 OPT + 6/9 bins in one dimensi
 the many small samples of real corpora, comes within a fraction of a percent of the
 ``ceil(sum(tokens) / seq_length)`` lower bound (tests/unit/test_ops_pack.py and
 benchmarks/bench_pack.py report it). Measured on 20k samples of
-``megatron_navil.testing.pack_data`` (seq_length 16384): with 65536 patches FFD and best-fit
-decreasing both reach the lower bound (2372 sequences, 0.02% padding; first fit in input order
-0.10%, next fit 12.8%); with a tight 16384-patch budget FFD needs 3938 sequences, best fit 3940.
-So first fit, which is also simpler, is the policy. Integer arithmetic only, no hashing, one
-thread: deterministic everywhere.
+``megatron_navil.testing.pack_data`` (seq_length 16384): with 65536 patches FFD reaches the
+lower bound (2437 sequences, 0.02% padding; first fit in input order 0.11%, next fit 13.5%);
+with a tight 16384-patch budget FFD needs 3955 sequences. Under the earlier image rule (other
+scale counts) best-fit decreasing did no better: both at the lower bound (2372), and 3940
+sequences to FFD's 3938 with 16384 patches. So first fit, which is also simpler, is the
+policy. Integer arithmetic only, no hashing, one thread: deterministic everywhere.
 
 ``plan_packing`` runs the compiled ``megatron_navil._C`` (csrc/pack.cpp: a max tree over the
 sequences' remaining room, O(n log n) in practice, for millions of samples) when built and the

@@ -1,28 +1,28 @@
-"""Target image size under NaViL's native-resolution rule (``smart_resize``).
+"""Target image size under the released NaViL code's rule (``smart_resize``).
 
-Layout: sizes are ``(height, width)`` in pixels; a *padded patch count* is the number of
-``patch x patch`` patches after zero-padding each side up to a multiple of ``patch * merge``
-(``merged_grid``'s ``h_patches * w_patches``), i.e. what the vision encoder really sees.
+Layout: sizes are ``(height, width)`` in pixels. The rule (../shared/NAVIL.md, "The released
+code's exact behaviour", point 2) is transformers' Qwen2-VL ``smart_resize`` called with
+``factor=1``, its bounds on *raw* pixels: ``min_pixels = min_patches * patch**2`` and
+``max_pixels = max_patches * patch**2`` (NaViL: 256 and 24576 patches of 16x16, i.e. 65,536
+and 6,291,456 pixels). For an ``H x W`` image:
 
-NaViL (../shared/NAVIL.md, "Images") keeps an image's native resolution: no resampling when the
-padded patch count is inside ``[min_patches, max_patches]`` (256 to 24576 patches of 16x16, i.e.
-65,536 to 6.29M pixels), an aspect-preserving bicubic rescale otherwise, and zero-padding of
-the bottom/right to a multiple of 32 in ``patchify``. So ``smart_resize`` returns the size to
-*resample to* (the input size when in bounds) and never rounds a side to a multiple of 32.
+* ``H * W > max_pixels``: ``beta = sqrt(H * W / max_pixels)``, downsampled to
+  ``(max(1, floor(H / beta)), max(1, floor(W / beta)))``;
+* ``H * W < min_pixels``: ``beta = sqrt(min_pixels / (H * W))``, *upsampled* to
+  ``(ceil(H * beta), ceil(W * beta))``;
+* otherwise the size is kept.
 
-How this differs from ``transformers``' Qwen2-VL ``smart_resize`` (factor 32, min_pixels =
-min_patches * 256, max_pixels = max_patches * 256), which the tests check:
+Aspect ratios above ``max_aspect`` (200) are rejected. The data pipeline then resamples the
+image bicubic to that size and ``patchify`` zero-pads it bottom/right to a multiple of
+``patch * merge`` (32), rescales by 1/255 and normalises. The bounds hold for the pixels before
+padding, and ``merge`` takes no part in the size, so a padded grid may exceed ``max_patches``:
+2560x2560 (6.55M pixels) becomes 2508x2508, which pads to 2528x2528, 158x158 = 24,964 patches.
 
-* In bounds, Qwen2-VL rounds each side to the *nearest* multiple of 32 and resamples to that
-  (distorting the aspect ratio slightly and possibly dropping up to 16 rows/columns); NaViL
-  keeps the pixels and pads. Both agree when the sides already are multiples of 32.
-* The bounds test: Qwen2-VL tests the rounded area, NaViL the padded count. E.g. 240x240 is
-  in bounds for NaViL (pads to 256x256 = 256 patches) but below for Qwen2-VL (224x224).
-* Out of bounds, Qwen2-VL rescales each side to a multiple of 32 (floor or ceil), which can
-  distort thin images a lot (1x200 -> 32x3648, aspect 114); NaViL keeps the aspect ratio to
-  within rounding of the short side (1x200 -> 10x2048, padded 32x2048) and picks the largest
-  image whose padded count fits (above max), or the smallest count >= min at the largest
-  image giving it (below min), so padding is as small as the count allows.
+Exactness: Python's ``(H * W) / max_pixels`` is a correctly rounded division of two integers;
+the C++ op divides two doubles, which is the same only while both are exact, i.e. below 2**53.
+Both paths therefore reject ``max_patches * patch**2 >= 2**53`` and ``H * W >= 2**53`` (no real
+image comes near: that is 94.9M pixels a side). The divisions, ``sqrt`` and the products with
+``beta`` are then single IEEE double operations in both, so the two agree bit for bit.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from numbers import Real
 from megatron_navil.ops.grid import _C
 
 MAX_IMAGE_SIDE = 2**31 - 1  # int32, like Pillow; also bounds patch and merge
+MAX_EXACT_PIXELS = 2**53  # pixel counts stay below it: exact doubles (module doc)
 _INT64_MAX = 2**63 - 1
 
 
@@ -77,11 +78,6 @@ def _validate(
         raise ValueError(
             f"smart_resize: min_patches ({min_patches}) must be <= max_patches ({max_patches})"
         )
-    if max_patches < merge * merge:
-        raise ValueError(
-            f"smart_resize: max_patches ({max_patches}) must be >= merge * merge "
-            f"({merge * merge}): any image takes at least one merge unit"
-        )
     aspect_msg = "smart_resize: max_aspect must be a finite number >= 1, got "
     if isinstance(max_aspect, bool) or not isinstance(max_aspect, Real):
         raise ValueError(f"{aspect_msg}{max_aspect!r}")
@@ -90,17 +86,23 @@ def _validate(
         raise ValueError(f"{aspect_msg}{max_aspect:g}")  # %g, as csrc/resize.cpp prints it
     long_side, short_side = max(height, width), min(height, width)
     # float(long) > max_aspect * float(short): the sides are exact in double, the product is
-    # one rounding, exactly as in csrc/resize.cpp (and as Qwen2-VL's long / short > 200).
+    # one rounding, exactly as in csrc/resize.cpp (and, for 200, as Qwen2-VL's long / short >
+    # 200: both sides are below 2**31, so long / short rounds to 200 only when it is 200).
     if float(long_side) > max_aspect * float(short_side):
         raise ValueError(
             f"smart_resize: image {height}x{width} has aspect ratio {long_side}/{short_side} "
             f"> max_aspect={max_aspect:g}"
         )
+    if max_patches * patch * patch >= MAX_EXACT_PIXELS:
+        raise ValueError(
+            f"smart_resize: max_patches * patch * patch must be below 2**53 "
+            f"(max_patches={max_patches}, patch={patch})"
+        )
+    if height * width >= MAX_EXACT_PIXELS:
+        raise ValueError(
+            f"smart_resize: height * width must be below 2**53 (image {height}x{width})"
+        )
     return height, width, patch, merge, min_patches, max_patches, max_aspect
-
-
-def _padded_count(h: int, w: int, unit: int, merge: int) -> int:
-    return (-(-h // unit) * merge) * (-(-w // unit) * merge)
 
 
 def smart_resize_reference(
@@ -112,57 +114,25 @@ def smart_resize_reference(
     max_patches: int = 24576,
     max_aspect: float = 200,
 ) -> tuple[int, int]:
-    """Pure-Python reference of :func:`smart_resize` (integer arithmetic, same as the C++)."""
-    height, width, patch, merge, min_patches, max_patches, max_aspect = _validate(
+    """Pure-Python reference of :func:`smart_resize`: Qwen2-VL's formulas with factor 1."""
+    height, width, patch, _, min_patches, max_patches, _ = _validate(
         height, width, patch, merge, min_patches, max_patches, max_aspect
     )
-    unit = patch * merge
-    count = _padded_count(height, width, unit, merge)
-    if min_patches <= count <= max_patches:
-        return height, width
-
-    long_side, short_side = max(height, width), min(height, width)
-
-    def short_for(new_long: int) -> int:
-        # round_half_up(short * new_long / long), at least 1 pixel
-        return max(1, (2 * short_side * new_long + long_side) // (2 * long_side))
-
-    def count_for(new_long: int) -> int:  # non-decreasing in new_long
-        return _padded_count(new_long, short_for(new_long), unit, merge)
-
-    def last_at_most(lo: int, hi: int, limit: int) -> int:
-        """Largest x in [lo, hi] with count_for(x) <= limit, given count_for(lo) <= limit."""
-        while lo < hi:
-            mid = lo + (hi - lo + 1) // 2
-            if count_for(mid) <= limit:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    no_fit = (
-        f"smart_resize: no size keeping the aspect ratio of {height}x{width} has a padded "
-        f"patch count in [{min_patches}, {max_patches}]"
-    )
-    if count > max_patches:
-        # count_for(1) == merge * merge <= max_patches (validated), count_for(long_side) > max
-        new_long = last_at_most(1, long_side - 1, max_patches)
-    else:
-        if count_for(MAX_IMAGE_SIDE) < min_patches:
-            raise ValueError(no_fit)
-        lo, hi = long_side + 1, MAX_IMAGE_SIDE  # smallest x with count_for(x) >= min_patches
-        while lo < hi:
-            mid = lo + (hi - lo) // 2
-            if count_for(mid) >= min_patches:
-                hi = mid
-            else:
-                lo = mid + 1
-        target = count_for(lo)
-        if target > max_patches:
-            raise ValueError(no_fit)
-        new_long = last_at_most(lo, MAX_IMAGE_SIDE, target)
-    new_short = short_for(new_long)
-    return (new_long, new_short) if height >= width else (new_short, new_long)
+    min_pixels, max_pixels = min_patches * patch * patch, max_patches * patch * patch
+    pixels = height * width
+    if pixels > max_pixels:
+        beta = math.sqrt(pixels / max_pixels)  # int / int: correctly rounded
+        return max(1, math.floor(height / beta)), max(1, math.floor(width / beta))
+    if pixels < min_pixels:
+        beta = math.sqrt(min_pixels / pixels)
+        new_h, new_w = math.ceil(height * beta), math.ceil(width * beta)
+        if max(new_h, new_w) > MAX_IMAGE_SIDE:
+            raise ValueError(
+                f"smart_resize: upsampling image {height}x{width} to {min_pixels} pixels gives "
+                f"a side above {MAX_IMAGE_SIDE}"
+            )
+        return new_h, new_w
+    return height, width
 
 
 def smart_resize(
@@ -174,28 +144,24 @@ def smart_resize(
     max_patches: int = 24576,
     max_aspect: float = 200,
 ) -> tuple[int, int]:
-    """``(new_height, new_width)`` to resample a ``height x width`` image to (NaViL's rule).
+    """``(new_height, new_width)`` to resample a ``height x width`` image to (released NaViL).
 
-    The padded patch count (sides zero-padded up to a multiple of ``patch * merge``, as
-    ``patchify`` does) decides:
-
-    * in ``[min_patches, max_patches]``: no resampling, returns ``(height, width)``;
-    * otherwise an aspect-preserving rescale: the new long side ``L'`` is searched, the short
-      side being ``max(1, round_half_up(short * L' / long))``; above the maximum, the largest
-      ``L'`` whose padded count is ``<= max_patches``; below the minimum, the smallest padded
-      count ``>= min_patches`` the family reaches, at the largest ``L'`` giving that count.
-
-    The result is not rounded to a multiple of ``patch * merge``: ``patchify`` pads it. See the
-    module docstring for where this differs from Qwen2-VL's ``smart_resize``. Defaults are
-    NaViL's: 16x16 patches, 2x2 merge, 256 to 24576 patches, aspect ratio at most 200.
-    Example: ``smart_resize(100, 100) == (256, 256)``, ``smart_resize(4000, 3000) ==
-    (2880, 2160)``, ``smart_resize(500, 333) == (500, 333)``.
+    transformers' Qwen2-VL ``smart_resize(height, width, factor=1, min_pixels=min_patches *
+    patch**2, max_pixels=max_patches * patch**2)``: kept when ``height * width`` is within the
+    bounds, else scaled by ``beta``, the square root of the pixel ratio to the bound crossed,
+    rounding down (above the maximum, each side at least 1) or up (below the minimum: small
+    images are upsampled). The result is not rounded to a multiple of ``patch * merge``:
+    ``patchify`` pads it, and the padded patch count may exceed ``max_patches`` (module doc).
+    ``merge`` is validated but takes no part. Defaults are NaViL's: 16x16 patches, 2x2 merge,
+    256 to 24576 patches, aspect ratio at most 200. Examples: ``smart_resize(100, 100) ==
+    (256, 256)``, ``smart_resize(4000, 3000) == (2896, 2172)``, ``smart_resize(500, 333) ==
+    (500, 333)``, ``smart_resize(2560, 2560) == (2508, 2508)``.
 
     Raises:
         ValueError: a size is not a positive integer or exceeds 2**31 - 1; ``min_patches >
-            max_patches``; ``max_patches < merge * merge``; ``max_aspect`` not a finite
-            number >= 1; ``max(height, width) / min(height, width) > max_aspect``; or no size of
-            the image's aspect ratio has a padded count within the bounds.
+            max_patches``; ``max_aspect`` not a finite number >= 1; ``max(height, width) /
+            min(height, width) > max_aspect``; ``max_patches * patch**2`` or ``height * width``
+            not below 2**53; or an upsampled side above 2**31 - 1.
     """
     args = _validate(height, width, patch, merge, min_patches, max_patches, max_aspect)
     native = _native()

@@ -3,8 +3,8 @@
 * ``shapes``: the synthetic shapes corpus (conversations, PNG, 32..128 px, tiny config):
   images at native size, one to three VMP scales;
 * ``photos``: caption pairs of noise+gradient images, 200..500 px, mostly JPEG (every third
-  PNG): larger than the tiny config's 64-patch maximum, so they are downscaled (JPEG draft
-  decoding) and have several scales;
+  PNG): larger than the tiny config's 16,384-pixel maximum, so they are downscaled (the
+  JPEGs are what the loader's opt-in draft decoding would shrink) and have several scales;
 * ``text``: text-only conversations of varied lengths (a few longer than the tests' sequence
   length, so the packer must skip them).
 All indexed with the shapes corpus's 512-id tokenizer and the qwen3-chat template.

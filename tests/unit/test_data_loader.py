@@ -127,11 +127,12 @@ def test_labels_are_next_token_targets_within_a_sample(batches, datasets):
             assert folded == sample.tokens.tolist()
 
 
-def _independent_scales(entry) -> list[np.ndarray]:
-    """Each scale decoded and resized with Pillow directly (draft for shrinking JPEGs)."""
+def _independent_scales(entry, draft: bool = False) -> list[np.ndarray]:
+    """Each scale decoded and resized with Pillow directly: from the full decode (the released
+    code's pixels), or with ``draft`` from libjpeg's reduced decode of a shrinking JPEG."""
     img = Image.open(io.BytesIO(entry.data))
     (bh, bw), (oh, ow) = entry.scales[-1], entry.orig_size
-    if img.format == "JPEG" and bh < oh and bw < ow:
+    if draft and img.format == "JPEG" and bh < oh and bw < ow:
         img.draft("RGB", (bw, bh))
     img = img.convert("RGB")
     out = []
@@ -141,29 +142,56 @@ def _independent_scales(entry) -> list[np.ndarray]:
     return out
 
 
+def _shrinking_jpeg(entry) -> bool:
+    (bh, bw), (oh, ow) = entry.scales[-1], entry.orig_size
+    return entry.format == "jpeg" and bh < oh and bw < ow
+
+
 def test_pixels_equal_patchify_of_the_resized_images(batches, datasets):
-    drafted = checked = 0
+    """By default every scale is resampled from the full decode, as the released code does
+    (no JPEG draft decoding), so the loader's pixels are bitwise Pillow's."""
+    shrunk = checked = 0
     for b in batches[:12]:
         arrays, entries = [], []
         for d, s in b.sample_keys.tolist():
             for entry in datasets[d].sample(s).images:
                 arrays += _independent_scales(entry)
                 entries.append(entry)
-                if entry.format == "jpeg" and entry.scales[-1][0] < entry.orig_size[0]:
+                shrunk += _shrinking_jpeg(entry)
+        want, _ = patchify_batch_reference(arrays)
+        assert torch.equal(b.patches, want)
+        checked += len(entries)
+    assert checked > 5 and shrunk > 0  # JPEGs that draft mode would have decoded reduced
+    entry = next(e for d in datasets[1:2] for e in d.sample(0).images)
+    full = load_image_scales(entry)[-1]
+    ref = Image.open(io.BytesIO(entry.data)).convert("RGB")
+    h, w = entry.scales[-1]
+    assert np.array_equal(full, np.array(ref.resize((w, h), Image.Resampling.BICUBIC)))
+
+
+def test_jpeg_draft_decoding_is_opt_in(datasets):
+    """``draft=True`` decodes a shrinking JPEG at a reduced size (never below the base scale)
+    before resampling: other pixels than the default full decode."""
+    builder = PackedSequenceBuilder(datasets, 4096, pad=False, draft=True)
+    default = PackedSequenceBuilder(datasets, 4096, pad=False)
+    assert default.draft is False
+    drafted = differs = 0
+    for d, ds in enumerate(datasets):
+        for s in range(min(len(ds), 40)):
+            images = ds.sample(s).images
+            if not any(_shrinking_jpeg(e) for e in images):
+                continue
+            arrays = [a for e in images for a in _independent_scales(e, draft=True)]
+            got = builder.build(np.array([[d, s]]))
+            assert torch.equal(got.patches, patchify_batch_reference(arrays)[0])
+            for entry in images:
+                if _shrinking_jpeg(entry):
                     decoded = entry.decode(draft=entry.scales[-1])
                     drafted += decoded.size != (entry.orig_size[1], entry.orig_size[0])
                     assert decoded.height >= entry.scales[-1][0]
                     assert decoded.width >= entry.scales[-1][1]
-        want, _ = patchify_batch_reference(arrays)
-        assert torch.equal(b.patches, want)
-        checked += len(entries)
-    assert checked > 5 and drafted > 0  # the JPEG draft path ran
-    # without draft, a JPEG's base scale is the full decode resized
-    entry = next(e for d in datasets[1:2] for e in d.sample(0).images)
-    full = load_image_scales(entry, draft=False)[-1]
-    ref = Image.open(io.BytesIO(entry.data)).convert("RGB")
-    h, w = entry.scales[-1]
-    assert np.array_equal(full, np.array(ref.resize((w, h), Image.Resampling.BICUBIC)))
+            differs += not torch.equal(got.patches, default.build(np.array([[d, s]])).patches)
+    assert drafted > 0 and differs > 0
 
 
 def test_loss_weight_modes(datasets, batches):

@@ -16,6 +16,7 @@ from megatron_navil.data.images import ImageRejected, prepare_image
 from megatron_navil.data.shards import (
     HEADER_DTYPE,
     HEADER_SIZE,
+    IMAGE_RULE,
     SAMPLE_DTYPE,
     ImageEntry,
     ShardDataset,
@@ -136,7 +137,7 @@ def _corpus(tmp_path):
         "format": "megatron_navil.shards",
         "schema_version": 1,
         "placeholder_id": PLACEHOLDER,
-        "image": {"merge": 2},
+        "image": {"merge": 2, "rule": IMAGE_RULE},
         "tokenizer": {"special_ids": _special_ids()},
         "datasets": [],
         "shards": [{"bin": "shards/000000-000.bin", "idx": "shards/000000-000.idx", **info}],
@@ -193,6 +194,33 @@ def test_structural_corruption_is_caught_without_checksum(tmp_path):
         idx.write_bytes(mutate(good))
         with pytest.raises(ShardError, match=match):
             len(ShardReader(tmp_path / "s.bin", idx))
+
+
+def test_corpus_of_another_image_rule_is_refused(tmp_path):
+    """A manifest without ``image["rule"]`` was indexed with the earlier image rule: refused in
+    one line before any shard is read; so is an unknown rule."""
+    root = _corpus(tmp_path)
+    ShardDataset(root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert IMAGE_RULE == "navil-release"
+    del manifest["image"]["rule"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "shards/000000-000.bin").unlink()  # the rule is checked first
+    with pytest.raises(ShardError) as err:
+        ShardDataset(root, verify="size")
+    assert str(err.value) == (
+        f"corpus {root} was indexed with the old image rule (padded-count resize, sqrt(2)/2 "
+        "multi-scale chain); this version resizes as the released NaViL code does: re-index "
+        "it with tools/index_corpus.py"
+    )
+    manifest["image"]["rule"] = "navil-2027"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"^corpus .* image rule 'navil-2027'; this version imp"):
+        ShardDataset(root)
+    del manifest["image"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="malformed manifest"):
+        ShardDataset(root)
 
 
 def test_missing_manifest_is_one_line_error(tmp_path):

@@ -9,6 +9,8 @@ import random
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from megatron_navil import ops
 from megatron_navil.config.model import SPECIAL_TOKENS
@@ -17,7 +19,12 @@ from megatron_navil.hf import processing_navil as P
 # (patch, merge, min_patches, max_patches): NaViL's and the tiny config's rules
 RULES = [(16, 2, 256, 24576), (16, 2, 16, 64)]
 SIZES = [(100, 100), (4000, 3000), (500, 333), (1, 200), (240, 240), (37, 901), (64, 128),
-         (1024, 1024), (3, 3), (7000, 20), (8192, 8192)]  # fmt: skip
+         (1024, 1024), (3, 3), (7000, 20), (8192, 8192), (200, 300), (2560, 2560), (3000, 4000),
+         (512, 512), (64, 2048), (1000, 747), (16, 16), (200, 1), (256, 256), (4096, 4096),
+         (7000, 30), (333, 500),
+         # where the demo's float32 budget and reflected division decide a scale
+         (3455, 6347), (3428, 2713), (5153, 7790), (5302, 488), (4833, 3585),
+         (2312, 2259)]  # fmt: skip
 
 
 def _sizes():
@@ -40,6 +47,29 @@ def test_sizes_and_scales_equal_the_ops(rule):
             h, w, patch, merge, lo, hi
         ), (h, w)
         assert P.scales_for_image(h, w, patch, merge, lo, hi, multi_scale=False) == [want]
+        for ratio in (0.7071, 2**-0.5, 0.6):
+            assert P.scales_for_image(h, w, patch, merge, lo, hi, 200.0, ratio) == (
+                ops.scales_for_image(h, w, patch, merge, lo, hi, 200.0, ratio)
+            ), (h, w, ratio)
+
+
+@settings(max_examples=300, deadline=None)
+@given(long_side=st.integers(1, 12000), frac=st.floats(0.005, 1.0), tall=st.booleans())
+def test_scales_equal_the_ops_any_size(long_side, frac, tall):
+    short_side = max(1, min(long_side, round(long_side * frac)))
+    if long_side > 200 * short_side:
+        short_side += 1
+    h, w = (long_side, short_side) if tall else (short_side, long_side)
+    assert P.smart_resize(h, w) == ops.smart_resize(h, w)
+    assert P.scales_for_image(h, w) == ops.scales_for_image(h, w)
+
+
+def test_default_ratio_is_the_released_one():
+    assert P.NaViLImageProcessor().scale_ratio == 0.7071
+    assert P.scales_for_image(64, 2048) == [(64, 2048)]  # 2**-0.5 would add (45, 1448)
+    assert P.scales_for_image(64, 2048, scale_ratio=2**-0.5) == [(45, 1448), (64, 2048)]
+    assert P.smart_resize(2560, 2560) == (2508, 2508)
+    assert P.merged_grid(2508, 2508) == (158, 158)
 
 
 def test_patchify_is_bitwise_the_op():

@@ -394,13 +394,12 @@ def test_qwen_parity_multiples_of_32(cls, norm):
         assert (single - patchify(img, mean=norm[0], std=norm[1])[0]).abs().max() <= 1e-6
 
 
-# Sizes NaViL keeps (padded count in bounds) that are not multiples of 32: both sides at least
-# 225 (padded >= 256), or 11 to 32 rows and a long width (one unit row of >= 128 patches,
-# aspect ratio <= 200).
+# Sizes NaViL keeps (65,536 to 6,291,456 pixels) that are not all multiples of 32: both sides
+# at least 256, or 33 to 63 rows and a long width (two unit rows, aspect ratio <= 200).
 kept_sizes = st.one_of(
-    st.tuples(st.integers(225, 700), st.integers(225, 700)),
-    st.tuples(st.integers(11, 32), st.integers(2017, 2200)),
-    st.tuples(st.integers(2017, 2200), st.integers(11, 32)),
+    st.tuples(st.integers(256, 700), st.integers(256, 700)),
+    st.tuples(st.integers(33, 63), st.integers(2017, 2200)),
+    st.tuples(st.integers(2017, 2200), st.integers(33, 63)),
 )
 
 
@@ -432,10 +431,90 @@ def test_qwen_bfloat16_is_its_float32_rounded(cls):
     assert torch.equal(ours, theirs.to(torch.bfloat16))
 
 
+def _navil_pixels(img: np.ndarray) -> np.ndarray:
+    """The released rule's resize, as the data pipeline does it: smart_resize's size, Pillow
+    bicubic from the full image (load_image_scales without draft)."""
+    from PIL import Image
+
+    h, w = smart_resize(img.shape[0], img.shape[1])
+    if (h, w) == img.shape[:2]:
+        return img
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BICUBIC))
+
+
+# (size, rule-2 target): upsampled small images, one kept, downsampled large ones
+RESIZED = [
+    ((100, 100), (256, 256)),
+    ((50, 70), (217, 303)),
+    ((1, 200), (19, 3621)),
+    ((200, 300), (210, 314)),
+    ((333, 500), (333, 500)),
+    ((3000, 4000), (2172, 2896)),
+    ((2560, 2560), (2508, 2508)),
+]
+
+
+@needs_qwen
+@pytest.mark.parametrize("cls", QWEN_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("size", "target"), RESIZED, ids=str)
+def test_qwen_factor_1_resize_is_bitwise_ours(cls, size, target):
+    """The released code's own configuration of the resize: Qwen2-VL with factor 1 (patch 1,
+    merge 1) and NaViL's pixel bounds resizes to rule 2's size, and its pixels, bicubic from
+    the full image then rescaled and normalised, are bitwise ours (patchify with 1x1 patches
+    is the normalised image in raster order)."""
+    img = _image(*size, seed=sum(size))
+    proc = cls(
+        patch_size=1,
+        merge_size=1,
+        temporal_patch_size=1,
+        image_mean=list(NAVIL[0]),
+        image_std=list(NAVIL[1]),
+        min_pixels=256 * 16 * 16,
+        max_pixels=24576 * 16 * 16,
+    )
+    theirs, thw = _run_qwen(proc, [img])
+    assert smart_resize(*size) == target and thw == [[1, *target]]
+    ours, grid = patchify(_navil_pixels(img), patch=1, merge=1)
+    assert grid == target and theirs.shape == ours.shape
+    if cls.__name__ == "Qwen2VLImageProcessorPil":
+        assert torch.equal(theirs, ours)
+    else:  # a tensor/numpy backend resamples on its own: close, not bitwise
+        assert (theirs - ours).abs().max() <= 1e-6
+
+
+# (size, target): rule 2's size is a multiple of 32 and Qwen2-VL at factor 32 (patch 16,
+# merge 2) lands on it too, so its whole pipeline (resize, rescale, normalise, patches in
+# merge-unit order) does NaViL's job: upsampled small images and downsampled large ones.
+SAME_AT_FACTOR_32 = [
+    ((23, 23), (256, 256)),
+    ((21, 84), (128, 512)),
+    ((64, 64), (256, 256)),
+    ((2439, 3146), (2208, 2848)),
+    ((4096, 6144), (2048, 3072)),
+]
+
+
+@needs_qwen
+@pytest.mark.parametrize("cls", QWEN_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("size", "target"), SAME_AT_FACTOR_32, ids=str)
+def test_qwen_resize_and_patches_bitwise_where_sizes_agree(cls, size, target):
+    img = _image(*size, seed=size[0])
+    assert smart_resize(*size) == target
+    theirs, thw = _run_qwen(_qwen(cls, *NAVIL), [img])
+    assert thw == [[1, target[0] // 16, target[1] // 16]]
+    ours, grid = patchify(_navil_pixels(img))
+    assert list(grid) == thw[0][1:]
+    if cls.__name__ == "Qwen2VLImageProcessorPil":
+        assert torch.equal(theirs, ours)
+    else:
+        assert (theirs - ours).abs().max() <= 1e-6
+
+
 @needs_qwen
 def test_qwen_difference_unpadded_size():
-    """Documented difference: in bounds but not a multiple of 32, Qwen2-VL resamples to the
-    nearest multiples of 32 (500x333 -> 512x320, grid 32x20) where NaViL pads (grid 32x22)."""
+    """Qwen2-VL at factor 32 (its own configuration, not the released NaViL code's): in bounds
+    but not a multiple of 32, it resamples to the nearest multiples of 32 (500x333 -> 512x320,
+    grid 32x20) where NaViL keeps the size and pads (grid 32x22)."""
     img = _image(500, 333)
     _, thw = _run_qwen(_qwen(QWEN_CLASSES[0], *NAVIL), [img])
     assert thw == [[1, 32, 20]]

@@ -1,7 +1,8 @@
-"""megatron_navil.ops.resize: smart_resize native == reference, NaViL's rule, Qwen2-VL parity.
+"""megatron_navil.ops.resize: smart_resize native == reference == the released NaViL rule.
 
-Sizes are (height, width) in pixels; "count" is the padded patch count gh * gw of
-merged_grid (sides zero-padded up to a multiple of patch * merge).
+The rule (NAVIL.md, "The released code's exact behaviour", point 2) is transformers' Qwen2-VL
+smart_resize with factor 1 and the bounds on raw pixels (patches * patch**2); that function is
+the oracle here. Sizes are (height, width) in pixels; a grid is merged_grid's padded patch grid.
 """
 
 from __future__ import annotations
@@ -22,11 +23,7 @@ needs_native = pytest.mark.skipif(
 )
 
 MIN_P, MAX_P = 256, 24576  # NaViL's bounds, in 16x16 patches
-
-
-def _count(h: int, w: int, patch: int = 16, merge: int = 2) -> int:
-    gh, gw = merged_grid_reference(h, w, patch, merge)
-    return gh * gw
+MIN_PIXELS, MAX_PIXELS = MIN_P * 256, MAX_P * 256
 
 
 def _qwen_smart_resize():
@@ -45,9 +42,16 @@ qwen_smart_resize = _qwen_smart_resize()
 needs_qwen = pytest.mark.skipif(qwen_smart_resize is None, reason="transformers Qwen2-VL missing")
 
 
-def _qwen(h: int, w: int) -> tuple[int, int]:
-    """Qwen2-VL's smart_resize configured as NaViL: factor 32, pixels = patches * 16 * 16."""
-    return tuple(qwen_smart_resize(h, w, factor=32, min_pixels=MIN_P * 256, max_pixels=MAX_P * 256))
+def _oracle(h: int, w: int, patch: int = 16, min_p: int = MIN_P, max_p: int = MAX_P):
+    """The released code's call: Qwen2-VL smart_resize, factor 1, bounds in raw pixels."""
+    got = qwen_smart_resize(
+        h, w, factor=1, min_pixels=min_p * patch * patch, max_pixels=max_p * patch * patch
+    )
+    return tuple(int(x) for x in got)
+
+
+def _grid(h: int, w: int, patch: int = 16, merge: int = 2) -> tuple[int, int]:
+    return merged_grid_reference(h, w, patch, merge)
 
 
 # Sizes NaViL accepts (aspect ratio <= 200), from tiny to far above the maximum.
@@ -66,33 +70,82 @@ def _outcome(fn, *args):
         return ("ValueError", str(exc))
 
 
-@pytest.mark.parametrize(
-    ("size", "expected"),
-    [
-        ((256, 256), (256, 256)),  # exactly the minimum, 256 patches
-        ((250, 250), (250, 250)),  # pads to 256x256: in bounds, not resampled
-        ((240, 240), (240, 240)),  # (Qwen2-VL: 224x224 rounded, below min -> upscaled)
-        ((500, 333), (500, 333)),
-        ((2048, 3072), (2048, 3072)),  # exactly the maximum, 24576 patches
-        ((100, 100), (256, 256)),  # below: upscaled to fill 256 patches exactly
-        ((1, 200), (10, 2048)),  # thin: 1 unit row x 64 units, padded 32x2048
-        ((200, 1), (2048, 10)),
-        ((4000, 3000), (2880, 2160)),  # above: largest 4:3 size within 24576 padded patches
-    ],
-)
-def test_known_values(size, expected):
-    assert smart_resize_reference(*size) == expected
-    assert smart_resize(*size) == expected
-    assert MIN_P <= _count(*expected) <= MAX_P
+# size -> (target size, its padded patch grid); computed by hand from the rule, checked below
+# against the oracle too.
+KNOWN = [
+    ((200, 300), (210, 314), (14, 20)),  # 60,000 < 65,536 px: upsampled (was kept before)
+    ((2560, 2560), (2508, 2508), (158, 158)),  # 24,964 padded patches > max_patches
+    ((3000, 4000), (2172, 2896), (136, 182)),
+    ((4000, 3000), (2896, 2172), (182, 136)),
+    ((512, 512), (512, 512), (32, 32)),  # in bounds: kept
+    ((64, 2048), (64, 2048), (4, 128)),  # 131,072 px, in bounds: kept
+    ((1000, 747), (1000, 747), (64, 48)),
+    ((16, 16), (256, 256), (16, 16)),  # upsampled 16x
+    ((100, 100), (256, 256), (16, 16)),
+    ((50, 70), (217, 303), (14, 20)),
+    ((255, 255), (256, 256), (16, 16)),  # 1,061 px short of the minimum
+    ((240, 240), (256, 256), (16, 16)),
+    ((1, 200), (19, 3621), (2, 228)),  # thin: ceil(1 * 18.1) = 19 rows
+    ((200, 1), (3621, 19), (228, 2)),
+    ((256, 256), (256, 256), (16, 16)),  # exactly the minimum
+    ((4096, 4096), (2508, 2508), (158, 158)),
+    ((8192, 8192), (2508, 2508), (158, 158)),
+    ((333, 500), (333, 500), (22, 32)),
+    ((500, 333), (500, 333), (32, 22)),
+    ((2048, 3072), (2048, 3072), (128, 192)),  # exactly the maximum, 6,291,456 px: kept
+    ((2049, 3072), (2048, 3071), (128, 192)),  # 3,072 px above: floor on both sides
+    ((37, 901), (52, 1264), (4, 80)),
+]
 
 
-def _short_for(long_side: int, short_side: int, new_long: int) -> int:
-    return max(1, math.floor(short_side * new_long / long_side + 0.5))
+@pytest.mark.parametrize(("size", "target", "grid"), KNOWN, ids=lambda v: str(v))
+def test_known_values(size, target, grid):
+    assert smart_resize_reference(*size) == target
+    assert smart_resize(*size) == target
+    assert _grid(*target) == grid
+    h, w = size
+    if MIN_PIXELS <= h * w <= MAX_PIXELS:
+        assert target == size
+    elif h * w > MAX_PIXELS:
+        assert target[0] * target[1] <= MAX_PIXELS < h * w
+    else:
+        assert target[0] * target[1] >= MIN_PIXELS > h * w
 
 
-def _family_count(h, w, new_long, patch, merge):
-    long_side, short_side = max(h, w), min(h, w)
-    return _count(new_long, _short_for(long_side, short_side, new_long), patch, merge)
+@needs_qwen
+@pytest.mark.parametrize(("size", "target", "grid"), KNOWN, ids=lambda v: str(v))
+def test_known_values_are_the_oracles(size, target, grid):
+    assert _oracle(*size) == target
+
+
+def test_padded_grid_may_exceed_max_patches():
+    gh, gw = _grid(*smart_resize(2560, 2560))
+    assert (gh, gw) == (158, 158) and gh * gw == 24_964 > MAX_P
+
+
+def test_aspect_limit_inclusive():
+    assert smart_resize(1, 200) == (19, 3621)
+    assert smart_resize(7, 1400) == smart_resize_reference(7, 1400)
+    for fn in (smart_resize, smart_resize_reference):
+        with pytest.raises(
+            ValueError, match=r"^smart_resize: image 1x201 has aspect ratio 201/1 > max_aspect=200$"
+        ):
+            fn(1, 201)
+        with pytest.raises(ValueError, match=r"image 30x7000 has aspect ratio 7000/30 > max_aspe"):
+            fn(30, 7000)
+        with pytest.raises(ValueError, match=r"aspect ratio 3/2 > max_aspect=1\.25"):
+            fn(3, 2, max_aspect=1.25)
+
+
+@needs_qwen
+def test_aspect_limit_is_the_oracles():
+    for size in [(1, 200), (200, 1), (3, 600), (5, 1000), (7, 1400)]:
+        assert smart_resize(*size) == _oracle(*size)
+    for size in [(1, 201), (3, 601), (1000, 4), (7000, 30), (30, 7000)]:
+        with pytest.raises(ValueError):
+            smart_resize(*size)
+        with pytest.raises(ValueError):
+            _oracle(*size)
 
 
 @settings(max_examples=400, deadline=None)
@@ -100,68 +153,40 @@ def _family_count(h, w, new_long, patch, merge):
 def test_reference_properties_navil_defaults(size):
     h, w = size
     nh, nw = smart_resize_reference(h, w)
-    count = _count(nh, nw)
-    assert MIN_P <= count <= MAX_P
-    if MIN_P <= _count(h, w) <= MAX_P:
+    if MIN_PIXELS <= h * w <= MAX_PIXELS:
         assert (nh, nw) == (h, w)  # no resampling inside the bounds
-        return
-    long_side, short_side = max(h, w), min(h, w)
-    new_long, new_short = max(nh, nw), min(nh, nw)
-    assert (nh >= nw) == (h >= w) or nh == nw  # orientation kept
-    # aspect ratio kept: short side is the rounded proportional size (at least 1 px)
-    assert new_short == _short_for(long_side, short_side, new_long)
-    # maximal: one more pixel on the long side would change (above max: exceed) the count
-    assert _family_count(h, w, new_long + 1, 16, 2) > count
-    if _count(h, w) > MAX_P:
-        assert new_long < long_side
-    else:
-        assert new_long > long_side
+    elif h * w > MAX_PIXELS:  # downsampled into the bound, each side by the same beta
+        assert nh <= h and nw <= w and nh * nw <= MAX_PIXELS
+        beta = math.sqrt(h * w / MAX_PIXELS)
+        assert (nh, nw) == (max(1, math.floor(h / beta)), max(1, math.floor(w / beta)))
+    else:  # upsampled to at least the minimum
+        assert nh >= h and nw >= w and nh * nw >= MIN_PIXELS
+        beta = math.sqrt(MIN_PIXELS / (h * w))
+        assert (nh, nw) == (math.ceil(h * beta), math.ceil(w * beta))
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    h=st.integers(1, 40),
-    w=st.integers(1, 40),
-    patch=st.integers(1, 4),
-    merge=st.integers(1, 3),
-    min_p=st.integers(1, 60),
-    span=st.integers(0, 60),
-)
-def test_reference_matches_brute_force(h, w, patch, merge, min_p, span):
-    """Small cases against an exhaustive search over the aspect-preserving family."""
-    max_p = max(min_p + span, merge * merge)
-    args = (h, w, patch, merge, min_p, max_p, 200)
-    if max(h, w) > 200 * min(h, w):
-        return
-    got = _outcome(smart_resize_reference, *args)
-    count = _count(h, w, patch, merge)
-    if min_p <= count <= max_p:
-        assert got == (h, w)
-        return
-    long_side = max(h, w)
-    # The family's count is >= long side / patch >= x / 4, so x < 2000 covers every target.
-    counts = {x: _family_count(h, w, x, patch, merge) for x in range(1, 2000)}
-    assert counts[1999] > 2 * max_p
-    if count > max_p:
-        fits = [x for x in range(1, long_side) if counts[x] <= max_p]
-        best = max(fits)
-    else:
-        above = [x for x in counts if x > long_side and counts[x] >= min_p]
-        target = min(counts[x] for x in above)
-        if target > max_p:
-            assert got[0] == "ValueError" and "no size keeping the aspect ratio" in got[1]
-            return
-        best = max(x for x in above if counts[x] == target)
-    short = _short_for(long_side, min(h, w), best)
-    assert got == ((best, short) if h >= w else (short, best))
-
-
-@needs_native
+@needs_qwen
 @settings(max_examples=500, deadline=None)
 @given(size=image_sizes(max_side=200_000))
-def test_native_equals_reference_navil_defaults(size):
-    assert smart_resize(*size) == smart_resize_reference(*size)
-    assert tuple(resize_mod._C.smart_resize(*size)) == smart_resize_reference(*size)
+def test_native_reference_and_oracle_agree_navil_defaults(size):
+    want = _oracle(*size)
+    assert smart_resize_reference(*size) == want
+    assert smart_resize(*size) == want
+
+
+@needs_qwen
+@settings(max_examples=400, deadline=None)
+@given(
+    size=image_sizes(max_side=20_000),
+    patch=st.integers(1, 64),
+    merge=st.integers(1, 4),
+    min_p=st.integers(1, 5000),
+    span=st.integers(0, 100_000),
+)
+def test_reference_equals_oracle_other_bounds(size, patch, merge, min_p, span):
+    args = (*size, patch, merge, min_p, min_p + span)
+    assert smart_resize_reference(*args) == _oracle(*size, patch, min_p, min_p + span)
+    assert smart_resize(*args) == smart_resize_reference(*args)
 
 
 @needs_native
@@ -169,34 +194,45 @@ def test_native_equals_reference_navil_defaults(size):
 @given(
     h=st.integers(1, MAX_IMAGE_SIDE),
     w=st.integers(1, MAX_IMAGE_SIDE),
-    patch=st.integers(1, 64),
+    patch=st.integers(1, 2**20),
     merge=st.integers(1, 8),
     min_p=st.integers(1, 2**40),
     span=st.integers(0, 2**40),
     max_aspect=st.one_of(st.floats(1.0, 1e12), st.sampled_from([1.0, 200.0, 1e300])),
 )
 def test_native_equals_reference_any_arguments(h, w, patch, merge, min_p, span, max_aspect):
-    """Same size or the same ValueError message, over the whole accepted argument range."""
+    """Same size or the same ValueError message, over the whole accepted argument range
+    (including pixel counts at and above 2**53, which both reject)."""
     args = (h, w, patch, merge, min_p, min_p + span, max_aspect)
     assert _outcome(resize_mod._C.smart_resize, *args) == _outcome(smart_resize_reference, *args)
+
+
+@needs_native
+@settings(max_examples=500, deadline=None)
+@given(
+    pixels=st.integers(2**50, 2**53 - 1),
+    aspect=st.integers(1, 1000),
+    bound=st.integers(2**40, 2**53 - 1),
+)
+def test_native_equals_reference_near_two_to_the_53(pixels, aspect, bound):
+    """Pixel counts just below 2**53, where a wider integer would no longer be an exact
+    double: the C++ division still equals Python's correctly rounded int / int."""
+    h = max(1, math.isqrt(pixels // aspect))
+    w = min(MAX_IMAGE_SIDE, pixels // h)
+    if h * w >= 2**53:
+        w -= 1
+    for min_p, max_p in ((1, bound), (bound, bound)):  # patch 1: the bounds are the pixels
+        args = (h, w, 1, 1, min_p, max_p, 1e9)
+        assert _outcome(resize_mod._C.smart_resize, *args) == _outcome(
+            smart_resize_reference, *args
+        )
 
 
 def test_fallback_to_reference_without_native(monkeypatch):
     monkeypatch.setattr(resize_mod, "_C", None)
     assert resize_mod._native() is None
     assert smart_resize(100, 100) == (256, 256)
-
-
-def test_aspect_limit_inclusive():
-    assert smart_resize(1, 200) == (10, 2048)
-    assert smart_resize(7, 1400) == smart_resize_reference(7, 1400)
-    for fn in (smart_resize, smart_resize_reference):
-        with pytest.raises(
-            ValueError, match=r"image 1x201 has aspect ratio 201/1 > max_aspect=200"
-        ):
-            fn(1, 201)
-        with pytest.raises(ValueError, match=r"aspect ratio 3/2 > max_aspect=1\.25"):
-            fn(3, 2, max_aspect=1.25)
+    assert smart_resize(2560, 2560) == (2508, 2508)
 
 
 BAD_INT = [0, -1, 1.5, 2.0, True, "3", None]
@@ -228,15 +264,30 @@ def test_bad_arguments(fn):
         fn(2**31, 2**31)
     with pytest.raises(ValueError, match=r"min_patches \(300\) must be <= max_patches \(200\)"):
         fn(300, 300, min_patches=300, max_patches=200)
-    with pytest.raises(ValueError, match=r"max_patches \(3\) must be >= merge \* merge \(4\)"):
-        fn(300, 300, min_patches=1, max_patches=3)
     for bad in (0.5, float("inf"), float("nan"), -3, "200", None, True):
         with pytest.raises(ValueError, match="max_aspect must be a finite number >= 1"):
             fn(300, 300, max_aspect=bad)
-    # 1-pixel patches, no merge: a 1:7 image's counts are n * max(1, round(n / 7)), which jump
-    # from 10 (n = 10) to 22 (n = 11), so none is in [15, 15]
-    with pytest.raises(ValueError, match=r"no size keeping the aspect ratio of 1x7 .* \[15, 15\]"):
-        fn(1, 7, 1, 1, 15, 15)
+    # pixel counts must stay exact doubles (see the module doc)
+    with pytest.raises(
+        ValueError,
+        match=r"^smart_resize: max_patches \* patch \* patch must be below 2\*\*53 "
+        r"\(max_patches=8796093022208, patch=32\)$",
+    ):
+        fn(300, 300, 32, 2, 1, 2**43)  # 2**43 * 2**10 = 2**53
+    assert fn(300, 300, 32, 2, 1, 2**43 - 1) == (300, 300)  # one patch less: accepted
+    with pytest.raises(
+        ValueError,
+        match=r"^smart_resize: height \* width must be below 2\*\*53 \(image 94906266x94906266\)$",
+    ):
+        fn(94906266, 94906266)  # 94906266**2 > 2**53
+    assert fn(94906265, 94906265) == (2508, 2508)  # 94906265**2 < 2**53
+    # upsampling a thin image to a huge minimum would need a side beyond int32
+    with pytest.raises(
+        ValueError,
+        match=r"^smart_resize: upsampling image 1x1000000 to 4503599627370496 pixels gives a "
+        r"side above 2147483647$",
+    ):
+        fn(1, 10**6, 2**20, 1, 2**12, 2**12, 1e7)
 
 
 @needs_native
@@ -246,78 +297,17 @@ def test_native_errors_are_value_errors():
         (0, 5),
         (5, 2**31),
         (5, 5, 16, 2, 10, 5),
-        (5, 5, 16, 2, 1, 3),
         (5, 5, 16, 2, 256, 24576, 0.5),
         (5, 5, 16, 2, 256, 24576, float("nan")),
         (1, 300),
-        (1, 7, 1, 1, 15, 15),
+        (300, 300, 32, 2, 1, 2**43),
+        (94906266, 94906266),
+        (1, 10**6, 2**20, 1, 2**12, 2**12, 1e7),
     ]
     for args in cases:
         native = _outcome(resize_mod._C.smart_resize, *args)
         assert native[0] == "ValueError", args
         assert native == _outcome(smart_resize_reference, *args)
-
-
-# ---- parity with transformers' Qwen2-VL smart_resize (factor 32) ---------------------------
-
-
-@needs_qwen
-@settings(max_examples=300, deadline=None)
-@given(gh=st.integers(1, 400), gw=st.integers(1, 400))
-def test_qwen_parity_multiples_of_32(gh, gw):
-    """Sides already multiples of 32: in bounds both keep the size, out of bounds both resize."""
-    h, w = 32 * gh, 32 * gw
-    if max(h, w) > 200 * min(h, w):
-        return
-    ours, theirs = smart_resize(h, w), _qwen(h, w)
-    in_bounds = MIN_P <= _count(h, w) <= MAX_P
-    assert (ours == (h, w)) == in_bounds
-    assert (theirs == (h, w)) == in_bounds
-    if in_bounds:
-        assert ours == theirs
-
-
-@needs_qwen
-@settings(max_examples=400, deadline=None)
-@given(size=image_sizes())
-def test_qwen_parity_bounds_decision(size):
-    """NaViL keeps an image exactly when Qwen2-VL keeps its zero-padded version."""
-    h, w = size
-    ph, pw = 32 * math.ceil(h / 32), 32 * math.ceil(w / 32)
-    if max(ph, pw) > 200 * min(ph, pw):
-        return
-    assert (smart_resize(h, w) == (h, w)) == (_qwen(ph, pw) == (ph, pw))
-    # and whenever NaViL resamples, both land inside the bounds
-    nh, nw = smart_resize(h, w)
-    assert MIN_P <= _count(nh, nw) <= MAX_P
-
-
-@needs_qwen
-def test_qwen_aspect_limit_matches():
-    for size in [(1, 200), (200, 1), (3, 600), (5, 1000)]:
-        smart_resize(*size)
-        _qwen(*size)
-    for size in [(1, 201), (3, 601), (1000, 4)]:
-        with pytest.raises(ValueError):
-            smart_resize(*size)
-        with pytest.raises(ValueError):
-            _qwen(*size)
-
-
-@needs_qwen
-def test_qwen_documented_differences():
-    """Where NaViL's rule and Qwen2-VL's differ by design (see ops/resize.py's docstring)."""
-    # in bounds but not a multiple of 32: NaViL keeps (and pads), Qwen2-VL resamples
-    assert smart_resize(500, 333) == (500, 333)
-    assert _qwen(500, 333) == (512, 320)
-    # bounds decision on padded vs rounded area
-    assert smart_resize(240, 240) == (240, 240)
-    assert _qwen(240, 240) != (240, 240)
-    # out of bounds: NaViL keeps the aspect ratio, Qwen2-VL rounds sides to multiples of 32
-    assert smart_resize(1, 200) == (10, 2048)
-    assert _qwen(1, 200) == (32, 3648)
-    assert smart_resize(4000, 3000) == (2880, 2160)
-    assert _qwen(4000, 3000) == (2880, 2144)
 
 
 def test_native_extension_built_in_ci():

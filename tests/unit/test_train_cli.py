@@ -81,3 +81,16 @@ def test_dry_run_reports_the_corpus_image_settings(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["image_from_corpus"] == {"multi_scale": False}, summary
+    # the same corpus as an earlier version indexed it (no image rule): a one-line refusal
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["image"]["rule"] == "navil-release"
+    del manifest["image"]["rule"], manifest["settings"]["image"]["rule"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_navil.train", "--data", str(shards), "--steps", "5",
+         "--warmup", "1", "--dry-run"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "was indexed with the old image rule" in proc.stderr
+    assert "re-index it with tools/index_corpus.py" in proc.stderr
