@@ -3,13 +3,13 @@
 Written to ../shared/NAVIL.md, "The released code's exact behaviour", 6: ``architectures``
 ``["NaViL"]``, ``model_type`` ``navil_chat``, every official top-level field (``template``,
 ``system_message``, ``downsample_ratio``, ``min_dynamic_patch``/``max_dynamic_patch``,
-``scale_downsample_ratio`` (0.7071, here too), ``anyres_image_size``, ``force_image_size``, ``pad2square``,
-``ps_version``, ``select_layer``, ``use_backbone_lora``, ``use_llm_lora``), every official
-``vision_config`` field (``window_size``, ``fullatt_block_indexes``, ``qkv_bias``, ...), and an
-``llm_config`` whose ``architectures`` is the released class (``InternLM2VEForCausalLM`` /
-``Qwen3VEForCausalLM``; the released code refuses anything else) with InternLM2's ``bias``
-written false (its default is true). So the authors' code loads an export, and this project
-reads theirs.
+``scale_downsample_ratio`` (0.7071, here too), ``anyres_image_size``, ``force_image_size``,
+``pad2square``, ``ps_version``, ``select_layer``, ``use_backbone_lora``, ``use_llm_lora``),
+every official ``vision_config`` field (``window_size``, ``fullatt_block_indexes``,
+``qkv_bias``, ...), and an ``llm_config`` whose ``architectures`` is the released class
+(``InternLM2VEForCausalLM`` / ``Qwen3VEForCausalLM``; the released code refuses anything
+else) with InternLM2's ``bias`` written false (its default is true). So the authors' code
+loads an export, and this project reads theirs.
 
 Fields of ours besides (ignored by the released code): ``special_token_ids`` (the 12 ids, also
 in the tokenizer), ``use_multi_scale``, ``max_aspect_ratio``, ``navil_config_name``, and in
