@@ -17,14 +17,25 @@ the official release's (../shared/NAVIL.md, "Official HF release format"):
 Layouts: ``input_ids`` ``[B, T]`` (left padding with ``attention_mask`` for batches);
 ``pixel_values`` ``[p, 3 * 16 * 16]`` and ``image_grid_hw`` ``[segments, 2]`` as
 processing_navil.py packs them (every scale of every image of the batch, in order; each scale
-is one bidirectional attention segment of the vision encoder). The connector's outputs fill the
-``<IMG_CONTEXT>`` positions in row-major order of the batch. Tokens ``<IMG_CONTEXT>`` and
+is one bidirectional attention segment of the vision encoder; the released code's ``[p, 3, 16,
+16]`` and ``image_grid_thw`` are accepted too). The vision encoder runs on the patches in the
+released code's window order (``vision_config.window_size``: windows of merge units, blocks not
+in ``fullatt_block_indexes`` attend within them when it is set) and keeps it, so the
+connector's outputs fill the ``<IMG_CONTEXT>`` positions in that order, row-major over the
+batch's slots. Tokens ``<IMG_CONTEXT>`` and
 ``<img>`` use the visual experts (q/k/v/o, QK-norms and FFN), every other token the text
 experts; the 12 special tokens take their rows of ``special_token_embedding``.
 
 ``generate`` is greedy (or sampling) decoding with a key/value cache: the prompt's modality
 mask applies to the prefill, generated tokens always use the text experts, image-block tokens
 are never generated.
+
+The released model's API (../shared/NAVIL.md, "The released code's exact behaviour", 7) is
+offered beside ours: ``model.image_processor`` (one scale per call, as its demo chains them),
+``model.init_special_token_ids(tokenizer)`` (official configs carry no ids) and ``model.chat(
+tokenizer, pixel_values, question, generation_config, history=None, return_history=False,
+num_patches_list=None, num_scales=[...])``; ours is ``chat_images(tokenizer, question,
+images)`` (preprocessing inside).
 """
 
 from __future__ import annotations
