@@ -114,9 +114,10 @@ def random_weights(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Ten
     return out
 
 
-def make_official_dir(out: str | Path, variant: str = "qwen3", seed: int = 0,
+def make_official_dir(out: str | Path, variant: str = "qwen3", seed: int = 0, bos: bool = False,
                       **config_args: Any) -> Path:  # fmt: skip
-    """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` (module doc)."""
+    """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` (module doc);
+    ``bos``: the tokenizer puts ``<s>`` before every text, as InternLM2's does."""
     from safetensors.torch import save_file
 
     from megatron_navil.testing.synthetic_corpus import train_tokenizer
@@ -127,5 +128,16 @@ def make_official_dir(out: str | Path, variant: str = "qwen3", seed: int = 0,
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(random_weights(config, seed), str(out / "model.safetensors"))
     texts = ["Describe the image.", "What is in this picture?", "A red circle on a gray field."]
-    train_tokenizer(texts, out / "tokenizer.json", vocab_size=config["llm_config"]["vocab_size"])
+    vocab = config["llm_config"]["vocab_size"]
+    path = train_tokenizer(texts, out / "tokenizer.json", vocab_size=vocab - 8 if bos else vocab)
+    if bos:
+        from tokenizers import AddedToken, Tokenizer, processors
+
+        tok = Tokenizer.from_file(str(path))
+        tok.add_special_tokens([AddedToken("<s>", special=True, normalized=False)])
+        bos_id = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+        )
+        path.write_text(tok.to_str(pretty=True))
     return out

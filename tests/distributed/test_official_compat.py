@@ -51,8 +51,16 @@ def _cli(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
+# The 9B layout (Qwen3VE, every vision block global, no BOS) and the 2B layout (InternLM2VE with
+# wo then wo_ve, block 0 attending within windows, a tokenizer that prepends BOS <s>).
+VARIANTS = {
+    "qwen3": dict(variant="qwen3"),
+    "internlm2": dict(variant="internlm2", bos=True, fullatt_block_indexes=[1]),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def world(tmp_path_factory, request) -> dict:
     from PIL import Image
     from transformers import PreTrainedTokenizerFast
 
@@ -60,7 +68,7 @@ def world(tmp_path_factory) -> dict:
     from megatron_navil.testing import official_reference as R
 
     root = tmp_path_factory.mktemp("official")
-    official = D.make_official_dir(root / "official", "qwen3", seed=1)
+    official = D.make_official_dir(root / "official", seed=1, **VARIANTS[request.param])
     rng = np.random.default_rng(0)
     image = root / "wide.png"
     Image.fromarray(rng.integers(0, 256, (64, 256, 3), dtype=np.uint8)).save(image)
@@ -73,6 +81,7 @@ def world(tmp_path_factory) -> dict:
     ids = tok(query, return_tensors="pt")["input_ids"][0]
     return {
         "root": root, "official": official, "image": image, "config": config,
+        "bos": VARIANTS[request.param].get("bos", False),
         "missing": missing, "unexpected": unexpected, "tok": tok, "ref": ref,
         "pixels": pixels, "grids": grids, "ids": ids, "logits": ref.logits(ids, pixels, grids),
     }  # fmt: skip
@@ -89,6 +98,8 @@ def test_the_reference_loads_the_official_directory(world):
     assert world["missing"] == [] and world["unexpected"] == []
     assert [g[2] // 2 for g in world["grids"]] == [5, 6, 8]  # every scale wider than 4 units
     assert world["ref"].special_ids == list(range(12))  # inside the vocabulary, from the tokenizer
+    bos = world["tok"].convert_tokens_to_ids("<s>") if world["bos"] else None
+    assert (world["ids"][0] == bos) == world["bos"]  # the released tokenizer(query) adds BOS
 
 
 def test_remote_code_with_the_released_api_equals_the_reference(world):
