@@ -435,3 +435,51 @@ def test_system_turn_default_override_and_none(syn, tmp_path):
         head = "" if system is None else f"<|im_start|>system\n{system}<|im_end|>"
         assert _decoded(out) == [head + body, f"<|im_start|>system\nS<|im_end|>{body}"]
         assert _manifest(out)["settings"]["system"] == (system or "")
+
+
+# ---- edge cases from a user's report -----------------------------------------------------------
+
+
+def test_unidentified_formats_are_named():
+    from megatron_navil.data.images import ImageRejected, prepare_image
+
+    cases = {
+        b"\xef\xbb\xbf  <svg width='1'/>": "SVG is not supported",
+        b"<!DOCTYPE html><html>404</html>": "an HTML page",
+        b"%PDF-1.7\n...": "PDF is not supported",
+        b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00": "HEIC/HEIF is not supported",
+        b"\x00\x00\x00\x0cJXL \r\n\x87\n": "JPEG XL is not supported",
+    }
+    for raw, want in cases.items():
+        with pytest.raises(ImageRejected) as exc:
+            prepare_image(raw)
+        assert exc.value.reason == "corrupt_image" and want in str(exc.value), raw
+        assert "0x" not in str(exc.value) and "BytesIO" not in str(exc.value)
+
+
+@pytest.mark.parametrize("mode, key", [("RGB", (10, 200, 30)), ("L", 77), ("I;16", 4000)])
+def test_png_colour_key_is_composited_onto_white(mode, key):
+    """A PNG with a tRNS colour key: its key-coloured pixels are transparent, so they become
+    white like every other transparent pixel; the others keep their value."""
+    from megatron_navil.data.images import prepare_image
+
+    other = {"RGB": (1, 2, 3), "L": 9, "I;16": 1000}[mode]
+    # left half opaque, right half the transparent key colour
+    if mode == "I;16":
+        img = Image.fromarray(np.array([[other] * 3 + [key] * 3] * 4, "<u2"))
+    else:
+        img = Image.new(mode, (6, 4), key)
+        img.paste(other, (0, 0, 3, 4))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", transparency=key)
+    assert "transparency" in Image.open(io.BytesIO(buf.getvalue())).info
+    p = prepare_image(buf.getvalue())
+    assert p.converted and p.format == "png"
+    got = np.asarray(Image.open(io.BytesIO(p.data)).convert("RGB"))
+    opaque = {"RGB": (1, 2, 3), "L": (9, 9, 9), "I;16": (4, 4, 4)}[mode]  # 1000 * 255 / 65535
+    assert (got[:, :3] == opaque).all() and (got[:, 3:] == 255).all()
+    # without the key the same pixels are kept (RGB/L: stored as they are)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    if mode != "I;16":
+        assert not prepare_image(buf.getvalue()).converted
