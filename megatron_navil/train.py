@@ -21,12 +21,14 @@ from typing import Any
 
 import torch
 
+from megatron_navil.cli import OneLineParser
 from megatron_navil.config.model import SPECIAL_TOKENS
 from megatron_navil.training.flops import batch_flops, detect_peak_flops, step_model_flops
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    # errors are one line (no usage block): several ranks print them into one torchrun log
+    p = OneLineParser(
         prog="python -m megatron_navil.train",
         description="Train NaViL with megatron-core parallelism (run it under torchrun; one "
         "process without).",
@@ -358,6 +360,11 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         datasets = [ShardDataset(d, verify="size") for d in args.data]
     except (OSError, ValueError) as exc:
         parser.error(f"--data: {exc}")
+    for path, d in zip(args.data, datasets, strict=True):
+        if len(d) == 0:  # the blend needs a sample of every corpus
+            skipped = d.manifest.get("counts", {}).get("skipped", 0)
+            parser.error(f"--data {path}: the corpus holds no sample ({skipped:,} records were "
+                         "skipped at indexing; see its manifest.json 'skipped')")  # fmt: skip
     special = _special_ids(datasets[0].manifest)
     try:
         cfg, image_changes = corpus_image_config(cfg, [d.manifest["image"] for d in datasets])

@@ -94,3 +94,30 @@ def test_dry_run_reports_the_corpus_image_settings(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "was indexed with the old image rule" in proc.stderr
     assert "re-index it with tools/index_corpus.py" in proc.stderr
+
+
+def test_corpus_without_samples_is_one_line(tmp_path, capsys):
+    """A corpus whose every record was skipped (as an older indexer finalized it: a manifest
+    with no shard): refused in one line, exit 2, before any process group or model exists
+    (formerly the blend raised deep inside the data loader, a 22-line traceback)."""
+    from megatron_navil.testing import synthetic_corpus as S
+    from megatron_navil.testing.loader_corpus import index
+
+    written = S.write_corpus(tmp_path / "src", num_train=2, num_val=0, seed=1, max_side=64)
+    shards = index([written["train"]], tmp_path / "shards", written["tokenizer"],
+                   "--config", "tiny", "--template", "qwen3-chat")  # fmt: skip
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["shards"] = []
+    manifest["counts"].update(samples=0, skipped=2, shards=0)
+    manifest["datasets"][0]["num_samples"] = 0
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", str(shards), "--steps", "5", "--warmup", "1", "--config", "tiny"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"python -m megatron_navil.train: error: --data {shards}: the corpus holds no "
+                   "sample (2 records were skipped at indexing; see its manifest.json "
+                   "'skipped')"], err  # fmt: skip
+    import torch.distributed
+
+    assert not torch.distributed.is_initialized()
