@@ -15,8 +15,9 @@ Examples::
 Re-running the same command skips finished work units, so a killed run resumes and ends
 byte-identical to an uninterrupted one. Formats, record kinds and the shard layout:
 ``megatron_navil/data/indexer.py`` and ``megatron_navil/data/shards.py`` (module docs).
-Exit status: 0 done, 2 bad arguments or input (with ``--strict``: the first bad record),
-1 an unexpected failure (a worker process died).
+Exit status: 0 done, 2 bad arguments or input (with ``--strict``: the first bad record, or a
+finished unit of an earlier run that skipped records; finalizing: every record skipped, so no
+sample), 1 an unexpected failure (a worker process died).
 """
 
 from __future__ import annotations
@@ -173,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--strict",
         action="store_true",
-        help="stop at the first bad record (exit 2) instead of counting it as skipped",
+        help="stop at the first bad record (exit 2) instead of counting it as skipped; a "
+        "re-run into an existing OUT also checks its finished units (and, before finalizing, "
+        "every unit of the plan): one that skipped any record (built without --strict) is an "
+        "error (exit 2), as an index that is not all-good cannot become one by resuming",
     )
     b.add_argument(
         "--no-finalize",
@@ -270,6 +274,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     ix.save_tokenizer_copy(out, tok)
     n_units = len(plan["units"])
     mine = [u for u in range(n_units) if u % args.num_shards == args.shard_index]
+    if args.strict:
+        ix.check_strict(out, mine)
     todo = [u for u in mine if not ix.unit_done(out, u)]
     total = sum(plan["units"][u][4] for u in todo)
     if not args.quiet:
@@ -298,6 +304,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     _report(out, mine, seconds, seen[1] / 1e6, seen[0])
     if not args.no_finalize and all(ix.unit_done(out, u) for u in range(n_units)):
+        if args.strict:
+            ix.check_strict(out, list(range(n_units)))
         manifest = ix.finalize(out)
         c = manifest["counts"]
         print(

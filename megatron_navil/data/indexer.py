@@ -38,6 +38,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -316,9 +317,16 @@ class Built:
 
 
 class SampleBuilder:
-    """Turns one record into a sample or raises :class:`Skip`."""
+    """Turns one record into a sample or raises :class:`Skip`.
 
-    def __init__(self, plan: dict[str, Any], tok: TextTokenizer):
+    ``require_target`` (the indexer's default): a record whose trained-on text is empty or
+    whitespace (every assistant answer, the caption, the document's text) is a ``no_target``
+    skip. Inference prompts (``training.caption.image_inputs``) end with an empty assistant
+    answer on purpose and pass ``False``.
+    """
+
+    def __init__(self, plan: dict[str, Any], tok: TextTokenizer, require_target: bool = True):
+        self.require_target = require_target
         s = plan["settings"]
         self.settings = s
         self.img = s["image"]
@@ -329,22 +337,35 @@ class SampleBuilder:
     def _geometry(self, h: int, w: int) -> tuple[tuple, tuple]:
         g = self.img
         args = (g["patch"], g["merge"], g["min_patches"], g["max_patches"], g["max_aspect"])
+        size = f"{w} x {h} (W x H)"
+        long, short = max(h, w), min(h, w)
+        if float(long) > float(g["max_aspect"]) * float(short):  # the ops' own test, exactly
+            raise Skip(
+                "bad_aspect", f"{size}: aspect ratio {long / short:.1f} > {g['max_aspect']:g}"
+            )
         try:
             if g["multi_scale"]:
                 scales = scales_for_image(h, w, *args, g["scale_ratio"])
             else:
                 scales = [smart_resize(h, w, *args)]
-        except ValueError as exc:
-            raise Skip("bad_aspect", str(exc)) from None
+        except ValueError as exc:  # e.g. a thin image whose upsampling passes the side limit
+            msg = re.sub(r"\b(smart_resize|scales_for_image): ", "", str(exc))
+            msg = re.sub(r"(?:image )?\d+x\d+ ?", "", msg).strip()
+            raise Skip("bad_aspect", f"{size}: {msg}") from None
         grids = tuple(tuple(merged_grid(a, b, g["patch"], g["merge"])) for a, b in scales)
         return tuple(tuple(x) for x in scales), grids
 
-    def image(self, raw: bytes) -> ImageEntry:
+    def image(self, raw: bytes, name: str = "") -> ImageEntry:
+        """``name`` (the image's path in its record) prefixes a skip's detail."""
+        where = f"{name}: " if name else ""
         try:
             p = prepare_image(raw)
         except ImageRejected as exc:
-            raise Skip(exc.reason, str(exc).split(": ", 1)[1]) from None
-        scales, grids = self._geometry(p.height, p.width)
+            raise Skip(exc.reason, where + str(exc).split(": ", 1)[1]) from None
+        try:
+            scales, grids = self._geometry(p.height, p.width)
+        except Skip as skip:
+            raise Skip(skip.reason, where + skip.detail) from None
         return ImageEntry(p.data, p.format, (p.height, p.width), scales, grids, p.converted)
 
     def _load(self, ref: Any, root: str, tar_images: list[bytes] | None) -> bytes:
@@ -365,6 +386,7 @@ class SampleBuilder:
             raise Skip("bad_record", f"expected a JSON object, got {type(obj).__name__}")
         r = self.renderer
         refs: list[Any]
+        targets: list[str]  # the texts the loss is on
         try:
             if "conversations" in obj:
                 refs = self._image_refs(obj, tar_images)
@@ -376,6 +398,7 @@ class SampleBuilder:
                         raise Skip("bad_record", "no user turn to put the image in")
                     turns[k] = ("user", f"{IMAGE_MARK}\n{turns[k][1]}")
                 rendered = r.conversation(turns)
+                targets = [t for role, t in turns if role == "assistant"]
             elif "texts" in obj or "images" in obj:
                 texts, images = obj.get("texts"), obj.get("images")
                 if not isinstance(texts, list) or not isinstance(images, list):
@@ -396,6 +419,7 @@ class SampleBuilder:
                 if tar_images is not None:
                     refs = list(tar_images)
                 rendered = r.document(parts)
+                targets = [t for kind, t in parts if kind == "text"]
             elif "caption" in obj or ("text" in obj and ("image" in obj or tar_images)):
                 cap = obj.get("caption", obj.get("text"))
                 if not isinstance(cap, str):
@@ -408,11 +432,12 @@ class SampleBuilder:
                 rendered = r.caption(
                     cap, self.settings["caption_format"], self.settings["caption_prompt"]
                 )
+                targets = [cap]
             elif "text" in obj:
                 if not isinstance(obj["text"], str):
                     raise Skip("bad_record", "text must be a string")
                 rendered = r.document([("text", obj["text"])])
-                refs = []
+                refs, targets = [], [obj["text"]]
             else:
                 raise Skip("bad_record", "no 'conversations', 'caption', 'text' or 'texts' key")
         except SampleRejected as exc:
@@ -424,6 +449,10 @@ class SampleBuilder:
             )
         if not any(rendered.mask):
             raise Skip("no_target", "no token to train on (no assistant turn or empty text)")
+        if self.require_target and not any(t.strip() for t in targets):
+            what = {"conversations": "every assistant answer is", "caption": "the caption is"}
+            key = next((k for k in what if k in obj), "")
+            raise Skip("no_target", f"{what.get(key, 'the text is')} empty")
         # cheap length check first (text alone), then images
         max_tokens = self.settings["max_tokens"]
         text_len = len(rendered.ids) - len(refs)
@@ -434,7 +463,7 @@ class SampleBuilder:
         for ref in refs:
             raw = self._load(ref, root, pending)
             bytes_in += len(raw)
-            entry = self.image(raw)
+            entry = self.image(raw, ref if isinstance(ref, str) else "")
             total += image_cost(entry.grids, self.img["merge"])[0]
             images.append(entry)
         if total > max_tokens:
@@ -468,6 +497,23 @@ class SampleBuilder:
         return turns
 
 
+def _json_error(exc: ValueError, data: bytes, one_line: bool) -> str:
+    """A JSON error without a second location: a JSONL line is located by ``file:line``
+    already, so only its column is given (json's own "line 2 column 1" counts the line's
+    newline as a line); a tar member's ``.json`` may span lines, so its line is kept."""
+    if not isinstance(exc, json.JSONDecodeError):
+        return f"not UTF-8 ({str(exc)[:100]})"
+    if one_line:
+        where = (
+            "at the end of the line"
+            if exc.pos >= len(exc.doc.rstrip())
+            else f"at column {exc.pos + 1}"
+        )
+    else:
+        where = f"at line {exc.lineno} column {exc.colno} of the .json"
+    return f"{exc.msg} {where}"
+
+
 # --------------------------------------------------------------------------------------------
 # Record iteration per unit: (record index, location, parsed object or Skip, root, tar images)
 
@@ -489,7 +535,8 @@ def _iter_unit(plan: dict, unit: list[int]) -> Iterator[tuple[int, str, Any, int
                 try:
                     obj = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    yield first + k, loc, Skip("malformed_json", str(exc)[:120]), len(line), None
+                    skip = Skip("malformed_json", _json_error(exc, line, one_line=True))
+                    yield first + k, loc, skip, len(line), None
                     continue
                 yield first + k, loc, obj, len(line), None
     elif kind == "csv":
@@ -523,7 +570,8 @@ def _iter_unit(plan: dict, unit: list[int]) -> Iterator[tuple[int, str, Any, int
                 try:
                     obj = json.loads(group["json"])
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    yield r, loc, Skip("malformed_json", str(exc)[:120]), size, None
+                    skip = Skip("malformed_json", _json_error(exc, group["json"], one_line=False))
+                    yield r, loc, skip, size, None
                     continue
                 if isinstance(obj, dict) and "text" not in obj and "txt" in group and imgs:
                     obj["caption"] = group["txt"].decode("utf-8", "replace")
@@ -788,6 +836,11 @@ def finalize(out: Path) -> dict:
             for k in ("num_images", "tokens", "llm_tokens", "patches"):
                 agg[k] += s[k]
             agg["bin_bytes"] += s["bin_size"]
+    if totals["written"] == 0:
+        raise IndexFatal(
+            f"no sample indexed: {totals['records']:,} records skipped ({_skip_summary(skipped)})"
+            "; no manifest written"
+        )
     first = 0
     for d, spec in enumerate(plan["datasets"]):
         datasets.append(
@@ -848,6 +901,33 @@ def finalize(out: Path) -> dict:
     }
     write_atomic(out / MANIFEST_NAME, _canonical(manifest))
     return manifest
+
+
+def _skip_summary(skipped: dict[str, dict]) -> str:
+    """``reason count, ...; e.g. location: detail`` of a skip table (one line; the example is
+    the first of the first reason in table order)."""
+    if not skipped:
+        return "the inputs hold no record"
+    counts = ", ".join(f"{k} {skipped[k]['count']:,}" for k in SKIP_REASONS if k in skipped)
+    first = next(skipped[k]["examples"][0] for k in SKIP_REASONS if k in skipped)
+    return f"{counts}; e.g. {first}"
+
+
+def check_strict(out: Path, units: list[int]) -> None:
+    """``--strict`` over finished units (a re-run, or other machines' units before finalize):
+    each must have indexed every record, as a ``--strict`` build would have; IndexFatal names
+    the first that skipped any (it was built without ``--strict``)."""
+    for u in units:
+        if not unit_done(out, u):
+            continue
+        info = json.loads(unit_marker(out, u).read_text())
+        if info["skipped"]:
+            n = sum(e["count"] for e in info["skipped"].values())
+            raise IndexFatal(
+                f"--strict: {unit_marker(out, u)} was built without --strict and skipped {n:,} "
+                f"of {info['records']:,} records ({_skip_summary(info['skipped'])}); "
+                "re-index into a new --output"
+            )
 
 
 def tokenizer_copy_name(tok: dict) -> str:

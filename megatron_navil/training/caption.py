@@ -231,7 +231,8 @@ def image_inputs(
     built like a training sample."""
     from megatron_navil.data.indexer import SampleBuilder, Skip
 
-    builder = SampleBuilder({"settings": settings}, tokenizer)
+    # the prompt ends with an empty assistant answer on purpose: no no_target skip for it
+    builder = SampleBuilder({"settings": settings}, tokenizer, require_target=False)
     samples = []
     for path in paths:
         record = {

@@ -440,6 +440,53 @@ def test_system_turn_default_override_and_none(syn, tmp_path):
 # ---- edge cases from a user's report -----------------------------------------------------------
 
 
+def test_strict_rerun_checks_the_existing_output(syn, tmp_path, capsys):
+    """--strict over an OUT whose units are finished checks them: an index built without
+    --strict that skipped records is refused (one line, exit 2); an all-good one passes."""
+    path, _ = _bad_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    tok = syn / "tokenizer.json"
+    assert _build([path], out, tok, "--max-tokens", "2000") == 0
+    before = _tree(out)
+    capsys.readouterr()
+    assert _build([path], out, tok, "--max-tokens", "2000", "--strict") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "--strict" in err[0] and "built without --strict and skipped 12 of 13" in err[0]
+    assert f"e.g. {path}:3: blank line" in err[0]  # an example of the first reason
+    assert _tree(out) == before  # nothing rewritten
+    # an index that skipped nothing is what --strict promises: the re-run passes
+    good = tmp_path / "good"
+    assert _build([syn / "val.jsonl"], good, tok) == 0
+    assert _build([syn / "val.jsonl"], good, tok, "--strict") == 0
+
+
+def _svg_corpus(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    _img(d / "ok.png", 40, 40)
+    svg = '<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8">'
+    (d / "logo.svg").write_text(svg + '<rect width="8" height="8"/></svg>\n')
+    (d / "noise.bin").write_bytes(bytes(range(7, 71)))
+    rows = [{"image": n, "caption": f"picture {i}"} for i, n in
+            enumerate(["ok.png", "logo.svg", "ok.png", "noise.bin", "ok.png"])]  # fmt: skip
+    return _jsonl(d / "svg.jsonl", rows)
+
+
+def test_unreadable_image_names_format_and_path_deterministically(syn, tmp_path):
+    path = _svg_corpus(tmp_path / "in")
+    tok = syn / "tokenizer.json"
+    args = ("--samples-per-shard", "1")  # one record per unit: both workers get SVG-free units
+    assert _build([path], tmp_path / "w1", tok, *args) == 0
+    assert _build([path], tmp_path / "w2", tok, *args, "--workers", "2") == 0
+    assert _tree(tmp_path / "w1") == _tree(tmp_path / "w2")  # manifest and units/*.json too
+    examples = _manifest(tmp_path / "w1")["skipped"]["corrupt_image"]["examples"]
+    assert examples == [
+        f"{path}:2: logo.svg: SVG is not supported (a vector image); convert it to PNG",
+        f"{path}:4: noise.bin: not an image format Pillow reads "
+        "(first bytes: 07 08 09 0a 0b 0c 0d 0e)",
+    ]
+
+
 def test_unidentified_formats_are_named():
     from megatron_navil.data.images import ImageRejected, prepare_image
 
@@ -483,3 +530,102 @@ def test_png_colour_key_is_composited_onto_white(mode, key):
     img.save(buf, format="PNG")
     if mode != "I;16":
         assert not prepare_image(buf.getvalue()).converted
+
+
+def test_empty_targets_are_no_target(syn, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    _img(d / "a.png", 40, 40)
+    q = {"from": "human", "value": "Q"}
+    rows = [
+        {"image": "a.png", "caption": "kept"},
+        {"image": "a.png", "caption": ""},
+        {"image": "a.png", "text": "  \n"},
+        {"text": ""},
+        {"text": "\t"},
+        {"conversations": [q, {"from": "gpt", "value": ""}]},
+        {"conversations": [q, {"from": "gpt", "value": " "}, q, {"from": "gpt", "value": ""}]},
+        {"conversations": [q, {"from": "gpt", "value": ""}, q, {"from": "gpt", "value": "B"}]},
+        {"texts": ["", None, " "], "images": [None, "a.png", None]},
+        {"text": "kept too"},
+    ]
+    out = tmp_path / "out"
+    assert _build([_jsonl(d / "e.jsonl", rows)], out, syn / "tokenizer.json", "--no-system") == 0
+    m = _manifest(out)
+    assert m["counts"]["samples"] == 3
+    assert {k: v["count"] for k, v in m["skipped"].items()} == {"no_target": 7}
+    ex = m["skipped"]["no_target"]["examples"]
+    assert ex[0] == f"{d / 'e.jsonl'}:2: the caption is empty"
+    assert ex[3] == f"{d / 'e.jsonl'}:5: the text is empty"
+    assert ex[4] == f"{d / 'e.jsonl'}:6: every assistant answer is empty"
+    assert _decoded(out)[1].endswith("<|im_start|>assistant\nB<|im_end|>")
+
+
+def test_inference_prompt_with_empty_answer_still_builds(syn, tmp_path):
+    """training.caption.image_inputs ends its prompt with an empty answer on purpose."""
+    from megatron_navil.data.indexer import SampleBuilder, Skip
+
+    _img(tmp_path / "a.png", 40, 40)
+    tok = TextTokenizer(syn / "tokenizer.json")
+    plan = {"settings": json.loads(json.dumps(_settings_dict()))}
+    record = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ"},
+                                                  {"from": "gpt", "value": ""}]}  # fmt: skip
+    built = SampleBuilder(plan, tok, require_target=False).build(record, str(tmp_path))
+    assert len(built.images) == 1
+    with pytest.raises(Skip) as exc:
+        SampleBuilder(plan, tok).build(record, str(tmp_path))
+    assert exc.value.reason == "no_target"
+
+
+def _settings_dict() -> dict:
+    from dataclasses import asdict
+
+    from megatron_navil.data.indexer import ImageSettings, Settings
+
+    b = get_config("tiny").image
+    return asdict(Settings(image=ImageSettings(min_patches=b.min_patches,
+                                               max_patches=b.max_patches)))  # fmt: skip
+
+
+def test_all_records_bad_fails_at_indexing(syn, tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    path = _jsonl(d / "bad.jsonl", ["{nope", {"image": "gone.png", "caption": "x"}, {"text": ""}])
+    out = tmp_path / "out"
+    assert _build([path], out, syn / "tokenizer.json") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "index_corpus.py: error: no sample indexed: 3 records skipped (malformed_json 1, "
+        f"missing_image 1, no_target 1; e.g. {path}:1: Expecting property name enclosed in "
+        "double quotes at column 2); no manifest written"
+    ]
+    assert not (out / "manifest.json").exists()
+    assert index_corpus.main(["finalize", str(out)]) == 2
+
+
+def test_skip_messages_have_one_location_and_labelled_sizes(syn, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    _img(d / "wide.png", 30, 7000)  # W 7000, H 30: aspect 233 > 200
+    _img(d / "tall.png", 7000, 30)
+    rows = [
+        {"image": "wide.png", "caption": "w"},
+        {"image": "tall.png", "caption": "t"},
+        '{"image": "wide.png", "caption": "w"',
+        '{"a": 1,}',
+        {"text": "kept"},
+    ]
+    path = _jsonl(d / "m.jsonl", rows)
+    out = tmp_path / "out"
+    assert _build([path], out, syn / "tokenizer.json") == 0
+    m = _manifest(out)["skipped"]
+    assert m["bad_aspect"]["examples"] == [
+        f"{path}:1: wide.png: 7000 x 30 (W x H): aspect ratio 233.3 > 200",
+        f"{path}:2: tall.png: 30 x 7000 (W x H): aspect ratio 233.3 > 200",
+    ]
+    assert m["malformed_json"]["examples"] == [
+        f"{path}:3: Expecting ',' delimiter at the end of the line",
+        f"{path}:4: Expecting property name enclosed in double quotes at column 9",
+    ]
+    text = json.dumps(m)
+    assert "smart_resize" not in text and "scales_for_image" not in text and "line 2" not in text
