@@ -126,7 +126,7 @@ def test_fuzz_jsonl_lines(env, which, ops):
         assert all(r in ix.SKIP_REASONS for m in markers for r in m["skipped"])
         ix.save_tokenizer_copy(out, env["tok"])
         if written == 0:  # every record skipped: no manifest, one-line error
-            with pytest.raises(ix.IndexFatal, match="^no sample indexed: "):
+            with pytest.raises(ix.IndexFatal, match=r"^no sample indexed: "):
                 ix.finalize(out)
             assert not (out / "manifest.json").exists()
             return
