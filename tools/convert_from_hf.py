@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="llm: NaViL's vocabulary is max(the LLM's vocab_size, the tokenizer's ids, the "
         "largest special id + 1) padded up to a multiple of N x --tp (Megatron-LM's rule; "
-        "default 128); embedding and LM-head rows beyond the LLM's are initialised to the "
-        "mean of its rows, and the log says how many",
+        "default 128), unless the LLM's own size already holds them and splits over --tp; "
+        "embedding and LM-head rows beyond the LLM's are initialised to the mean of its "
+        "rows, and the log says how many",
     )
     p.add_argument(
         "--seed", type=int, default=1234, help="llm: seed of the fresh vision/connector init"
