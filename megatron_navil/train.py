@@ -23,6 +23,7 @@ import torch
 
 from megatron_navil.cli import OneLineParser
 from megatron_navil.config.model import SPECIAL_TOKENS
+from megatron_navil.config.vocab import DEFAULT_DIVISIBLE_BY, needed_vocab, padded_vocab_size
 from megatron_navil.training.flops import batch_flops, detect_peak_flops, step_model_flops
 
 
@@ -42,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
         "or a checkpoint carrying one (every checkpoint saved by training or by "
         "tools/convert_from_hf.py does); default: the config of the --load checkpoint, else "
         "of --init, else tiny",
+    )
+    g.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=DEFAULT_DIVISIBLE_BY,
+        metavar="N",
+        help="when the corpus tokenizer (its ids and its 12 NaViL ids) does not fit the "
+        "config's vocabulary, the model's vocabulary becomes the tokenizer's size padded up "
+        "to a multiple of N x --tp (Megatron-LM's rule; default 128); a vocabulary that fits "
+        "is kept, and a --load/--init checkpoint's vocabulary is never changed",
     )
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -279,6 +290,39 @@ def corpus_prompt_config(cfg: Any, settings: list[dict[str, Any]]) -> tuple[Any,
     return dataclasses.replace(cfg, prompt=prompt).validate(), changes
 
 
+def corpus_vocab_config(
+    cfg: Any, manifests: list[dict[str, Any]], divisible_by: int, tp: int, checkpoint: str | None
+) -> tuple[Any, str | None]:
+    """``cfg`` with a vocabulary that holds the corpora's tokenizer (``manifests``: each
+    corpus's manifest), and a one-line note when it changed. Needed: the tokenizer's
+    ``vocab_size`` and every special id + 1 (the 12 NaViL ids are looked up in the LLM
+    embedding). A vocabulary that holds them is kept (never shrunk); a smaller one becomes
+    ``padded_vocab_size(needed, divisible_by, tp)``, unless the weights come from
+    ``checkpoint`` (``--load``/``--init``), whose embedding has the old size: a ValueError
+    telling to re-import (or re-train) with a padded vocabulary."""
+    need = max(
+        needed_vocab(int(m["tokenizer"]["vocab_size"]), m["tokenizer"]["special_ids"].values())
+        for m in manifests
+    )
+    have = cfg.language.vocab
+    if need <= have:
+        return cfg, None
+    if checkpoint is not None:
+        raise ValueError(
+            f"the corpus tokenizer needs {need} vocabulary rows (ids and special ids), the "
+            f"checkpoint {checkpoint} has {have}: re-import it with a padded vocabulary "
+            f"(tools/convert_from_hf.py llm --tokenizer TOKENIZER pads to hold it)"
+        )
+    new = padded_vocab_size(need, divisible_by, tp)
+    language = dataclasses.replace(cfg.language, vocab=new)
+    note = (
+        f"vocab {have} -> {new}: the corpus tokenizer needs {need} ids > {cfg.name}'s {have}; "
+        f"padded to a multiple of {divisible_by * tp} (--make-vocab-size-divisible-by "
+        f"{divisible_by} x TP {tp})"
+    )
+    return cfg.replace(language=language).validate(), note
+
+
 def _model_config(args: argparse.Namespace) -> Any:
     """``--config`` when given (a name, a file or a checkpoint), else the config saved with
     the checkpoint that ``--load`` resumes, else with ``--init``'s, else ``tiny``. A checkpoint
@@ -298,11 +342,14 @@ def _model_config(args: argparse.Namespace) -> Any:
         return resolve_config(carried[0][1] if carried else "tiny")
     cfg = resolve_config(args.config)
     for flag, found in carried:
-        diff = [
-            d
-            for d in same_model(cfg, resolve_config(found))
-            if not d.startswith(("image.", "prompt."))
-        ]
+        saved = resolve_config(found)
+        if saved.language.vocab > cfg.language.vocab:
+            # a checkpoint of this config trained on a larger tokenizer: its vocabulary was
+            # padded from the tokenizer (corpus_vocab_config), and its weights have that size
+            cfg = cfg.replace(
+                language=dataclasses.replace(cfg.language, vocab=saved.language.vocab)
+            ).validate()
+        diff = [d for d in same_model(cfg, saved) if not d.startswith(("image.", "prompt."))]
         if diff:
             raise ValueError(
                 f"--config {args.config} differs from the {flag} checkpoint's model "
@@ -321,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = get_stage(args.stage)
     except ValueError as exc:
         parser.error(str(exc))
-    for name in ("tp", "pp", "ep", "steps", "global_batch", "seq_length"):
+    for name in ("tp", "pp", "ep", "steps", "global_batch", "seq_length",
+                 "make_vocab_size_divisible_by"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     warmup = recipe.warmup_steps if args.warmup is None else args.warmup
@@ -371,10 +419,17 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         cfg, prompt_changes = corpus_prompt_config(cfg, [d.manifest["settings"] for d in datasets])
     except ValueError as exc:
         parser.error(f"--data: {exc}")
-    vocab = int(datasets[0].manifest["tokenizer"]["vocab_size"])
-    if vocab > cfg.language.vocab:
-        parser.error(f"the corpus tokenizer has {vocab} ids > the model's vocab "
-                     f"{cfg.language.vocab} (LanguageConfig.vocab)")  # fmt: skip
+    from megatron_navil.training.checkpoint import latest
+
+    resumed = args.load and latest(args.load) is not None
+    weights = str(latest(args.load)) if resumed else (str(latest(args.init)) if args.init else None)
+    try:
+        cfg, vocab_note = corpus_vocab_config(
+            cfg, [d.manifest for d in datasets], args.make_vocab_size_divisible_by, args.tp,
+            weights,
+        )  # fmt: skip
+    except ValueError as exc:
+        parser.error(str(exc))
 
     layout = dict(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp)
     try:
@@ -398,6 +453,8 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     frozen = apply_freezing(chunks, recipe)
     chunks = place_chunks(chunks, config, device)
     rank0 = torch.distributed.get_rank() == 0
+    if rank0 and vocab_note:
+        print(vocab_note, flush=True)
     if rank0:
         print(json.dumps({
             "config": cfg.name, "stage": recipe.name, "world": torch.distributed.get_world_size(),

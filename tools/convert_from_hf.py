@@ -13,7 +13,8 @@ Two sources::
 
 The output is ``OUTPUT/iter_0000000`` (model only, no optimizer) written by the real model in
 the chosen layout through ``training/checkpoint.py``, with ``navil_config.json`` (the model
-config it holds; for an LLM import the language part comes from the LLM). It spawns
+config it holds; for an LLM import the language part comes from the LLM, its vocabulary
+padded to hold every tokenizer and special id: --make-vocab-size-divisible-by). It spawns
 TP x PP x DP gloo processes on this machine (DP the least that fits EP x ETP). Every source
 tensor must map and every expected tensor must be there, or the conversion stops naming it.
 Exit status 2 on bad input.
@@ -27,6 +28,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -73,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="llm: the 12 special token ids when there is no --tokenizer and the config does "
         "not fix them",
+    )
+    p.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=positive_int,
+        default=128,
+        metavar="N",
+        help="llm: NaViL's vocabulary is max(the LLM's vocab_size, the tokenizer's ids, the "
+        "largest special id + 1) padded up to a multiple of N x --tp (Megatron-LM's rule; "
+        "default 128), unless the LLM's own size already holds them and splits over --tp; "
+        "embedding and LM-head rows beyond the LLM's are initialised to the mean of its "
+        "rows, and the log says how many",
     )
     p.add_argument(
         "--seed", type=int, default=1234, help="llm: seed of the fresh vision/connector init"
@@ -143,17 +156,27 @@ def _resolve(args: argparse.Namespace):
         diff = hf_config.same_model(base, cfg)
         for line in diff:
             print(f"note: the LLM differs from {args.config}: {line}")
+        tokenizer_size = 0
         if args.tokenizer is not None:
             from megatron_navil.data.tokenizer import TextTokenizer
             from megatron_navil.training.caption import model_special_ids
 
-            ids = list(model_special_ids(TextTokenizer(args.tokenizer)))
+            tokenizer = TextTokenizer(args.tokenizer)
+            ids = list(model_special_ids(tokenizer))
+            tokenizer_size = tokenizer.vocab_size
         elif args.special_token_ids is not None:
             ids = list(args.special_token_ids)
         elif cfg.special_token_first_id is not None:
             ids = list(range(cfg.special_token_first_id, cfg.special_token_first_id + 12))
         else:
             raise ConversionError("the 12 special token ids are unknown: give --tokenizer")
+        # every id the tokenizer gives (the 12 NaViL ids included: the released code looks
+        # them up in the LLM embedding first) must be a row: pad the vocabulary to hold them
+        plan = I.llm_vocab_plan(
+            cfg.language.vocab, tokenizer_size, ids, args.make_vocab_size_divisible_by, args.tp
+        )
+        cfg = cfg.replace(language=replace(cfg.language, vocab=plan.vocab)).validate()
+        print(plan.describe())
     spec = I.ImportSpec(
         kind=args.source, source=str(hf), out=str(args.output), cfg=config_to_dict(cfg),
         special_token_ids=tuple(ids), tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,

@@ -107,8 +107,30 @@ def _llm_name(hf_name: str, internlm2: bool) -> str:
     return name
 
 
+VOCAB_KEYS = ("embedding.weight", "output_layer.weight")  # megatron tensors with a row per id
+
+
+def pad_vocab_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` ``[v, h]`` with rows ``v .. rows - 1`` added, each the mean of the existing
+    rows (computed in fp32). The rule of HF's ``resize_token_embeddings`` by default (its
+    ``mean_resizing``, up to the small noise it adds): a new token's embedding is an
+    average token, and a new LM-head row gives every position the average of the existing
+    logits, so the next-token distribution over the LLM's own vocabulary barely moves
+    (N(0, init_std) rows could give new ids logits far from the trained ones)."""
+    v = weight.shape[0]
+    if rows < v:
+        raise ValueError(f"cannot pad {v} vocabulary rows down to {rows}")
+    if rows == v:
+        return weight
+    mean = weight.float().mean(0, keepdim=True).to(weight.dtype)
+    return torch.cat([weight, mean.expand(rows - v, -1)], 0)
+
+
 class LLMSource:
-    """Megatron tensors of an HF LLM: text and visual experts from its layers (see module)."""
+    """Megatron tensors of an HF LLM: text and visual experts from its layers (see module).
+    The embedding and LM head may have fewer rows than ``cfg.language.vocab`` (the vocabulary
+    padded to hold the tokenizer, ``llm_vocab_plan``): the rows beyond the LLM's are
+    :func:`pad_vocab_rows` (the mean of its rows)."""
 
     def __init__(self, directory: str | Path, cfg: NaViLConfig, tied: bool) -> None:
         self.files = SafetensorsDir(directory)
@@ -116,9 +138,12 @@ class LLMSource:
         self.by_key: dict[str, tuple[Rule, list[str]]] = {}
         needed: dict[str, tuple[int, ...]] = {}
         self._fresh: set[str] = set()
+        self.vocab = cfg.language.vocab
         head = "output.weight" if internlm2 else "lm_head.weight"
         embed = "model.tok_embeddings.weight" if internlm2 else "model.embed_tokens.weight"
         self.aliases = {head: embed} if tied else {}
+        # the LLM's own vocabulary: its embedding's rows (at most the model's, checked below)
+        llm_rows = self.files.shapes.get(embed, (self.vocab,))[0]
         for rule in rules(cfg):
             if not rule.hf[0].startswith("language_model."):
                 self._fresh.add(rule.megatron)
@@ -126,6 +151,8 @@ class LLMSource:
             names = [_llm_name(n, internlm2) for n in rule.hf]
             self.by_key[rule.megatron] = (rule, names)
             for name, shape in zip(names, rule.hf_shapes, strict=True):
+                if rule.megatron in VOCAB_KEYS and llm_rows <= shape[0]:
+                    shape = (llm_rows, *shape[1:])
                 needed[self.aliases.get(name, name)] = shape
         found = {k: v for k, v in self.files.shapes.items() if not k.endswith(_IGNORED_LLM)}
         if tied and head in found:
@@ -137,7 +164,8 @@ class LLMSource:
 
     def tensor(self, key: str) -> torch.Tensor:
         rule, names = self.by_key[key]
-        return rule.from_hf([self.files.read(self.aliases.get(n, n)) for n in names])
+        out = rule.from_hf([self.files.read(self.aliases.get(n, n)) for n in names])
+        return pad_vocab_rows(out, self.vocab) if key in VOCAB_KEYS else out
 
 
 def llm_navil_config(base: NaViLConfig, llm_dir: str | Path) -> tuple[NaViLConfig, bool]:
@@ -149,6 +177,52 @@ def llm_navil_config(base: NaViLConfig, llm_dir: str | Path) -> tuple[NaViLConfi
     language = llm_language_config(config, qk_norm)
     cfg = base.replace(language=language, experts=ExpertsConfig())
     return cfg.validate(), bool(config.get("tie_word_embeddings", False))
+
+
+@dataclass(frozen=True)
+class VocabPlan:
+    """How an LLM import sizes NaViL's vocabulary (``llm_vocab_plan``)."""
+
+    llm: int  # the LLM's vocab_size (its embedding rows)
+    tokenizer: int  # the tokenizer's ids (with the NaViL tokens it adds)
+    special_ids: tuple[int, ...]  # the 12 NaViL ids
+    vocab: int  # the model's: max(llm, tokenizer, max special + 1), padded
+
+    @property
+    def new_rows(self) -> int:
+        return self.vocab - self.llm
+
+    def describe(self) -> str:
+        """One log line: the sizes, the NaViL ids outside the LLM's vocabulary, the init."""
+        if self.new_rows == 0:
+            return f"vocab {self.llm} (the tokenizer's {self.tokenizer} ids fit; no new rows)"
+        outside = [i for i in self.special_ids if i >= self.llm]
+        why = []
+        if outside:
+            why.append(
+                f"{len(outside)} NaViL tokens at {min(outside)}..{max(outside)} were outside "
+                "the LLM's vocabulary"
+            )
+        if self.tokenizer > max(self.llm, max(self.special_ids, default=-1) + 1):
+            why.append(f"the tokenizer has {self.tokenizer} ids")
+        why.append(f"{self.new_rows} new rows initialised to the mean embedding")
+        return f"vocab {self.llm} -> {self.vocab} ({'; '.join(why)})"
+
+
+def llm_vocab_plan(llm_vocab: int, tokenizer_size: int, special_ids: list[int],
+                   divisible_by: int, tp: int) -> VocabPlan:  # fmt: skip
+    """The NaViL vocabulary of an LLM import: every LLM row, every tokenizer id and every
+    special id is a row, padded to a multiple of ``divisible_by * tp``. An LLM whose
+    vocabulary already holds them all and splits evenly over ``tp`` (all the vocab-parallel
+    layers need) keeps its size: no rows to invent, and an import of Qwen3-8B stays at the
+    released NaViL-9B's 151,936 at TP=8 (a multiple of 128 x 8 would be 152,576)."""
+    from megatron_navil.config.vocab import needed_vocab, padded_vocab_size
+
+    need = needed_vocab(max(llm_vocab, tokenizer_size), special_ids)
+    if need == llm_vocab and llm_vocab % tp == 0:
+        return VocabPlan(llm_vocab, tokenizer_size, tuple(special_ids), llm_vocab)
+    vocab = padded_vocab_size(need, divisible_by, tp)
+    return VocabPlan(llm_vocab, tokenizer_size, tuple(special_ids), vocab)
 
 
 def tokenizer_special_ids(path: str | Path) -> list[int]:

@@ -363,7 +363,7 @@ def load_model(cfg: NaViLConfig, checkpoint: str | Path, tokenizer: TextTokenize
     if max(ids) >= cfg.language.vocab:
         raise CaptionError(
             f"tokenizer special ids up to {max(ids)} do not fit {cfg.name}'s vocabulary "
-            f"of {cfg.language.vocab}"
+            f"of {cfg.language.vocab} (import or train with a vocabulary padded to hold them)"
         )
     (model,) = build_model(cfg, transformer_config(cfg), special_ids=ids)
     try:
