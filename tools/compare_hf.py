@@ -130,6 +130,11 @@ def compare_official(args: argparse.Namespace, checkpoint: Path) -> int:
         print(f"  {line}")
     if problems or missing or unexpected:
         return 1
+    if config.get("use_multi_scale") is False:
+        print(
+            "  note: this model was trained with one scale per image (use_multi_scale false); "
+            "the released code always packs every scale, so grids and tokens differ below"
+        )
     tok = _official_tokenizer(directory, args.tokenizer)
     ours_tok = args.tokenizer or next(
         str(directory / n)

@@ -65,6 +65,12 @@ def released_code_can_load(cfg: NaViLConfig) -> str | None:
         )
     if cfg.vision.window_size is None:
         return "raster token order (window_size None): the released code always permutes"
+    if not cfg.image.multi_scale:
+        return (
+            "one scale per image (use_multi_scale false, e.g. a corpus indexed with "
+            "--no-multi-scale): the released demo always packs every scale, so its code would "
+            "run the model on inputs unlike its training"
+        )
     return None
 
 

@@ -141,6 +141,10 @@ def test_exported_config_is_what_the_released_code_reads(name):
     config = hf_config.to_hf_config(llama, IDS, "bfloat16")
     assert config["llm_config"]["model_type"] == "llama"
     assert "QK-norm" in hf_config.released_code_can_load(llama)
+    single = cfg.replace(image=dataclasses.replace(cfg.image, multi_scale=False))
+    assert "one scale per image" in hf_config.released_code_can_load(single)
+    raster = cfg.replace(vision=dataclasses.replace(cfg.vision, window_size=None))
+    assert "raster token order" in hf_config.released_code_can_load(raster)
     assert R.check_config(config)  # refused by the released code
     assert hf_config.same_model(hf_config.from_hf_config(config), llama) == []
 
