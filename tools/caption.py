@@ -17,7 +17,9 @@ rendered as one user turn (``<image>\\n`` + --prompt) with the corpus's settings
 the config's image rules. Decoding is greedy until ``<|im_end|>`` or --max-new-tokens. With
 --data: exact-match accuracy, and for synthetic-corpus captions per-field accuracy (count,
 colour, shape, position per group; number of groups; background) beside its chance level.
-One process, TP = PP = EP = 1, any checkpoint layout. Exit status 2 on bad input.
+One process, TP = PP = EP = 1, any checkpoint layout. Exit status 2 on bad input; an image
+that cannot be used is skipped with a line, the others are captioned, and the exit status is 2
+at the end.
 Details: megatron_navil/training/caption.py.
 """
 
@@ -227,11 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_navil.data.shards import ShardError
     from megatron_navil.training import caption as C
 
+    skipped = 0
     try:
         inputs = []
         if args.images:
             settings = _image_settings(args, cfg, dataset)
-            inputs.extend(C.image_inputs(args.images, tokenizer, settings, args.prompt))
+            for path in args.images:  # a bad file is skipped with a line, not fatal for all
+                try:
+                    inputs.extend(C.image_inputs([path], tokenizer, settings, args.prompt))
+                except C.CaptionError as exc:
+                    print(f"{PROG}: skipped {exc}", file=sys.stderr)
+                    skipped += 1
         total = len(inputs)
         sources = [iter(inputs)]
         if dataset is not None:
@@ -280,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
             "grammar": metrics.grammar,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    if skipped:
+        print(f"{PROG}: {skipped} of {len(args.images)} image(s) skipped (see above)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 

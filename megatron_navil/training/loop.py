@@ -161,7 +161,26 @@ class _Logger:
         if self.progress_file is not None:
             self.progress_file.close()
         if self.cfg.log_dir and self.history and torch.distributed.get_rank() == 0:
-            plot_loss(self.history, Path(self.cfg.log_dir) / "loss_curve.png")
+            log_dir = Path(self.cfg.log_dir)
+            whole = loss_history(log_dir / "progress.txt") or self.history
+            plot_loss(whole, log_dir / "loss_curve.png")
+
+
+def loss_history(progress: Path) -> list[tuple[int, float]]:
+    """``(step, loss)`` of the whole run from ``progress.txt`` (appended to by every run of a
+    save directory, so a resumed run's curve includes the steps before the resume): for a step
+    logged twice (a run that went past its last checkpoint, then the resume that redid it), the
+    later line wins. Empty when the file is missing; unreadable lines are skipped."""
+    if not progress.is_file():
+        return []
+    by_step: dict[int, float] = {}
+    for line in progress.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+            by_step[int(entry["step"])] = float(entry["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return sorted(by_step.items())
 
 
 def plot_loss(history: list[tuple[int, float]], path: Path) -> None:

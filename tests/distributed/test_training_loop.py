@@ -55,6 +55,12 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
     assert json.loads(lines[0])["loss"] == pytest.approx(full[0][0])
     assert (tmp_path / "log_a" / "loss_curve.png").stat().st_size > 1000
+    # the resumed run's curve is the whole run's (progress.txt of both runs), not steps 4-6
+    from megatron_navil.training.loop import loss_history
+
+    whole = loss_history(tmp_path / "log_b" / "progress.txt")
+    assert [s for s, _ in whole] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in whole] == pytest.approx(full[0])
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "log_a").iterdir())
     assert sorted(p.name for p in Path(tmp_path / "a").glob("iter_*")) == [
         "iter_0000004",

@@ -461,15 +461,19 @@ def test_cli_bad_input_with_a_checkpoint(real, corpus, tmp_path, capsys, extra, 
 def test_cli_end_to_end(real, corpus, tmp_path):
     out = tmp_path / "captions.json"
     image = corpus / "src" / "images" / "val" / "000000.png"
+    bad = tmp_path / "bad.png"  # exists, but is no image: skipped, the others still captioned
+    bad.write_bytes(b"not an image at all")
     cmd = [
         sys.executable, str(ROOT / "tools" / "caption.py"),
         "--checkpoint", str(corpus / "ckpt"), "--config", "tiny",
-        "--data", str(corpus / "val"), "--limit", "2", "--images", str(image),
+        "--data", str(corpus / "val"), "--limit", "2", "--images", str(image), str(bad),
         "--max-new-tokens", "3", "--show", "1", "--json", str(out), "--quiet",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"skipped {bad}" in proc.stderr and "1 of 2 image(s) skipped" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert "accuracy" in proc.stdout and "generated:" in proc.stdout
     payload = json.loads(out.read_text())
     caps = payload["captions"]
