@@ -16,8 +16,14 @@ the chosen layout through ``training/checkpoint.py``, with ``navil_config.json``
 config it holds; for an LLM import the language part comes from the LLM, its vocabulary
 padded to hold every tokenizer and special id: --make-vocab-size-divisible-by). It spawns
 TP x PP x DP gloo processes on this machine (DP the least that fits EP x ETP). Every source
-tensor must map and every expected tensor must be there, or the conversion stops naming it.
-Exit status 2 on bad input.
+tensor must map and every expected tensor must be there, or the conversion stops naming it;
+a layout the model does not split into (9 heads at TP 2, 30 layers over PP 4 without
+--first-stage-layers) stops before any rank starts. Exit status 2 on bad input.
+
+LLM families: Llama / Mistral / Qwen2-style layouts without biases (SmolLM, ...), Qwen3 (with
+its per-head QK-norm) and InternLM2, all with SwiGLU, RMSNorm and plain RoPE. Refused with the
+reason: attention or MLP biases (Qwen2, Qwen2.5), scaled RoPE (Llama 3.1+ 'llama3', YaRN),
+other activations.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from megatron_navil.cli import OneLineParser, positive_int
+from megatron_navil.cli import OneLineParser, nonneg_int, positive_int
 
 PROG = "convert_from_hf.py"
 
@@ -61,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size (1)")
     p.add_argument("--ep", type=positive_int, default=1, help="expert-parallel size (1)")
     p.add_argument("--etp", type=positive_int, help="expert tensor-parallel size (default: --tp)")
+    p.add_argument(
+        "--first-stage-layers",
+        type=nonneg_int,
+        metavar="N",
+        help="LLM layers on pipeline stage 0 (which also holds the vision tower); the rest "
+        "split over the other stages (default: an even split, which must divide)",
+    )
     p.add_argument(
         "--tokenizer",
         metavar="FILE",
@@ -180,8 +193,13 @@ def _resolve(args: argparse.Namespace):
     spec = I.ImportSpec(
         kind=args.source, source=str(hf), out=str(args.output), cfg=config_to_dict(cfg),
         special_token_ids=tuple(ids), tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
-        seed=args.seed, tied=tied,
+        seed=args.seed, tied=tied, first_stage_layers=args.first_stage_layers,
     )  # fmt: skip
+    from megatron_navil.models.build import layout_problem
+
+    problem = layout_problem(cfg, args.tp, args.pp, args.ep, args.etp, args.first_stage_layers)
+    if problem is not None:
+        raise ConversionError(f"layout TP={args.tp} PP={args.pp} EP={args.ep}: {problem}")
     # Check every tensor here, before spawning any rank.
     (I.NaViLSource if args.source == "navil" else I.LLMSource)(
         *((hf, cfg) if args.source == "navil" else (hf, cfg, tied))

@@ -276,6 +276,7 @@ class ImportSpec:
     etp: int | None = None
     seed: int = 1234
     tied: bool = False
+    first_stage_layers: int | None = None
 
 
 def world_size(tp: int, pp: int, ep: int, etp: int | None) -> int:
@@ -321,7 +322,10 @@ def write_rank(spec: ImportSpec) -> int:
     cfg = config_from_dict(spec.cfg)
     initialize(tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp, seed=spec.seed)
     config = transformer_config(cfg, tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp)
-    chunks = build_model(cfg, config, special_ids=spec.special_token_ids)
+    chunks = build_model(
+        cfg, config, special_ids=spec.special_token_ids,
+        first_stage_layers=spec.first_stage_layers,
+    )  # fmt: skip
     if spec.kind == "navil":
         source: NaViLSource | LLMSource = NaViLSource(spec.source, cfg)
     else:

@@ -54,6 +54,36 @@ def stage_layer_ranges(
     return out
 
 
+def layout_problem(
+    cfg: NaViLConfig,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    first_stage_layers: int | None = None,
+) -> str | None:
+    """Why ``cfg`` cannot be built in this layout (one line), or None: checked before any
+    rank starts, so a converter or launcher fails with this instead of a multi-rank
+    traceback. The vision tower never blocks a layout (it is replicated when its heads do
+    not split)."""
+    lm, etp = cfg.language, etp or tp
+    for name, value, by, what in (
+        ("heads", lm.heads, tp, "TP"),
+        ("kv_heads", lm.kv_heads, tp, "TP"),
+        ("vocab", lm.vocab, tp, "TP"),
+        ("ffn", lm.ffn, etp, "expert-TP"),
+        ("experts", 2 * cfg.experts.per_modality, ep, "EP"),
+    ):
+        if value % by:
+            hint = " (pad it: --make-vocab-size-divisible-by)" if name == "vocab" else ""
+            return f"{name}={value} does not split over {what}={by}{hint}"
+    try:
+        stage_layer_ranges(lm.layers, pp, first_stage_layers)
+    except ValueError as exc:
+        return f"{exc} (--first-stage-layers)" if first_stage_layers is None else str(exc)
+    return None
+
+
 def transformer_config(
     cfg: NaViLConfig,
     tp: int = 1,

@@ -182,3 +182,36 @@ def test_llm_with_biases_is_refused(tmp_path, capsys):
     assert _tool().main(argv) == 2
     err = capsys.readouterr().err
     assert "model.layers.0.self_attn.q_proj.bias" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_layout_the_model_does_not_split_into_is_one_line_before_any_rank(tmp_path, capsys):
+    """9 heads at TP 2 / 4 layers over PP 3: exit 2 with one line, nothing spawned, nothing
+    written; --first-stage-layers makes the uneven pipeline split possible."""
+    from megatron_navil.config.registry import get_config
+    from megatron_navil.models.build import layout_problem
+
+    tiny = get_config("tiny")
+    assert layout_problem(tiny, tp=2) is None
+    assert layout_problem(tiny, tp=3) == "heads=4 does not split over TP=3"
+    assert "does not split evenly over 3" in layout_problem(tiny, pp=3)
+    assert layout_problem(tiny, pp=3, first_stage_layers=2) is None
+    _make_llm("llama", tmp_path / "llama")
+    capsys.readouterr()
+    base = ["llm", "--hf", str(tmp_path / "llama"), "--config", "tiny",
+            "--special-token-ids", *map(str, SPECIAL)]  # fmt: skip
+    cases = (
+        (["--tp", "3"], "heads=4 does not split over TP=3"),
+        (["--pp", "3"], "does not split evenly over 3 pipeline stages"),
+    )
+    for extra, match in cases:
+        out = tmp_path / f"out{extra[-1]}{extra[0]}"
+        assert _tool().main([*base, "--output", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert not out.exists()
+    out = tmp_path / "uneven"
+    assert (
+        _tool().main([*base, "--output", str(out), "--pp", "3", "--first-stage-layers", "2"]) == 0
+    )
+    cfg = json.loads((out / "iter_0000000" / "navil_config.json").read_text())
+    assert cfg["language"]["layers"] == 4
