@@ -134,7 +134,7 @@ def _resolve(args: argparse.Namespace):
     """Everything that can be checked before the model is built; UsageError on bad input."""
     from megatron_navil.config.io import resolve_config
     from megatron_navil.data.shards import ShardDataset, ShardError
-    from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError
+    from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError, same_tokenizer
     from megatron_navil.training.caption import (
         CaptionError,
         check_checkpoint,
@@ -174,9 +174,7 @@ def _resolve(args: argparse.Namespace):
         tokenizer = TextTokenizer(tok_path)
     except TokenizerError as exc:
         raise UsageError(str(exc)) from None
-    if dataset is not None and tokenizer.fingerprint != dataset.manifest["tokenizer"].get(
-        "fingerprint"
-    ):
+    if dataset is not None and not same_tokenizer(dataset.manifest["tokenizer"], tokenizer):
         raise UsageError(f"{tok_path}: not the tokenizer {args.data} was indexed with")
     return cfg, checkpoint, dataset, tokenizer
 

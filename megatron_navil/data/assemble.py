@@ -37,6 +37,7 @@ from PIL import Image
 
 from megatron_navil.data.batch import IGNORE_INDEX, LOSS_WEIGHTINGS, PackedBatch, loss_weights
 from megatron_navil.data.shards import ImageEntry, ShardDataset, ShardError, expand_image_blocks
+from megatron_navil.data.tokenizer import fingerprints
 from megatron_navil.ops import patchify_batch, vision_kwargs
 
 VISUAL_TOKENS = ("<IMG_CONTEXT>", "<img>")
@@ -78,12 +79,12 @@ def _check_compatible(datasets: Sequence[ShardDataset]) -> None:
     first = datasets[0].manifest
     for ds in datasets[1:]:
         m = ds.manifest
+        if not fingerprints(first["tokenizer"]) & fingerprints(m["tokenizer"]):
+            raise ValueError(
+                f"corpora {datasets[0].root} and {ds.root} were indexed with different "
+                "tokenizers; blend only corpora indexed with the same tokenizer"
+            )
         for key, a, b in (
-            (
-                "tokenizer fingerprint",
-                first["tokenizer"]["fingerprint"],
-                m["tokenizer"]["fingerprint"],
-            ),
             ("image patch", first["image"]["patch"], m["image"]["patch"]),
             ("image merge", first["image"]["merge"], m["image"]["merge"]),
             ("image rule", first["image"].get("rule"), m["image"].get("rule")),

@@ -866,7 +866,8 @@ def finalize(out: Path) -> dict:
         "template": s["template"],
         "settings": s,
         "image": s["image"],
-        "tokenizer": tok,
+        # the copy's own fingerprint too: caption.py and blends accept either file
+        "tokenizer": {**tok, "copy_fingerprint": _copy_fingerprint(out, tok)},
         "tokenizer_copy": tokenizer_copy_name(tok),
         "counts": {
             "records": totals["records"],
@@ -928,6 +929,11 @@ def check_strict(out: Path, units: list[int]) -> None:
                 f"of {info['records']:,} records ({_skip_summary(info['skipped'])}); "
                 "re-index into a new --output"
             )
+
+
+def _copy_fingerprint(out: Path, tok: dict) -> str | None:
+    copy = out / tokenizer_copy_name(tok)
+    return TextTokenizer(copy).fingerprint if copy.is_file() else None
 
 
 def tokenizer_copy_name(tok: dict) -> str:

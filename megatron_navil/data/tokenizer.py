@@ -258,3 +258,16 @@ class TextTokenizer:
             "added_tokens": list(self.added),
             "vocab_size": self.vocab_size,
         }
+
+
+def fingerprints(entry: dict) -> set[str]:
+    """The fingerprints a manifest's ``tokenizer`` entry stands for: the indexed file's and its
+    corpus copy's (``copy_fingerprint``: the copy holds the added NaViL tokens, so its file,
+    and so its fingerprint, differs from the user's original when tokens were added)."""
+    return {fp for fp in (entry.get("fingerprint"), entry.get("copy_fingerprint")) if fp}
+
+
+def same_tokenizer(entry: dict, tokenizer: TextTokenizer) -> bool:
+    """Whether ``tokenizer`` (the original file or the corpus copy) is the one a manifest's
+    ``tokenizer`` entry was indexed with."""
+    return tokenizer.fingerprint in fingerprints(entry)

@@ -482,3 +482,34 @@ def test_cli_end_to_end(real, corpus, tmp_path):
     assert all(c["new_tokens"] <= 3 for c in caps)
     assert payload["metrics"]["exact"]["total"] == 2 and payload["grammar"]
     assert payload["metrics"]["parsed"]["chance"] is None
+
+
+def test_cli_default_tokenizer_of_a_corpus_whose_tokenizer_lacked_the_navil_tokens(
+    real, corpus, tmp_path, capsys
+):
+    """Issue: `caption.py --data DIR` without --tokenizer refused every corpus indexed with a
+    tokenizer that lacked the NaViL tokens (its copy, tokens added, had another fingerprint).
+    The manifest now records the copy's fingerprint too; the original still matches."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from megatron_navil.data.tokenizer import TextTokenizer, same_tokenizer
+
+    plain = Tokenizer(models.BPE())
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    plain.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    records = (corpus / "src" / "val.jsonl").read_text().splitlines()
+    plain.train_from_iterator(records, trainer=trainer)
+    original = tmp_path / "plain.json"
+    original.write_text(plain.to_str())
+    out = tmp_path / "val_plain"
+    index([corpus / "src" / "val.jsonl"], out, original, "--config", "tiny", "--template",
+          "qwen3-chat", "--max-tokens", "4096")  # fmt: skip
+    entry = ShardDataset(out).manifest["tokenizer"]
+    assert entry["added_tokens"] and entry["copy_fingerprint"] != entry["fingerprint"]
+    assert same_tokenizer(entry, TextTokenizer(original))
+    assert same_tokenizer(entry, TextTokenizer(out / "tokenizer.json"))
+    argv = ["--checkpoint", str(corpus / "ckpt" / "iter_0000005"), "--config", "tiny",
+            "--data", str(out), "--limit", "1", "--max-new-tokens", "1", "--quiet"]  # fmt: skip
+    assert _tool().main(argv) == 0, capsys.readouterr().err
