@@ -93,14 +93,25 @@ def verify(ds: ShardDataset) -> int:
     return bad
 
 
+def source_of(spec: dict, record: int) -> str:
+    """``", FILE record N"``: the input file a dataset record came from (a directory of tars
+    numbers its records across files) and its index there; "" when the manifest predates
+    per-file record offsets."""
+    files = spec.get("files") or []
+    if not files or not isinstance(files[0], dict) or "first_record" not in files[0]:
+        return ""
+    f = [f for f in files if f["first_record"] <= record][-1]  # in order; empty files share
+    return f", {f['path']} record {record - f['first_record']}"
+
+
 def show_sample(ds: ShardDataset, tok: TextTokenizer | None, i: int) -> None:
     s = ds.sample(i)
     shard, local = ds.shard_of(i)
-    dataset = ds.manifest["datasets"][s.dataset]["name"]
+    spec = ds.manifest["datasets"][s.dataset]
     print(
-        f"sample {i} (shard {ds.manifest['shards'][shard]['name']} #{local}, dataset {dataset} "
-        f"record {s.record}): {len(s.tokens)} stored tokens, {s.llm_tokens} LLM tokens, "
-        f"{s.patches} patches, {len(s.images)} images"
+        f"sample {i} (shard {ds.manifest['shards'][shard]['name']} #{local}, dataset "
+        f"{spec['name']} record {s.record}{source_of(spec, s.record)}): {len(s.tokens)} stored "
+        f"tokens, {s.llm_tokens} LLM tokens, {s.patches} patches, {len(s.images)} images"
     )
 
     def text(ids: np.ndarray) -> str:

@@ -218,10 +218,22 @@ def _csv_rows(path: str) -> Iterator[tuple[int, dict | None, str]]:
             yield line, row, ""
 
 
+class TarLayoutError(ValueError):
+    """A tar that is not a WebDataset shard: a sample's members are not adjacent, or a sample
+    has one extension twice. Grouping by adjacent key (what WebDataset readers do) would turn
+    such a tar's captions into text-only documents, so the whole tar is refused."""
+
+
 def _tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` per sample of a WebDataset tar, in member order."""
+    """``(key, {ext: bytes})`` per sample of a WebDataset tar, in member order.
+
+    Raises:
+        TarLayoutError: a key seen again after another key's members (``tar cf x.tar *.jpg
+            *.txt`` writes all images first), or an extension twice in one sample.
+    """
     with tarfile.open(path, "r:*") as tf:
         key, group = None, {}
+        closed: set[str] = set()
         for m in tf:
             if not m.isfile():
                 continue
@@ -230,13 +242,23 @@ def _tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             if "." not in base:
                 continue
             k, ext = base.split(".", 1)
-            k = prefix + k
+            k, ext = prefix + k, ext.lower()
             if key is not None and k != key:
                 yield key, group
+                closed.add(key)
                 group = {}
+            if k in closed:
+                raise TarLayoutError(
+                    f"tar {path}: the members of sample {k!r} are not adjacent ({m.name} comes "
+                    "after other samples' members, as `tar cf x.tar *.jpg *.txt` writes them); "
+                    "a WebDataset tar keeps each sample's files together: re-create it sorted "
+                    "by name (`tar --sort=name -cf ...`)"
+                )
+            if ext in group:
+                raise TarLayoutError(f"tar {path}: sample {k!r} has two .{ext} members")
             key = k
             f = tf.extractfile(m)
-            group[ext.lower()] = f.read() if f is not None else b""
+            group[ext] = f.read() if f is not None else b""
         if key is not None:
             yield key, group
 
@@ -244,6 +266,8 @@ def _tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 def _count_tar_groups(path: str) -> int:
     try:
         return sum(1 for _ in _tar_groups(path))
+    except TarLayoutError as exc:
+        raise IndexFatal(str(exc)) from None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise IndexFatal(f"tar {path}: unreadable ({exc})") from None
 
@@ -254,24 +278,30 @@ def make_plan(specs: list[DatasetSpec], settings: Settings, tok: TextTokenizer) 
     datasets = []
     per = settings.samples_per_shard
     for d, spec in enumerate(specs):
-        files = []
+        files: list[dict[str, Any]] = []
+        records = 0
         for fi, path in enumerate(spec.files):
             try:
                 size = os.path.getsize(path)
             except OSError as exc:
                 raise IndexFatal(f"{path}: {exc.strerror}") from None
-            files.append({"path": path, "size": size})
+            # first_record: records of the dataset's earlier files, so a sample's record
+            # number is unique in its dataset (a directory of tars: one file after another)
+            files.append({"path": path, "size": size, "first_record": records})
             if spec.kind == "jsonl":
                 for start, first, count in _jsonl_units(path, per):
                     units.append([d, fi, start, first, count])
+                    records = max(records, files[-1]["first_record"] + first + count)
             elif spec.kind == "csv":
                 n = sum(1 for _ in _csv_rows(path))
                 for first in range(0, n, per):
                     units.append([d, fi, 0, first, min(per, n - first)])
+                records += n
             else:
                 n = _count_tar_groups(path)
                 for first in range(0, n, per):
                     units.append([d, fi, 0, first, min(per, n - first)])
+                records += n
         datasets.append({**asdict(spec), "files": files})
     plan = {
         "format": "megatron_navil.plan",
@@ -643,6 +673,8 @@ def process_unit(
     clean_unit(out, u)
     unit = plan["units"][u]
     d = unit[0]
+    # a plan written before first_record existed: records counted per file, as then
+    first_record = plan["datasets"][d]["files"][unit[1]].get("first_record", 0)
     settings = plan["settings"]
     limit = int(settings["shard_size_mb"] * (1 << 20))
     merge = settings["image"]["merge"]
@@ -695,7 +727,7 @@ def process_unit(
                     placeholder,
                     merge,
                 )
-            writer.add(built.ids, built.mask, built.images, d, record)
+            writer.add(built.ids, built.mask, built.images, d, record + first_record)
             counts["written"] += 1
             progress.add(1, size + built.bytes_in)
         close()

@@ -629,3 +629,54 @@ def test_skip_messages_have_one_location_and_labelled_sizes(syn, tmp_path):
     ]
     text = json.dumps(m)
     assert "smart_resize" not in text and "scales_for_image" not in text and "line 2" not in text
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_tar_layout_errors_and_records_unique_across_tars(syn, tmp_path, capsys):
+    """Issue: non-adjacent members (`tar cf x.tar *.png *.txt`) silently became text-only
+    documents, a key seen twice went unnoticed, and record numbers restarted in every tar of a
+    directory. Now: one line naming the tar and the sample, exit 2; records unique in the
+    dataset and traced back to their tar."""
+    png = tmp_path / "x.png"
+    _img(png, 40, 40)
+    data = png.read_bytes()
+    apart = _write_tar(
+        tmp_path / "apart.tar",
+        [("a.png", data), ("b.png", data), ("a.txt", b"cap a"), ("b.txt", b"cap b")],
+    )
+    twice = _write_tar(
+        tmp_path / "twice.tar", [("a.png", data), ("a.txt", b"one"), ("a.txt", b"two")]
+    )
+    cases = (
+        (apart, "members of sample 'a' are not adjacent"),
+        (twice, "sample 'a' has two .txt members"),
+    )
+    for tar, match in cases:
+        capsys.readouterr()
+        assert _build([tar], tmp_path / f"out_{tar.stem}", syn / "tokenizer.json") == 2
+        err = capsys.readouterr().err
+        assert match in err and str(tar) in err and len(err.strip().splitlines()) == 1, err
+    shards = tmp_path / "wds"
+    for i in range(2):
+        members = []
+        for k in ("a", "b"):
+            members += [(f"{k}.png", data), (f"{k}.txt", f"cap {i}{k}".encode())]
+        _write_tar(shards / f"shard-{i}.tar", members)
+    out = tmp_path / "out_dir"
+    assert _build([shards], out, syn / "tokenizer.json") == 0
+    ds = ShardDataset(out)
+    assert [ds.sample(i).record for i in range(len(ds))] == [0, 1, 2, 3]
+    spec = ds.manifest["datasets"][0]
+    assert [f["first_record"] for f in spec["files"]] == [0, 2]
+    inspect_shards = _load_tool("inspect_shards")
+    assert inspect_shards.source_of(spec, 3) == f", {shards / 'shard-1.tar'} record 1"
+    assert inspect_shards.source_of(spec, 0) == f", {shards / 'shard-0.tar'} record 0"
