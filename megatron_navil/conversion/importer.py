@@ -234,7 +234,7 @@ def tokenizer_special_ids(path: str | Path) -> list[int]:
     without either, ``TextTokenizer``'s rule (``vocab_size + k`` in that order, NaViL-2B's
     92544..92555). ConversionError when there is no tokenizer or a token has no id."""
     from megatron_navil.config.model import SPECIAL_TOKENS
-    from megatron_navil.data.tokenizer import TextTokenizer
+    from megatron_navil.data.tokenizer import TextTokenizer, is_json
 
     p = Path(path)
     if p.is_dir():
@@ -246,10 +246,11 @@ def tokenizer_special_ids(path: str | Path) -> list[int]:
         raise ConversionError(f"{p}: no such tokenizer file")
     added: dict[str, int] = {}
     config = p.parent / "tokenizer_config.json"
-    if p.suffix == ".model" and config.is_file():
+    sentencepiece = not is_json(p.read_bytes())
+    if sentencepiece and config.is_file():
         decoder = json.loads(config.read_text()).get("added_tokens_decoder", {})
         added = {entry["content"]: int(i) for i, entry in decoder.items()}
-    if p.suffix == ".model" and (p.parent / "added_tokens.json").is_file():
+    if sentencepiece and (p.parent / "added_tokens.json").is_file():
         added |= {
             k: int(v) for k, v in json.loads((p.parent / "added_tokens.json").read_text()).items()
         }

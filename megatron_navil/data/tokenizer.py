@@ -54,6 +54,12 @@ _ALL_SPECIAL_RE = re.compile(
 _RESERVED_RE = re.compile("|".join(re.escape(t) for t in RESERVED))
 
 
+def is_json(raw: bytes) -> bool:
+    """Whether tokenizer bytes are an HF ``tokenizer.json`` (a JSON object) rather than a
+    sentencepiece model (a binary protobuf, whose first byte is a field tag, never ``{``)."""
+    return raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{"
+
+
 class TokenizerError(ValueError):
     """The tokenizer file cannot be used (one-line message)."""
 
@@ -73,12 +79,12 @@ class TextTokenizer:
         """Ids ``tokenizer(text)`` puts before the text (``add_special_tokens=True``)."""
         self.suffix_ids: tuple[int, ...] = ()
         """Ids ``tokenizer(text)`` puts after the text (``add_special_tokens=True``)."""
-        if self.path.suffix == ".model":
-            self.kind = "sentencepiece"
-            self._init_sp(raw)
-        else:
+        if is_json(raw):
             self.kind = "hf"
             self._init_hf(raw)
+        else:  # by content, not suffix: mistral-common ships tokenizer.model.v1/.v3/.v7
+            self.kind = "sentencepiece"
+            self._init_sp(raw)
         ids = [self.special_ids[t] for t in SPECIAL_TOKENS]
         if len(set(ids)) != len(ids):
             raise TokenizerError(f"{self.path}: special tokens do not map to distinct ids")
@@ -135,7 +141,10 @@ class TextTokenizer:
         try:
             sp.LoadFromSerializedProto(raw)
         except Exception as exc:
-            raise TokenizerError(f"{self.path}: not a sentencepiece model ({exc})") from None
+            raise TokenizerError(
+                f"{self.path}: not a sentencepiece model ({exc}), nor an HF tokenizer.json "
+                "(not a JSON object)"
+            ) from None
         self._sp = sp
         base = sp.get_piece_size()
         self.special_ids = {}

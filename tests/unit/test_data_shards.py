@@ -27,7 +27,7 @@ from megatron_navil.data.shards import (
     loss_runs,
 )
 from megatron_navil.data.templates import Renderer
-from megatron_navil.data.tokenizer import TextTokenizer
+from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError
 from megatron_navil.ops import image_token_layout, merged_grid, scales_for_image
 from megatron_navil.testing.synthetic_corpus import train_tokenizer
 
@@ -371,3 +371,28 @@ def test_every_sample_starts_with_the_tokenizers_prefix(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": false}')
     plain = Renderer(TextTokenizer(tmp_path / "sp.model"), "internlm2-chat", system="")
     assert plain.conversation([("user", "Q"), ("assistant", "A")]).ids[0] != bos
+
+
+def test_the_backend_is_chosen_by_content_not_suffix(tmp_path, hf_tok):
+    """mistral-common names its sentencepiece files tokenizer.model.v3 (they were parsed as
+    JSON); a tokenizer.json under another name is still JSON."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(["the red circle is on the left", "a blue square"] * 50))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=20, minloglevel=2
+    )
+    versioned = tmp_path / "tokenizer.model.v3"
+    versioned.write_bytes((tmp_path / "sp.model").read_bytes())
+    tok = TextTokenizer(versioned)
+    assert tok.kind == "sentencepiece"
+    assert tok.encode_text("a blue square") == TextTokenizer(tmp_path / "sp.model").encode_text(
+        "a blue square"
+    )
+    renamed = tmp_path / "vocab.bin"
+    renamed.write_bytes(hf_tok.path.read_bytes())
+    assert TextTokenizer(renamed).kind == "hf"
+    junk = tmp_path / "tokenizer.json"
+    junk.write_bytes(b"\x00\x01 not a tokenizer")
+    with pytest.raises(TokenizerError, match=r"not a sentencepiece model .*nor an HF"):
+        TextTokenizer(junk)
