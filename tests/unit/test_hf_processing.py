@@ -110,3 +110,15 @@ def test_processor_packs_scales_in_order():
     assert len(out["image_blocks"]) == 2 and out["image_blocks"][0].startswith("<img>")
     with pytest.raises(ValueError, match="2 <image> placeholders for 1 images"):
         P.expand_images("<image><image>", ["<img></img>"])
+
+
+def test_standalone_copies_of_the_prompt_constants_agree():
+    """hf/ (shipped inside exports) and the independent reference keep their own copies of
+    InternVL's default system message and the special-token list, on purpose: equal here."""
+    from megatron_navil.config.model import CHAT_TEMPLATES, DEFAULT_SYSTEM_MESSAGE
+    from megatron_navil.hf import configuration_navil as HC
+    from megatron_navil.testing import official_reference as R
+
+    assert HC.DEFAULT_SYSTEM_MESSAGE == R.DEFAULT_SYSTEM_MESSAGE == DEFAULT_SYSTEM_MESSAGE
+    assert R.SPECIAL_TOKEN_LIST == SPECIAL_TOKENS == P.SPECIAL_TOKENS
+    assert set(P.CHAT_TEMPLATES) == set(CHAT_TEMPLATES)
