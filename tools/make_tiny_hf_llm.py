@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         texts = [t for path in args.texts for t in jsonl_texts(path)]
         warnings.filterwarnings("ignore")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards"
         out = write_tiny_llm(
             args.output, args.arch, args.vocab_size, texts, args.seed, args.hidden,
             args.layers, args.heads, args.kv_heads, args.ffn,
