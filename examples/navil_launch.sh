@@ -9,6 +9,8 @@
 # Environment (defaults in brackets):
 #   STAGE            s1.1 | s1.2 | s2 (required)
 #   DATA             indexed corpus directories, space-separated (required to train)
+#   EVAL_DATA        held-out indexed corpora, space-separated: their loss every EVAL_INTERVAL
+#                    steps [none; EVAL_INTERVAL 1000, EVAL_ITERS 10]
 #   SAVE             this stage's checkpoint directory (required to train)
 #   LOAD             resume from the newest complete checkpoint here [$SAVE]
 #   INIT             start from the weights of the newest checkpoint here (e.g. the previous
@@ -92,6 +94,11 @@ elif [ -n "${LOAD:-}" ]; then
   args+=(--load "$LOAD")
 fi
 [ -z "${INIT:-}" ] || args+=(--init "$INIT")
+if [ -n "${EVAL_DATA:-}" ]; then  # train's own flags: after "--" with the other pass-through
+  read -r -a eval_data <<< "$EVAL_DATA"
+  extra+=(--eval-data "${eval_data[@]}" --eval-interval "${EVAL_INTERVAL:-1000}"
+    --eval-iters "${EVAL_ITERS:-10}")
+fi
 [ "$dry_run" = 0 ] || args+=(--dry-run)
 
 cd "$root"

@@ -75,7 +75,9 @@ def load_image_scales(entry: ImageEntry, draft: bool = False) -> list[torch.Tens
     return out
 
 
-def _check_compatible(datasets: Sequence[ShardDataset]) -> None:
+def check_compatible(datasets: Sequence[ShardDataset]) -> None:
+    """ValueError unless ``datasets`` were indexed with one tokenizer, patch size, merge,
+    image rule and placeholder id (what one model can train on together)."""
     first = datasets[0].manifest
     for ds in datasets[1:]:
         m = ds.manifest
@@ -140,7 +142,7 @@ class PackedSequenceBuilder:
             )
         if int(seq_length) < 1:
             raise ValueError(f"seq_length must be >= 1, got {seq_length}")
-        _check_compatible(datasets)
+        check_compatible(datasets)
         self.datasets = list(datasets)
         self.seq_length = int(seq_length)
         self.loss_weighting = loss_weighting

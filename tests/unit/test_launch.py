@@ -26,7 +26,7 @@ COUNTS = {
 
 def _script(name: str, *args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
-    for k in ("STAGE", "DATA", "SAVE", "NNODES", "DRY_RUN", "TP", "PP"):
+    for k in ("STAGE", "DATA", "EVAL_DATA", "SAVE", "NNODES", "DRY_RUN", "TP", "PP"):
         base.pop(k, None)
     base["PYTHON"] = sys.executable
     return subprocess.run(
@@ -42,7 +42,8 @@ def _line(out: str, prefix: str) -> str:
 
 
 def test_2b_dry_run_on_cpu():
-    proc = _script("pretrain_navil_2b.sh", "--dry-run", STAGE="s2", NNODES="8")
+    proc = _script("pretrain_navil_2b.sh", "--dry-run", STAGE="s2", NNODES="8",
+                   EVAL_DATA="/held/a /held/b", EVAL_INTERVAL="500")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     total, activated, vision = COUNTS["navil-2b"]
@@ -58,7 +59,8 @@ def test_2b_dry_run_on_cpu():
     assert "weight decay 0.01" in _line(out, "recipe:")
     cmd = _line(out, "command:")
     for part in ("--nnodes 8 --nproc-per-node 8", "--global-batch 128", "--steps 30000",
-                 "--max-patches 49152", "--stage s2", "-m megatron_navil.train"):  # fmt: skip
+                 "--max-patches 49152", "--stage s2", "-m megatron_navil.train",
+                 "--eval-data /held/a /held/b --eval-interval 500 --eval-iters 10"):  # fmt: skip
         assert part in cmd, (part, cmd)
 
 
