@@ -97,7 +97,7 @@ def main() -> int:
     if args._floor:
         _floor(*args._floor)
         return 0
-    from megatron_navil.testing.multiproc import run_distributed
+    from megatron_navil.parallel.spawn import run_distributed
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

@@ -234,7 +234,7 @@ def main() -> int:
     if args._hf:
         _hf(args._hf[0], args.steps, args.threads, args._hf[1])
         return 0
-    from megatron_navil.testing.multiproc import run_distributed
+    from megatron_navil.parallel.spawn import run_distributed
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

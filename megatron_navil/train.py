@@ -581,7 +581,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
 
 if __name__ == "__main__":
     if "MASTER_PORT" not in os.environ and "RANK" not in os.environ:
-        from megatron_navil.testing.multiproc import free_port
+        from megatron_navil.parallel.spawn import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())  # one process without torchrun
     sys.exit(main())

@@ -204,7 +204,7 @@ def _no_nan(metrics: dict) -> dict:
 def _init_one_rank() -> None:
     """A 1-rank process group in this process on a free port, megatron's parallel state."""
     from megatron_navil.parallel import initialize
-    from megatron_navil.testing.multiproc import free_port
+    from megatron_navil.parallel.spawn import free_port
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         os.environ.pop(key, None)
@@ -273,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(results)} captions in {elapsed:.1f} s "
         f"({len(results) / max(elapsed, 1e-9):.2f} captions/s)"
     )
-    metrics = C.caption_metrics(results)
+    from megatron_navil.testing.caption_scores import caption_metrics  # the example's grammar
+
+    metrics = caption_metrics(results)
     if metrics.samples:
         print(metrics.table())
     if args.json:

@@ -114,8 +114,8 @@ def compare_official(args: argparse.Namespace, checkpoint: Path) -> int:
     from PIL import Image
 
     from megatron_navil.conversion import importer as I
+    from megatron_navil.parallel.spawn import run_distributed
     from megatron_navil.testing import official_reference as R
-    from megatron_navil.testing.multiproc import run_distributed
 
     directory = Path(args.official)
     config, state, missing, unexpected = R.load(directory)

@@ -358,7 +358,7 @@ def write_rank(spec: ImportSpec) -> int:
 
 def run_import(spec: ImportSpec, timeout: float = 24 * 3600) -> Path:
     """Spawn the layout's ranks (gloo) and write ``<out>/iter_0000000``; returns it."""
-    from megatron_navil.testing.multiproc import run_distributed
+    from megatron_navil.parallel.spawn import run_distributed
 
     out = Path(spec.out)
     if out.exists() and any(out.iterdir()):

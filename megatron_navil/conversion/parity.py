@@ -126,7 +126,7 @@ def megatron_logits(
 ) -> torch.Tensor:
     """``[t, V]`` logits of ``inputs.packed`` from a spawned 1-rank megatron process."""
     from megatron_navil.config.io import config_to_dict
-    from megatron_navil.testing.multiproc import run_distributed
+    from megatron_navil.parallel.spawn import run_distributed
 
     out = run_distributed(
         megatron_logits_rank, 1, str(checkpoint), config_to_dict(cfg), tuple(special_ids),

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_navil.testing.multiproc import run_distributed
+from megatron_navil.parallel.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 

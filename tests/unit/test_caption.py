@@ -35,9 +35,10 @@ from megatron_navil.data.assemble import PackedSequenceBuilder
 from megatron_navil.data.batch import IGNORE_INDEX
 from megatron_navil.data.shards import ShardDataset
 from megatron_navil.data.tokenizer import TextTokenizer
+from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.testing import synthetic_corpus as S
+from megatron_navil.testing.caption_scores import caption_metrics
 from megatron_navil.testing.loader_corpus import index
-from megatron_navil.testing.multiproc import run_distributed
 from megatron_navil.training import caption as C
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -264,7 +265,7 @@ def test_perfect_generator_scores_one(inputs, monkeypatch):
     monkeypatch.setattr(C.Captioner, "generate_batch", perfect)
     captioner = C.Captioner(_Scripted([0], 0), tok)
     results = C.caption_all(captioner, items)
-    metrics = C.caption_metrics(results)
+    metrics = caption_metrics(results)
     assert metrics.grammar and metrics.samples == NUM_VAL
     for name in ("exact", "parsed", *S.FIELDS):
         assert metrics.metrics[name]["accuracy"] == 1.0, name
@@ -273,7 +274,7 @@ def test_perfect_generator_scores_one(inputs, monkeypatch):
     assert "position" in table and "chance" in table.splitlines()[0]
     # not the synthetic grammar: exact match only, no chance level
     other = [C.CaptionResult("x", "hello", "hello", "im_end", 3, 1, True)]
-    m = C.caption_metrics(other)
+    m = caption_metrics(other)
     assert not m.grammar and m.metrics["exact"]["accuracy"] == 1.0
     assert math.isnan(m.metrics["exact"]["chance"])
 
@@ -396,7 +397,7 @@ def test_memorised_split_is_captioned_exactly(real):
     assert all(r.stop == "im_end" for r in results)
     assert [r.generated for r in results] == [r.reference for r in results]
     assert [r.generated for r in real["one_by_one"]] == [r.generated for r in results]
-    metrics = C.caption_metrics(results)
+    metrics = caption_metrics(results)
     assert metrics.metrics["exact"]["accuracy"] == 1.0
     assert metrics.metrics["position"]["accuracy"] == 1.0
 

@@ -315,7 +315,7 @@ def _model_loss(batch: PackedBatch, special_ids: tuple[int, ...]) -> dict:
 
 def test_a_loader_batch_trains_the_tiny_model(datasets, batches):
     from megatron_navil.config.model import SPECIAL_TOKENS
-    from megatron_navil.testing.multiproc import run_distributed
+    from megatron_navil.parallel.spawn import run_distributed
 
     vocab = datasets[0].manifest["tokenizer"]["vocab_size"]
     batch = next(b for b in batches if b.patches.shape[0] and (b.labels != IGNORE_INDEX).any())

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from megatron_navil.testing.multiproc import run_distributed
+from megatron_navil.parallel.spawn import run_distributed
 
 TOL = 1e-5
 

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from megatron_navil.testing.multiproc import run_distributed
+from megatron_navil.parallel.spawn import run_distributed
 
 
 def _per_token(model, batch):

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from megatron_navil.config.registry import get_config
-from megatron_navil.testing.multiproc import run_distributed
+from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.training import planner as P
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "plan_layout.py"

@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from megatron_navil.config.model import Recompute
-from megatron_navil.testing.multiproc import run_distributed
+from megatron_navil.parallel.spawn import run_distributed
 
 TOL = 1e-5  # selective recompute: gradients (see the module doc)
 PLANNER_SLACK = 1.3  # measured per-layer bytes <= this x the planner's (and >= the planner's)
