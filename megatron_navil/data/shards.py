@@ -81,6 +81,8 @@ from typing import Any
 
 import numpy as np
 
+from megatron_navil.data.tokenizer import SENTENCEPIECE_RULE
+
 MAGIC = b"NAVILIDX"
 SCHEMA_VERSION = 1
 IMAGE_RULE = "navil-release"
@@ -736,6 +738,27 @@ def _check_image_rule(manifest: dict, root: Path) -> None:
         )
 
 
+def _check_tokenizer_rule(manifest: dict, root: Path) -> None:
+    """ShardError (one line) unless a sentencepiece corpus's samples follow
+    :data:`~megatron_navil.data.tokenizer.SENTENCEPIECE_RULE` (an HF ``tokenizer.json`` corpus
+    records no rule: its tokenisation did not change)."""
+    tok = manifest.get("tokenizer")
+    if not isinstance(tok, dict) or tok.get("kind") != "sentencepiece":
+        return
+    rule = tok.get("rule")
+    if rule is None:
+        raise ShardError(
+            f"corpus {root} was indexed with the old sentencepiece rule (a dummy-prefix '▁' "
+            "before every separately encoded piece, e.g. each assistant answer); this version "
+            "tokenises as the model's HF tokenizer does: re-index it with tools/index_corpus.py"
+        )
+    if rule != SENTENCEPIECE_RULE:
+        raise ShardError(
+            f"corpus {root} was indexed with sentencepiece rule {rule!r}; this version implements "
+            f"{SENTENCEPIECE_RULE!r}: re-index it with tools/index_corpus.py"
+        )
+
+
 VERIFY_MODES = ("checksum", "size", "none")
 
 
@@ -756,6 +779,7 @@ class ShardDataset:
             raise ValueError(f"ShardDataset.verify={self.verify!r}: must be one of {VERIFY_MODES}")
         self.manifest, self.root = load_manifest(self.path)
         _check_image_rule(self.manifest, self.root)
+        _check_tokenizer_rule(self.manifest, self.root)
         try:
             counts = self._open_shards()
             for key in ("placeholder_id",):
