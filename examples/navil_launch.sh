@@ -22,7 +22,9 @@
 #   TP PP VPP EP FIRST_STAGE_LAYERS RECOMPUTE_LLM RECOMPUTE_VISION   the layout [the model's]
 #   STEPS GLOBAL_BATCH SAMPLE_TOKENS SEQ_LENGTH SAVE_INTERVAL   [the paper's / derived; 1000]
 #   DRY_RUN=1        same as --dry-run;  PYTHON  interpreter [.venv/bin/python, else python3]
-# Arguments: --dry-run, -h/--help; anything else is passed to megatron_navil.train.
+# Arguments: --dry-run; --force (launch a layout the planner says does not fit in GPU memory,
+# which is refused otherwise, with the layouts that fit); -h/--help; anything else is passed to
+# megatron_navil.train.
 
 set -euo pipefail
 script=$(basename "$0")
@@ -34,10 +36,12 @@ _navil_help() {  # the model script's header, then this file's environment notes
   done
 }
 dry_run=${DRY_RUN:-0}
+force=0
 extra=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) dry_run=1 ;;
+    --force) force=1 ;;
     -h | --help) _navil_help; exit 0 ;;
     *) extra+=("$arg") ;;
   esac
@@ -100,6 +104,7 @@ if [ -n "${EVAL_DATA:-}" ]; then  # train's own flags: after "--" with the other
     --eval-iters "${EVAL_ITERS:-10}")
 fi
 [ "$dry_run" = 0 ] || args+=(--dry-run)
+[ "$force" = 0 ] || args+=(--force)
 
 cd "$root"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
