@@ -517,7 +517,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     recompute = Recompute(llm=args.recompute_llm, vision=args.recompute_vision)
     chunks = build_model(
         cfg, config, special_ids=special, first_stage_layers=args.first_stage_layers,
-        recompute=recompute,
+        recompute=recompute, init_seed=args.seed,
     )  # fmt: skip
     frozen = apply_freezing(chunks, recipe)
     chunks = place_chunks(chunks, config, device)

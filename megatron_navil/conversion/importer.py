@@ -288,34 +288,12 @@ def world_size(tp: int, pp: int, ep: int, etp: int | None) -> int:
     return tp * pp * dp
 
 
-def _sharded_tensors(chunks: list[torch.nn.Module]) -> list[Any]:
-    """Every ShardedTensor of the model (factories built), data a view of a parameter."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from megatron.core.dist_checkpointing.utils import extract_sharded_base
-
-    out = []
-    for chunk in chunks:
-        sharded, _ = extract_sharded_base(chunk.sharded_state_dict())
-        stack = list(sharded.values())
-        while stack:
-            item = stack.pop()
-            if isinstance(item, ShardedTensorFactory):
-                built = item.build()
-                stack.extend(built.values() if isinstance(built, dict) else [built])
-            elif isinstance(item, ShardedTensor) and not item.key.endswith("_extra_state"):
-                out.append(item)
-            elif isinstance(item, (list, tuple)):
-                stack.extend(item)
-            elif isinstance(item, dict):
-                stack.extend(item.values())
-    return out
-
-
 def write_rank(spec: ImportSpec) -> int:
     """One rank of the import: build, fill, save. Returns the number of shards it filled."""
     import warnings
 
     from megatron_navil.models.build import build_model, transformer_config
+    from megatron_navil.models.init import sharded_parameters
     from megatron_navil.parallel import initialize
     from megatron_navil.training import checkpoint as ckpt
 
@@ -323,9 +301,12 @@ def write_rank(spec: ImportSpec) -> int:
     cfg = config_from_dict(spec.cfg)
     initialize(tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp, seed=spec.seed)
     config = transformer_config(cfg, tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp)
+    # an LLM import keeps the fresh vision tower and connector of the build: drawn by name, so
+    # they are the same at every import layout (models/init.py)
     chunks = build_model(
         cfg, config, special_ids=spec.special_token_ids,
         first_stage_layers=spec.first_stage_layers,
+        init_seed=spec.seed if spec.kind == "llm" else None,
     )  # fmt: skip
     if spec.kind == "navil":
         source: NaViLSource | LLMSource = NaViLSource(spec.source, cfg)
@@ -336,7 +317,7 @@ def write_rank(spec: ImportSpec) -> int:
     filled = 0
     cache: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for sh in _sharded_tensors(chunks):
+        for sh in sharded_parameters(chunks):
             if sh.key not in known:
                 raise ConversionError(f"model parameter {sh.key!r} has no conversion rule")
             if sh.key in fresh:
