@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from megatron_navil.data.assemble import PackedSequenceBuilder
 from megatron_navil.data.batch import IGNORE_INDEX
-from megatron_navil.data.shards import ShardDataset
+from megatron_navil.data.shards.corpus import ShardDataset
 from megatron_navil.data.tokenizer import TextTokenizer
 from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.testing import synthetic_corpus as S

@@ -197,7 +197,7 @@ def test_rejected_sizes():
 
 
 def test_config_defaults_agree():
-    from megatron_navil.data.indexer import ImageSettings
+    from megatron_navil.data.indexer.settings import ImageSettings
     from megatron_navil.hf import processing_navil
 
     assert NAVIL_SCALE_RATIO == 0.7071  # the released configs' value, not sqrt(2) / 2
