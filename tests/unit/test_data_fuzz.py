@@ -117,6 +117,7 @@ OPS = st.lists(
 )
 
 
+@pytest.mark.slow
 @fuzz(450)
 @given(which=st.integers(0, 8), ops=OPS)
 def test_fuzz_jsonl_lines(env, which, ops):
@@ -172,6 +173,7 @@ def test_fuzz_image_bytes(env, which, ops):
 SHARD_FILES = ("bin", "idx", "manifest")
 
 
+@pytest.mark.slow
 @fuzz(300)
 @given(target=st.integers(0, 10**6), ops=OPS)
 def test_fuzz_shard_bytes(env, target, ops):

@@ -313,6 +313,7 @@ def _model_loss(batch: PackedBatch, special_ids: tuple[int, ...]) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_a_loader_batch_trains_the_tiny_model(datasets, batches):
     from megatron_navil.config.model import SPECIAL_TOKENS
     from megatron_navil.parallel.spawn import run_distributed

@@ -366,6 +366,7 @@ def test_num_shards_partitions_are_disjoint_and_complete(syn, tmp_path):
     assert _tree(merged) == _tree(tmp_path / "full")
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_byte_identical(syn, tmp_path):
     tok = syn / "tokenizer.json"
     args = ["--samples-per-shard", "5"]

@@ -314,6 +314,7 @@ def test_tiny_minimum_terminates():
     assert scales == _demo_scales(64, 64, 1, 1, 1, 64 * 64)
 
 
+@pytest.mark.slow
 @settings(max_examples=2000, deadline=None)
 @given(
     x=st.one_of(

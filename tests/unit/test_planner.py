@@ -186,6 +186,7 @@ def _expected(name: str, layout: Layout, stage: int, ep_rank: int = 0) -> dict[s
     return {g: p.dense[g] + p.expert[g] for g in GROUPS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(STAGE_CASES))
 def test_stage_counts_equal_meta_modules(group, name):
     built = next(r["stages"][name] for r in group if name in r["stages"])
@@ -195,6 +196,7 @@ def test_stage_counts_equal_meta_modules(group, name):
         assert counts == _expected(name, layout, stage), f"{name} stage {stage}"
 
 
+@pytest.mark.slow
 def test_tp_ep_shards_equal_the_real_model(group):
     for rank, res in enumerate(group):
         # TP=2: attention and LM head/embedding halve; norms, special table stay whole.
@@ -233,6 +235,7 @@ def test_whole_model_equals_analytic_counts():
         assert rank_params(cfg, Layout(), 0).total == param_counts(cfg)["total"]
 
 
+@pytest.mark.slow
 def test_saved_activations_match_the_formula(group):
     """Autograd's saved tensors (deduplicated by storage, parameters excluded) of one tiny
     forward at fp32 vs the kept-activation formula. Tolerance [0.95, 1.2]: the formula counts
@@ -245,6 +248,7 @@ def test_saved_activations_match_the_formula(group):
     assert 0.95 <= res["saved"] / predicted <= 1.2, (res["saved"], predicted)
 
 
+@pytest.mark.slow
 def test_flops_match_counted_flops(group):
     """torch's FlopCounterMode over a tiny forward + backward (matmuls, and attention through
     the math SDPA backend) equals the formula exactly after two known differences: the
@@ -294,6 +298,7 @@ def _rss_step() -> dict:
     return {"delta": after - before, "patches": batch["patches"].shape[0]}
 
 
+@pytest.mark.slow
 def test_peak_memory_of_a_tiny_step():
     """Planner total (weights + grads + Adam + activations + backward workspace, fp32) vs the
     measured peak RSS growth of a training step on CPU, within [0.8, 1.3].
@@ -374,6 +379,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_search_json_recommends_a_fitting_layout():
     proc = _cli("navil-9b", "--search", "--gpus", "16", "--gpu-mem", "79", "--json", "-")
     assert proc.returncode == 0, proc.stderr
@@ -386,6 +392,7 @@ def test_cli_search_json_recommends_a_fitting_layout():
     assert times == sorted(times)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [

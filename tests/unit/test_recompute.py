@@ -36,6 +36,8 @@ import torch
 from megatron_navil.config.model import Recompute
 from megatron_navil.parallel.spawn import run_distributed
 
+pytestmark = pytest.mark.slow  # a forked rank (run_distributed) runs every mode
+
 TOL = 1e-5  # selective recompute: gradients (see the module doc)
 PLANNER_SLACK = 1.3  # measured per-layer bytes <= this x the planner's (and >= the planner's)
 SAVING_FACTOR = 1.25  # measured saving over none within this factor of the planner's
