@@ -5,7 +5,7 @@ stage of the paper's recipe (../shared/NAVIL.md, "Training recipe") for a model 
 layout into a ``torchrun ... -m megatron_navil.train`` command line, checks that this machine has
 the GPUs the layout needs, and replaces itself with torchrun. ``--dry-run`` instead prints the
 resolved configuration, the layout, the parameter counts and the planner's memory per GPU
-(``training.planner``), and exits 0: it needs no GPU, no data and no process group.
+(``megatron_navil.planning``), and exits 0: it needs no GPU, no data and no process group.
 
 What comes from where:
 * steps and batch per stage and model: the paper's table (:data:`PAPER_SCHEDULE`); LR, warm-up,
@@ -22,7 +22,7 @@ What comes from where:
   layouts that fit, from the planner's search) before any rank starts, unless ``--force``;
 * patches per packed sequence (``--max-patches`` of train.py): the planner's budget for the
   stage, twice its largest image (that image's multi-scale copies), at most 4 x the sequence
-  (``planner.default_patches``); the per-image maximum is an indexing-time setting and is
+  (``planning.layout.default_patches``); the per-image maximum is an indexing-time setting and is
   printed as the ``tools/index_corpus.py`` flag to use;
 * parameter counts: ``config.params.param_counts`` (equal to the meta-device model's,
   ``tools/count_params.py`` and its test check that).
@@ -117,7 +117,7 @@ class Plan:
         return " ".join([*parts, f"DP{self.dp}"])
 
     def planner_layout(self) -> Any:
-        from megatron_navil.training.planner import Layout
+        from megatron_navil.planning.layout import Layout
 
         return Layout(
             tp=self.tp, pp=self.pp, vpp=self.vpp, ep=self.ep, dp=self.dp,
@@ -204,7 +204,7 @@ def fit_problem(plan: Plan, gpu_mem_gib: float, reserve_gib: float, top: int = 3
 def resolve(args: argparse.Namespace) -> Plan:
     """The plan of ``args``; ValueError (one line, naming the flag) when it cannot run."""
     from megatron_navil.config.registry import get_config
-    from megatron_navil.training.planner import STAGE_MAX_PATCHES, default_patches
+    from megatron_navil.planning.layout import STAGE_MAX_PATCHES, default_patches
 
     cfg = get_config(args.config)
     if args.stage not in STAGE_MAX_PATCHES:
@@ -268,7 +268,10 @@ def report(plan: Plan, gpu_mem_gib: float, reserve_gib: float) -> list[str]:
     """The dry run's lines: configuration, layout, parameter counts, memory per GPU."""
     from megatron_navil.config.params import param_counts
     from megatron_navil.config.registry import get_config
-    from megatron_navil.training.planner import GiB, Layout, plan_flops, plan_memory, rank_params
+    from megatron_navil.planning.flops import plan_flops
+    from megatron_navil.planning.layout import GiB, Layout
+    from megatron_navil.planning.memory import plan_memory
+    from megatron_navil.planning.params import rank_params
     from megatron_navil.training.recipes import get_stage
 
     cfg, recipe = get_config(plan.config), get_stage(plan.stage)

@@ -314,7 +314,7 @@ def corpus_image_config(cfg: Any, images: list[dict[str, Any]]) -> tuple[Any, di
     field on which a blend's corpora disagree keeps ``cfg``'s value. The patch size and merge
     are the model's: a corpus with others is a ValueError."""
     from megatron_navil.config.model import ImageConfig
-    from megatron_navil.data.indexer import ImageSettings
+    from megatron_navil.data.indexer.settings import ImageSettings
 
     for image in images:
         for key, want in (("patch", cfg.vision.patch), ("merge", cfg.connector.merge)):

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve(args: argparse.Namespace):
     """Everything that can be checked before the model is built; UsageError on bad input."""
     from megatron_navil.config.io import resolve_config
-    from megatron_navil.data.shards import ShardDataset, ShardError
+    from megatron_navil.data.shards.corpus import ShardDataset
+    from megatron_navil.data.shards.format import ShardError
     from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError, same_tokenizer
     from megatron_navil.training.caption import (
         CaptionError,
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from megatron_navil.data.shards import ShardError
+    from megatron_navil.data.shards.format import ShardError
     from megatron_navil.training import caption as C
 
     skipped = 0

@@ -275,7 +275,8 @@ class PromptConfig:
 
 
 RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "full")
-"""Activation recompute modes, shared with ``training/planner.py``'s memory model."""
+"""Activation recompute modes, shared with the planner's memory model
+(``planning/activations.py``)."""
 
 
 @dataclass(frozen=True)

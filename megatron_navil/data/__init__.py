@@ -2,7 +2,8 @@
 training loader (blending, windowed pack plan, resumable data-parallel sampler, packed batches).
 
 Imports ``config/`` and ``ops/`` only, never ``models/`` or ``training/`` (DESIGN.md).
-The reader API the data pipeline builds on is documented in :mod:`megatron_navil.data.shards`.
+The reader API the data pipeline builds on is documented in
+:mod:`megatron_navil.data.shards.corpus`.
 """
 
 from megatron_navil.data.assemble import PackedSequenceBuilder, load_image_scales
@@ -16,16 +17,11 @@ from megatron_navil.data.loader import (
 )
 from megatron_navil.data.packing import SequenceStream, StreamPosition, WindowPlan
 from megatron_navil.data.sampler import PackedSampler, SequenceRef
-from megatron_navil.data.shards import (
-    ImageEntry,
-    Sample,
-    ShardDataset,
-    ShardError,
-    ShardReader,
-    ShardWriter,
-    expand_image_blocks,
-    load_manifest,
-)
+from megatron_navil.data.shards.corpus import ShardDataset, load_manifest
+from megatron_navil.data.shards.format import ShardError
+from megatron_navil.data.shards.reader import ShardReader
+from megatron_navil.data.shards.samples import ImageEntry, Sample, expand_image_blocks
+from megatron_navil.data.shards.writer import ShardWriter
 
 __all__ = [
     "IGNORE_INDEX",

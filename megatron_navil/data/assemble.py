@@ -36,7 +36,9 @@ import torch
 from PIL import Image
 
 from megatron_navil.data.batch import IGNORE_INDEX, LOSS_WEIGHTINGS, PackedBatch, loss_weights
-from megatron_navil.data.shards import ImageEntry, ShardDataset, ShardError, expand_image_blocks
+from megatron_navil.data.shards.corpus import ShardDataset
+from megatron_navil.data.shards.format import ShardError
+from megatron_navil.data.shards.samples import ImageEntry, expand_image_blocks
 from megatron_navil.data.tokenizer import fingerprints
 from megatron_navil.ops import patchify_batch, vision_kwargs
 

@@ -13,7 +13,7 @@ Templates (../shared/NAVIL.md, "Chat templates"), written here exactly as there:
   ``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n{A}<|im_end|>``.
 
 Loss: the answer ``{A}`` and its ``<|im_end|>`` of every assistant turn (not the prefix).
-Each ``<image>`` in a turn becomes one placeholder id (``<img>``, see data/shards.py); a
+Each ``<image>`` in a turn becomes one placeholder id (``<img>``, see data/shards/format.py); a
 placeholder is never in the loss. A role header and the content of its turn are encoded as one
 string between placeholders (``"user\\n" + Q``), control tokens by id, and the assistant answer
 on its own: so the prompt up to the answer has exactly the ids of the generation prompt an HF

@@ -48,7 +48,7 @@ keeps its own ids (for the answer: the generation prompt's) and the text is enco
 dummy prefix, as the HF path keeps the inference split there (data/templates.py). Adjacent text
 parts of a document, all in the loss, are encoded joined (:meth:`TextTokenizer.encode_texts`).
 Corpora indexed before this rule put a ``▁`` before every piece (each answer started with one):
-their manifest's tokenizer entry has no ``rule`` and data/shards.py refuses them. The HF
+their manifest's tokenizer entry has no ``rule`` and data/shards/corpus.py refuses them. The HF
 ``tokenizer.json`` path is as before: no ``context``, every piece encoded on its own.
 
 Fingerprint: ``sha256(sha256(file bytes) + json(12 special ids))`` (:attr:`fingerprint`).

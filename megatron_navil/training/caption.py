@@ -37,13 +37,8 @@ import torch
 
 from megatron_navil.config.model import SPECIAL_TOKENS, NaViLConfig
 from megatron_navil.data.assemble import PackedSequenceBuilder
-from megatron_navil.data.shards import (
-    ImageEntry,
-    Sample,
-    ShardDataset,
-    expand_image_blocks,
-    image_cost,
-)
+from megatron_navil.data.shards.corpus import ShardDataset
+from megatron_navil.data.shards.samples import ImageEntry, Sample, expand_image_blocks, image_cost
 from megatron_navil.data.tokenizer import TextTokenizer
 from megatron_navil.ops import patch_positions, vision_cu_seqlens, vision_kwargs
 from megatron_navil.training import checkpoint as ckpt
@@ -228,7 +223,8 @@ def image_inputs(
     ``prompt``) with ``settings`` (the indexer's ``Settings`` as a dict: template, system and
     the image geometry; a corpus manifest's ``settings`` to match its training data), then
     built like a training sample."""
-    from megatron_navil.data.indexer import SampleBuilder, Skip
+    from megatron_navil.data.indexer.samples import SampleBuilder
+    from megatron_navil.data.indexer.settings import Skip
 
     # the prompt ends with an empty assistant answer on purpose: no no_target skip for it
     builder = SampleBuilder({"settings": settings}, tokenizer, require_target=False)
@@ -265,7 +261,7 @@ def indexer_settings(
     --config`` sets them; template and system message default to ``cfg.prompt``'s."""
     template = cfg.prompt.template if template is None else template
     system = cfg.prompt.system_message if system is None else system
-    from megatron_navil.data.indexer import ImageSettings, Settings
+    from megatron_navil.data.indexer.settings import ImageSettings, Settings
 
     im = cfg.image
     image = ImageSettings(

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from megatron_navil.data.assemble import PackedSequenceBuilder
 from megatron_navil.data.batch import IGNORE_INDEX
-from megatron_navil.data.shards import ShardDataset
+from megatron_navil.data.shards.corpus import ShardDataset
 from megatron_navil.data.tokenizer import TextTokenizer
 from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.testing import synthetic_corpus as S
@@ -359,6 +359,7 @@ def real(corpus) -> dict:
     return pickle.loads(run_distributed(_real_model_run, 1, str(corpus), timeout=400)[0])
 
 
+@pytest.mark.slow
 def test_real_model_captions(real, corpus):
     assert real["same_weights"]
     assert real["path"].endswith("iter_0000005")
@@ -391,6 +392,7 @@ def test_real_model_captions(real, corpus):
     assert len(bounds) - 1 == sum(len(i.vision_cu_seqlens) - 1 for i in real["items"][:4])
 
 
+@pytest.mark.slow
 def test_memorised_split_is_captioned_exactly(real):
     assert real["final_loss"] < 0.05
     results = real["memorised"]
@@ -428,6 +430,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, match):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
@@ -459,6 +462,7 @@ def test_cli_bad_input_with_a_checkpoint(real, corpus, tmp_path, capsys, extra, 
     assert len(err.strip().splitlines()) == 1 and match in err, err
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(real, corpus, tmp_path):
     out = tmp_path / "captions.json"
     image = corpus / "src" / "images" / "val" / "000000.png"
@@ -485,6 +489,7 @@ def test_cli_end_to_end(real, corpus, tmp_path):
     assert payload["metrics"]["parsed"]["chance"] is None
 
 
+@pytest.mark.slow
 def test_cli_default_tokenizer_of_a_corpus_whose_tokenizer_lacked_the_navil_tokens(
     real, corpus, tmp_path, capsys
 ):

@@ -15,7 +15,7 @@ from PIL import Image
 from megatron_navil.data.assemble import PackedSequenceBuilder, load_image_scales
 from megatron_navil.data.batch import IGNORE_INDEX, PackedBatch, loss_weights
 from megatron_navil.data.loader import build_data_loader
-from megatron_navil.data.shards import ShardDataset
+from megatron_navil.data.shards.corpus import ShardDataset
 from megatron_navil.ops import patchify_batch_reference
 
 SEQ = 256
@@ -313,6 +313,7 @@ def _model_loss(batch: PackedBatch, special_ids: tuple[int, ...]) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_a_loader_batch_trains_the_tiny_model(datasets, batches):
     from megatron_navil.config.model import SPECIAL_TOKENS
     from megatron_navil.parallel.spawn import run_distributed

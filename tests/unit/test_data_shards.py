@@ -13,19 +13,11 @@ from PIL import Image
 
 from megatron_navil.config import SPECIAL_TOKENS
 from megatron_navil.data.images import ImageRejected, prepare_image
-from megatron_navil.data.shards import (
-    HEADER_DTYPE,
-    HEADER_SIZE,
-    IMAGE_RULE,
-    SAMPLE_DTYPE,
-    ImageEntry,
-    ShardDataset,
-    ShardError,
-    ShardReader,
-    ShardWriter,
-    expand_image_blocks,
-    loss_runs,
-)
+from megatron_navil.data.shards.corpus import IMAGE_RULE, ShardDataset
+from megatron_navil.data.shards.format import HEADER_DTYPE, HEADER_SIZE, SAMPLE_DTYPE, ShardError
+from megatron_navil.data.shards.reader import ShardReader
+from megatron_navil.data.shards.samples import ImageEntry, expand_image_blocks, loss_runs
+from megatron_navil.data.shards.writer import ShardWriter
 from megatron_navil.data.templates import Renderer
 from megatron_navil.data.tokenizer import SENTENCEPIECE_RULE, TextTokenizer, TokenizerError
 from megatron_navil.ops import image_token_layout, merged_grid, scales_for_image

@@ -409,6 +409,7 @@ def test_unknown_template(sources, tmp_path):
 # ---- loading in both transformers versions ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_loads_in_current_transformers(exports, tmp_path):
     import transformers
 
@@ -470,6 +471,7 @@ def tf451_python() -> str:
     return str(python)
 
 
+@pytest.mark.slow
 def test_loads_in_transformers_4_51(exports, tf451_python, tmp_path):
     report = _run_probe(tf451_python, _spec(exports), tmp_path)
     loaded = _check(exports, report, TF451)

@@ -41,6 +41,7 @@ def _line(out: str, prefix: str) -> str:
     return found[0]
 
 
+@pytest.mark.slow
 def test_2b_dry_run_on_cpu():
     proc = _script("pretrain_navil_2b.sh", "--dry-run", STAGE="s2", NNODES="8",
                    EVAL_DATA="/held/a /held/b", EVAL_INTERVAL="500")  # fmt: skip
@@ -70,6 +71,7 @@ def test_2b_dry_run_on_cpu():
         assert part in cmd, (part, cmd)
 
 
+@pytest.mark.slow
 def test_9b_dry_run_with_slurm_rendezvous(tmp_path):
     # A stand-in scontrol: the first host of the node list becomes MASTER_ADDR. It prints
     # more than a pipe buffer of hosts, so a reader that stops early (`| head -n 1`) would
@@ -99,6 +101,7 @@ def test_9b_dry_run_with_slurm_rendezvous(tmp_path):
     assert "--tp 4 --pp 1" in cmd and "--global-batch 480" in cmd, cmd
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(L.visible_gpus() >= 8, reason="this machine has the GPUs")
 def test_not_enough_gpus_is_one_line():
     proc = _script("pretrain_navil_2b.sh", STAGE="s1.1", DATA="/nonexistent", SAVE="/tmp/x")

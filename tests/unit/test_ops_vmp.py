@@ -197,7 +197,7 @@ def test_rejected_sizes():
 
 
 def test_config_defaults_agree():
-    from megatron_navil.data.indexer import ImageSettings
+    from megatron_navil.data.indexer.settings import ImageSettings
     from megatron_navil.hf import processing_navil
 
     assert NAVIL_SCALE_RATIO == 0.7071  # the released configs' value, not sqrt(2) / 2
@@ -314,6 +314,7 @@ def test_tiny_minimum_terminates():
     assert scales == _demo_scales(64, 64, 1, 1, 1, 64 * 64)
 
 
+@pytest.mark.slow
 @settings(max_examples=2000, deadline=None)
 @given(
     x=st.one_of(

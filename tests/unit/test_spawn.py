@@ -9,6 +9,8 @@ import pytest
 
 from megatron_navil.parallel.spawn import SpawnError, run_distributed
 
+pytestmark = pytest.mark.slow  # every test spawns ranks
+
 
 def _rank_and_world() -> tuple[int, int, str]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), os.environ["OMP_NUM_THREADS"]

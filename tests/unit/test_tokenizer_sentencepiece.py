@@ -241,7 +241,7 @@ def test_a_piece_across_the_answer_boundary_keeps_the_generation_prompt(models):
 
 def test_the_rule_is_recorded_for_sentencepiece_only(models, tmp_path):
     """Corpora indexed before this change tokenised differently: the manifest's tokenizer entry
-    names the rule (data/shards.py refuses a sentencepiece corpus without it); an HF
+    names the rule (data/shards/corpus.py refuses a sentencepiece corpus without it); an HF
     tokenizer.json's entry is unchanged."""
     entry = TextTokenizer(models["bpe"]).describe()
     assert entry["rule"] == SENTENCEPIECE_RULE == "hf-slow"

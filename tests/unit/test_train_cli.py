@@ -39,6 +39,7 @@ def test_bad_arguments(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_data_is_one_line_from_the_real_entry():
     """Found after the process group is up (every rank opens the shards): the real entry, no
     traceback."""
@@ -66,6 +67,7 @@ def test_corpus_image_settings_are_adopted():
         corpus_image_config(cfg, [{**image, "patch": 14}])
 
 
+@pytest.mark.slow
 def test_dry_run_reports_the_corpus_image_settings(tmp_path):
     from megatron_navil.testing import synthetic_corpus as S
     from megatron_navil.testing.loader_corpus import index
