@@ -166,9 +166,11 @@ def round_batch(sequences: float, dp: int, rule: str = "nearest") -> int:
 def fit_problem(plan: Plan, gpu_mem_gib: float, reserve_gib: float, top: int = 3) -> str | None:
     """None when the planner's peak memory per GPU of ``plan`` plus ``reserve_gib`` fits
     ``gpu_mem_gib``, else one line: the peak, and the ``top`` fastest layouts that fit the same
-    GPUs (``training.planner.search``) as the example scripts' variables."""
+    GPUs (``planning.search.search``) as the example scripts' variables."""
     from megatron_navil.config.registry import get_config
-    from megatron_navil.training.planner import GiB, peak_rank, plan_memory, search
+    from megatron_navil.planning.layout import GiB
+    from megatron_navil.planning.memory import peak_rank, plan_memory
+    from megatron_navil.planning.search import search
 
     cfg = get_config(plan.config)
     layout = plan.planner_layout()
