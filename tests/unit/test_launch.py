@@ -163,6 +163,7 @@ def test_round_batch():
         L.round_batch(10.0, 8, "odd")
 
 
+@pytest.mark.slow  # two script runs in subprocesses
 def test_layout_that_does_not_fit_is_refused_with_alternatives():
     """9B S2 on one node at the script's default TP4 (formerly printed DOES NOT FIT and exited
     0; a real launch went ahead): exit 1 with one line naming fitting layouts, before the GPU
