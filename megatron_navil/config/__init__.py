@@ -1,6 +1,7 @@
 """Typed dataclass configs and the name registry ("tiny", "navil-2b", "navil-9b").
 
-Imports nothing else from the project.
+Imports nothing else from the project but ``checkpoint.directory`` (in ``io``: standard
+library only, where a checkpoint's config is found).
 """
 
 from megatron_navil.config.model import (

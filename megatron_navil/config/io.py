@@ -1,6 +1,8 @@
 """Configs on disk: ``navil_config.json`` (written into every checkpoint that training, the HF
 importer or a benchmark saves) and :func:`resolve_config`, which turns what a user types after
 ``--config`` into a config: a registered name, such a JSON file, or a checkpoint carrying one.
+The one import from outside ``config/``: ``checkpoint.directory`` (standard library only), the
+definition of a complete checkpoint whose config is read.
 
 A checkpoint converted from an HF model whose dimensions are not a registered config can thus
 be trained, captioned and exported by naming the checkpoint itself.
@@ -9,11 +11,11 @@ be trained, captioned and exported by naming the checkpoint itself.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from megatron_navil.checkpoint.directory import latest
 from megatron_navil.config.model import (
     ConnectorConfig,
     ExpertsConfig,
@@ -27,8 +29,6 @@ from megatron_navil.config.registry import REGISTRY, get_config
 
 CONFIG_FILE = "navil_config.json"
 """The model config a checkpoint's ``iter_*`` directory holds."""
-
-_ITER = re.compile(r"^iter_(\d{7,})$")
 
 
 def config_to_dict(cfg: NaViLConfig) -> dict[str, Any]:
@@ -83,22 +83,15 @@ def write_config(directory: str | Path, cfg: NaViLConfig | dict[str, Any]) -> Pa
 
 def checkpoint_config_file(path: str | Path) -> Path | None:
     """The ``navil_config.json`` of a checkpoint: in ``path`` itself (an ``iter_*`` directory)
-    or in the newest complete ``iter_*`` (one with ``train_state.json``) of a save directory;
-    None when there is none."""
+    or in the newest complete checkpoint (``checkpoint.directory.latest``) of a save
+    directory; None when there is none."""
     p = Path(path)
     if (p / CONFIG_FILE).is_file():
         return p / CONFIG_FILE
-    if not p.is_dir():
+    newest = latest(p)
+    if newest is None or not (newest / CONFIG_FILE).is_file():
         return None
-    complete = [
-        (int(m.group(1)), d)
-        for d in p.iterdir()
-        if (m := _ITER.match(d.name)) and (d / "train_state.json").is_file()
-    ]
-    if not complete:
-        return None
-    newest = max(complete)[1] / CONFIG_FILE
-    return newest if newest.is_file() else None
+    return newest / CONFIG_FILE
 
 
 def resolve_config(spec: str | Path) -> NaViLConfig:
