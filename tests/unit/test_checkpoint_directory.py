@@ -1,0 +1,56 @@
+"""checkpoint/directory.py: the one definition of a complete checkpoint (``iter_NNNNNNN`` with
+``train_state.json``) that resuming, ``--init``, the tools and ``config.io`` share, and the
+one-line errors of naming a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_navil.checkpoint.directory import (
+    complete_iterations,
+    is_complete,
+    iteration_dir,
+    latest,
+    require_complete,
+    resolve_checkpoint,
+)
+from megatron_navil.checkpoint.errors import CheckpointError, CheckpointLayoutError
+
+
+def _save_dir(root: Path) -> Path:
+    """iter 2 and 4 complete, iter 6 without train_state.json (not complete), a .tmp save."""
+    for it in (2, 4, 6):
+        iteration_dir(root, it).mkdir(parents=True)
+    for it in (2, 4):
+        (iteration_dir(root, it) / "train_state.json").write_text("{}")
+    (root / "iter_0000008.tmp").mkdir()
+    (root / "iter_12").mkdir()  # fewer than 7 digits: not a checkpoint name
+    (root / "iter_12" / "train_state.json").write_text("{}")
+    return root
+
+
+def test_complete_checkpoints_and_the_newest(tmp_path):
+    root = _save_dir(tmp_path / "save")
+    assert complete_iterations(root) == [2, 4]
+    assert latest(root) == root / "iter_0000004"
+    assert is_complete(root / "iter_0000004") and not is_complete(root / "iter_0000006")
+    assert not is_complete(root / "iter_12")
+    assert complete_iterations(tmp_path / "missing") == [] and latest(tmp_path / "missing") is None
+
+
+def test_resolving_what_a_user_names(tmp_path):
+    root = _save_dir(tmp_path / "save")
+    assert resolve_checkpoint(root) == root / "iter_0000004"
+    assert resolve_checkpoint(root / "iter_0000002") == root / "iter_0000002"
+    assert require_complete(root / "iter_0000002") == root / "iter_0000002"
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        resolve_checkpoint(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match=r"not a complete checkpoint \(no train_state"):
+        resolve_checkpoint(root / "iter_0000006")
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint \(iter_NNNNNNN/"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="is not a complete checkpoint"):  # a ValueError too
+        require_complete(root / "iter_0000006")
+    assert issubclass(CheckpointLayoutError, CheckpointError)
