@@ -16,7 +16,8 @@ import torch
 
 from megatron_navil.checkpoint.errors import CheckpointError
 from megatron_navil.checkpoint.store import load
-from megatron_navil.config.model import SPECIAL_TOKENS, NaViLConfig
+from megatron_navil.config.model import NaViLConfig
+from megatron_navil.config.tokens import SPECIAL_TOKENS
 
 
 def model_special_ids(special_ids: Mapping[str, int]) -> tuple[int, ...]:

@@ -6,8 +6,6 @@ library only, where a checkpoint's config is found).
 
 from megatron_navil.config.model import (
     RECOMPUTE_MODES,
-    SPECIAL_TOKENS,
-    VISUAL_TOKENS,
     ConnectorConfig,
     ExpertsConfig,
     ImageConfig,
@@ -18,6 +16,7 @@ from megatron_navil.config.model import (
 )
 from megatron_navil.config.params import param_counts
 from megatron_navil.config.registry import REGISTRY, get_config
+from megatron_navil.config.tokens import SPECIAL_TOKENS, VISUAL_TOKENS
 
 __all__ = [
     "RECOMPUTE_MODES",

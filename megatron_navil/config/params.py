@@ -7,7 +7,8 @@ checked against the paper's figures before any model exists.
 
 from __future__ import annotations
 
-from megatron_navil.config.model import SPECIAL_TOKENS, NaViLConfig
+from megatron_navil.config.model import NaViLConfig
+from megatron_navil.config.tokens import SPECIAL_TOKENS
 
 
 def param_counts(cfg: NaViLConfig) -> dict[str, int]:

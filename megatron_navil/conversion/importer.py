@@ -233,7 +233,7 @@ def tokenizer_special_ids(path: str | Path) -> list[int]:
     ``added_tokens.json`` adds, as the released code's ``convert_tokens_to_ids`` finds them;
     without either, ``TextTokenizer``'s rule (``vocab_size + k`` in that order, NaViL-2B's
     92544..92555). ConversionError when there is no tokenizer or a token has no id."""
-    from megatron_navil.config.model import SPECIAL_TOKENS
+    from megatron_navil.config.tokens import SPECIAL_TOKENS
     from megatron_navil.data.tokenizer import TextTokenizer, is_json
 
     p = Path(path)

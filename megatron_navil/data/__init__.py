@@ -6,7 +6,7 @@ The reader API the data pipeline builds on is documented in :mod:`megatron_navil
 """
 
 from megatron_navil.data.assemble import PackedSequenceBuilder, load_image_scales
-from megatron_navil.data.batch import IGNORE_INDEX, LOSS_WEIGHTINGS, PackedBatch, loss_weights
+from megatron_navil.data.batch import LOSS_WEIGHTINGS, PackedBatch, loss_weights
 from megatron_navil.data.blend import Blend, apportion
 from megatron_navil.data.loader import (
     PackedDataLoader,
@@ -28,7 +28,6 @@ from megatron_navil.data.shards import (
 )
 
 __all__ = [
-    "IGNORE_INDEX",
     "LOSS_WEIGHTINGS",
     "Blend",
     "ImageEntry",

@@ -24,11 +24,9 @@ from typing import Any
 
 import torch
 
+from megatron_navil.config.tokens import IMAGE_BLOCK_TOKENS
 from megatron_navil.data.tokenizer import TextTokenizer
 from megatron_navil.inference.inputs import STOP_TOKEN, CaptionInput, pack_inputs
-
-IMAGE_BLOCK_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<IMG_LINE_BREAK>", "<IMG_FRAME_BREAK>")
-"""Never generated (see the module doc)."""
 
 
 @dataclass

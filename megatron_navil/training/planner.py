@@ -78,7 +78,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from megatron_navil.config.model import RECOMPUTE_MODES, SPECIAL_TOKENS, NaViLConfig, Recompute
+from megatron_navil.config.model import RECOMPUTE_MODES, NaViLConfig, Recompute
+from megatron_navil.config.tokens import SPECIAL_TOKENS
 
 GiB = 1024**3
 RECOMPUTE = RECOMPUTE_MODES

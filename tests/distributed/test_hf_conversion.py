@@ -151,7 +151,7 @@ def test_generate_equals_caption_tool(world):
     hf_dir = world["root"] / "hf" / "tiny"
     model = P.load_hf(hf_dir)
     tok = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=True)
-    from megatron_navil.config.model import SPECIAL_TOKENS
+    from megatron_navil.config.tokens import SPECIAL_TOKENS
 
     special = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
     assert special == model.config.special_token_ids

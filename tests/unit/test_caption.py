@@ -33,12 +33,11 @@ from hypothesis import strategies as st
 
 from megatron_navil.checkpoint.directory import resolve_checkpoint
 from megatron_navil.checkpoint.model import load_model, model_special_ids
+from megatron_navil.config.tokens import IGNORE_INDEX, IMAGE_BLOCK_TOKENS
 from megatron_navil.data.assemble import PackedSequenceBuilder
-from megatron_navil.data.batch import IGNORE_INDEX
 from megatron_navil.data.shards import ShardDataset
 from megatron_navil.data.tokenizer import TextTokenizer
 from megatron_navil.inference.generate import (
-    IMAGE_BLOCK_TOKENS,
     Captioner,
     CaptionResult,
     Generation,
