@@ -4,7 +4,7 @@ checkpoint carries), saving and loading through megatron-core dist-checkpointing
 and a model loaded for inference with the special ids it needs (``model``); their errors
 (``errors``).
 
-Imports only ``config/`` and, in ``model``, ``models/`` and ``parallel``'s state; training,
-conversion, inference and the tools import it. Nothing is imported here, so that importing
+Imports only ``config/`` and, in ``model``, ``models/``; training, conversion, the tools and
+the entry point import it. Nothing is imported here, so that importing
 ``checkpoint.directory`` stays free of torch.
 """
