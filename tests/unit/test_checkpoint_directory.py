@@ -4,6 +4,9 @@ one-line errors of naming a checkpoint."""
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,26 @@ def test_resolving_what_a_user_names(tmp_path):
     with pytest.raises(ValueError, match="is not a complete checkpoint"):  # a ValueError too
         require_complete(root / "iter_0000006")
     assert issubclass(CheckpointLayoutError, CheckpointError)
+
+
+def test_config_finds_checkpoints_without_torch():
+    """config/ imports nothing of the project but checkpoint.directory, which is standard
+    library only: reading a config (or a checkpoint's) pulls in neither torch nor the rest."""
+    code = (
+        "import sys, megatron_navil.config.io; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('megatron_navil')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = ast.literal_eval(out.stdout)
+    assert "torch" not in loaded
+    outside = [
+        m
+        for m in loaded
+        if not m.startswith(("megatron_navil.config", "megatron_navil.checkpoint"))
+    ]
+    assert outside == ["megatron_navil"], outside
+    assert [m for m in loaded if m.startswith("megatron_navil.checkpoint")] == [
+        "megatron_navil.checkpoint",
+        "megatron_navil.checkpoint.directory",
+        "megatron_navil.checkpoint.errors",
+    ]
