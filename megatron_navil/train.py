@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from megatron_navil.cli import OneLineParser
-from megatron_navil.config.model import SPECIAL_TOKENS
 from megatron_navil.config.vocab import DEFAULT_DIVISIBLE_BY, needed_vocab, padded_vocab_size
 from megatron_navil.training.flops import batch_flops, detect_peak_flops, step_model_flops
 
@@ -239,12 +238,13 @@ def init_weights(args: argparse.Namespace, chunks: list[Any], rank0: bool) -> No
     """``--init``: load the model weights (only) of the newest complete checkpoint in
     ``args.init`` into ``chunks``, unless ``--load`` has a checkpoint to resume (a restarted
     stage continues from its own checkpoint, not from the previous stage's)."""
-    from megatron_navil.training import checkpoint as ckpt
+    from megatron_navil.checkpoint.directory import latest
+    from megatron_navil.checkpoint.store import load_weights
 
-    if not args.init or (args.load and ckpt.latest(args.load) is not None):
+    if not args.init or (args.load and latest(args.load) is not None):
         return
-    path = ckpt.latest(args.init)  # main() checked there is one
-    ckpt.load_weights(path, chunks)
+    path = latest(args.init)  # main() checked there is one
+    load_weights(path, chunks)
     if rank0:
         print(f"initialised the model from {path}", flush=True)
 
@@ -296,14 +296,6 @@ def eval_sets_of(
         )  # fmt: skip
         sets.append(EvalSet(name, LoaderSource(loader, args.global_batch // dp, device)))
     return sets
-
-
-def _special_ids(manifest: dict[str, Any]) -> list[int]:
-    ids = manifest["tokenizer"]["special_ids"]
-    missing = [t for t in SPECIAL_TOKENS if t not in ids]
-    if missing:
-        raise ValueError(f"the corpus tokenizer lacks special tokens {missing}")
-    return [int(ids[t]) for t in SPECIAL_TOKENS]
 
 
 def corpus_image_config(cfg: Any, images: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
@@ -396,8 +388,8 @@ def _model_config(args: argparse.Namespace) -> Any:
     first differing field (loading would fail later with a shape error, or worse, not at all
     for a difference of e.g. RoPE base); the image preprocessing is not compared, the corpus
     sets it (:func:`corpus_image_config`)."""
-    from megatron_navil.config.io import checkpoint_config_file, resolve_config
-    from megatron_navil.conversion.hf_config import same_model
+    from megatron_navil.checkpoint.config import checkpoint_config_file, resolve_config
+    from megatron_navil.config.compare import same_model
 
     carried = [
         (flag, found)
@@ -445,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         default = " (the stage's default)" if args.warmup is None else ""
         parser.error(f"--warmup {warmup}{default} must be in [0, --steps {args.steps}]")
     if args.init:
-        from megatron_navil.training.checkpoint import latest
+        from megatron_navil.checkpoint.directory import latest
 
         if latest(args.init) is None:
             parser.error(f"--init {args.init}: no complete checkpoint (iter_NNNNNNN) there")
@@ -463,11 +455,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.ArgumentParser) -> int:
     from megatron.core import parallel_state as ps
 
+    from megatron_navil.checkpoint.directory import latest
+    from megatron_navil.checkpoint.errors import CheckpointLayoutError
+    from megatron_navil.checkpoint.model import model_special_ids
     from megatron_navil.data import ShardDataset
     from megatron_navil.data.loader import build_data_loader
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
-    from megatron_navil.training.checkpoint import CheckpointLayoutError
     from megatron_navil.training.loop import LoopConfig, train
     from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
     from megatron_navil.training.recipes import apply_freezing
@@ -481,14 +475,16 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
             skipped = d.manifest.get("counts", {}).get("skipped", 0)
             parser.error(f"--data {path}: the corpus holds no sample ({skipped:,} records were "
                          "skipped at indexing; see its manifest.json 'skipped')")  # fmt: skip
-    special = _special_ids(datasets[0].manifest)
+    try:
+        special = model_special_ids(datasets[0].manifest["tokenizer"]["special_ids"])
+    except ValueError as exc:
+        parser.error(f"--data {args.data[0]}: {exc}")
     eval_datasets = open_eval_data(args, datasets[0], parser)
     try:
         cfg, image_changes = corpus_image_config(cfg, [d.manifest["image"] for d in datasets])
         cfg, prompt_changes = corpus_prompt_config(cfg, [d.manifest["settings"] for d in datasets])
     except ValueError as exc:
         parser.error(f"--data: {exc}")
-    from megatron_navil.training.checkpoint import latest
 
     resumed = args.load and latest(args.load) is not None
     weights = str(latest(args.load)) if resumed else (str(latest(args.init)) if args.init else None)

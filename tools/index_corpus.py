@@ -32,9 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from megatron_navil.checkpoint.config import resolve_config
 from megatron_navil.cli import OneLineParser, nonneg_int, positive_float, positive_int
 from megatron_navil.config import REGISTRY
-from megatron_navil.config.io import resolve_config
 from megatron_navil.config.model import DEFAULT_SYSTEM_MESSAGE
 from megatron_navil.data.indexer.inputs import datasets_from_inputs
 from megatron_navil.data.indexer.manifest import check_strict, finalize, save_tokenizer_copy

@@ -222,7 +222,7 @@ def _search(cfg, base, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    from megatron_navil.config.io import resolve_config
+    from megatron_navil.checkpoint.config import resolve_config
     from megatron_navil.planning.layout import STAGE_MAX_PATCHES, Layout, default_patches
 
     try:

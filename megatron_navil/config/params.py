@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_navil.config.model import SPECIAL_TOKENS, NaViLConfig
+from megatron_navil.config.model import NaViLConfig
+from megatron_navil.config.tokens import SPECIAL_TOKENS
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Two sources, one writer:
 
 The writer (:func:`write_rank`) runs on every rank of the layout (spawned gloo processes, or
 torchrun): it builds the real model for the layout, fills each parameter shard from the
-source's global tensor and saves through ``training.checkpoint.save`` (iteration 0, no
+source's global tensor and saves through ``checkpoint.store.save`` (iteration 0, no
 optimizer), so the result is exactly what training writes and loads at any layout
 (``--load``-style loading of weights; an optimizer starts fresh). Every source tensor is
 accounted for before any rank starts (``check_names``): a missing or unknown one fails with
@@ -233,7 +233,7 @@ def tokenizer_special_ids(path: str | Path) -> list[int]:
     ``added_tokens.json`` adds, as the released code's ``convert_tokens_to_ids`` finds them;
     without either, ``TextTokenizer``'s rule (``vocab_size + k`` in that order, NaViL-2B's
     92544..92555). ConversionError when there is no tokenizer or a token has no id."""
-    from megatron_navil.config.model import SPECIAL_TOKENS
+    from megatron_navil.config.tokens import SPECIAL_TOKENS
     from megatron_navil.data.tokenizer import TextTokenizer, is_json
 
     p = Path(path)
@@ -292,10 +292,10 @@ def write_rank(spec: ImportSpec) -> int:
     """One rank of the import: build, fill, save. Returns the number of shards it filled."""
     import warnings
 
+    from megatron_navil.checkpoint.store import save
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.models.init import sharded_parameters
     from megatron_navil.parallel import initialize
-    from megatron_navil.training import checkpoint as ckpt
 
     warnings.filterwarnings("ignore")
     cfg = config_from_dict(spec.cfg)
@@ -333,7 +333,7 @@ def write_rank(spec: ImportSpec) -> int:
             sh.data.copy_(full[sh.global_slice()].reshape(sh.data.shape))
             filled += 1
     state = {"converted_from": {"kind": spec.kind, "path": spec.source}}
-    ckpt.save(spec.out, 0, chunks, None, state, model_config=spec.cfg)
+    save(spec.out, 0, chunks, None, state, model_config=spec.cfg)
     return filled
 
 

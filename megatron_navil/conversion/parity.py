@@ -104,16 +104,16 @@ def megatron_logits_rank(
     ``[t, V]`` of the packed inputs."""
     import warnings
 
+    from megatron_navil.checkpoint.store import load
     from megatron_navil.config.io import config_from_dict
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
-    from megatron_navil.training import checkpoint as ckpt
 
     warnings.filterwarnings("ignore")
     initialize()
     cfg = config_from_dict(cfg_dict)
     (model,) = build_model(cfg, transformer_config(cfg), special_ids=special_ids)
-    ckpt.load(checkpoint, [model], None)
+    load(checkpoint, [model], None)
     model.eval()
     packed = pickle.loads(inputs)
     with torch.no_grad():

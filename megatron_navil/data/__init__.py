@@ -7,7 +7,7 @@ The reader API the data pipeline builds on is documented in
 """
 
 from megatron_navil.data.assemble import PackedSequenceBuilder, load_image_scales
-from megatron_navil.data.batch import IGNORE_INDEX, LOSS_WEIGHTINGS, PackedBatch, loss_weights
+from megatron_navil.data.batch import LOSS_WEIGHTINGS, PackedBatch, loss_weights
 from megatron_navil.data.blend import Blend, apportion
 from megatron_navil.data.loader import (
     PackedDataLoader,
@@ -24,7 +24,6 @@ from megatron_navil.data.shards.samples import ImageEntry, Sample, expand_image_
 from megatron_navil.data.shards.writer import ShardWriter
 
 __all__ = [
-    "IGNORE_INDEX",
     "LOSS_WEIGHTINGS",
     "Blend",
     "ImageEntry",

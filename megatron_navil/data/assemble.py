@@ -35,14 +35,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_navil.data.batch import IGNORE_INDEX, LOSS_WEIGHTINGS, PackedBatch, loss_weights
+from megatron_navil.config.tokens import IGNORE_INDEX, VISUAL_TOKENS
+from megatron_navil.data.batch import LOSS_WEIGHTINGS, PackedBatch, loss_weights
 from megatron_navil.data.shards.corpus import ShardDataset
 from megatron_navil.data.shards.format import ShardError
 from megatron_navil.data.shards.samples import ImageEntry, expand_image_blocks
 from megatron_navil.data.tokenizer import fingerprints
 from megatron_navil.ops import patchify_batch, vision_kwargs
 
-VISUAL_TOKENS = ("<IMG_CONTEXT>", "<img>")
 NAVIL_MEAN = (0.5, 0.5, 0.5)
 NAVIL_STD = (0.5, 0.5, 0.5)
 

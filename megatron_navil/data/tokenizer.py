@@ -63,14 +63,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megatron_navil.config.model import SPECIAL_TOKENS
+from megatron_navil.config.tokens import CONTROL_TOKENS, SPECIAL_TOKENS, TEXT_SPECIALS
 
 if TYPE_CHECKING:
     import sentencepiece as spm
 
-CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
-TEXT_SPECIALS = ("</box>", "<box>", "</quad>", "<quad>", "</ref>", "<ref>")
-"""Special tokens allowed inside user text (grounding markup)."""
 RESERVED = tuple(t for t in SPECIAL_TOKENS if t not in TEXT_SPECIALS) + CONTROL_TOKENS
 """Strings that must not occur in user text."""
 

@@ -150,7 +150,7 @@ def transformer_config(
 def special_token_ids(cfg: NaViLConfig, ids: Sequence[int] | None = None) -> tuple[int, ...]:
     """The 12 special tokens' ids in ``SPECIAL_TOKENS`` order: ``ids`` when given (from the
     tokenizer), else ``special_token_first_id + row``."""
-    from megatron_navil.config.model import SPECIAL_TOKENS
+    from megatron_navil.config.tokens import SPECIAL_TOKENS
 
     if ids is None:
         first = cfg.special_token_first_id

@@ -342,7 +342,7 @@ def train(
 
 def _checkpoint_state(chunks: list[Any], optimizer: Any, is_loading: bool) -> dict[str, Any]:
     """The sharded state dict of model chunks + optimizer, as Megatron-LM lays it out."""
-    from megatron_navil.training.checkpoint import sharded_state
+    from megatron_navil.checkpoint.store import sharded_state
 
     return sharded_state(chunks, optimizer, is_loading)
 

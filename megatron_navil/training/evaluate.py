@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from megatron_navil.config.tokens import IGNORE_INDEX
 from megatron_navil.training.step import (
-    IGNORE_INDEX,
     collective_device,
     loss_weights,
     model_kwargs,

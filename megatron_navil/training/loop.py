@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from megatron_navil.training import checkpoint as ckpt
+from megatron_navil.checkpoint import directory, store
 from megatron_navil.training.evaluate import evaluate
 from megatron_navil.training.step import StepResult, train_step
 
@@ -264,8 +264,8 @@ def train(
 ) -> list[StepResult]:
     """Run (or resume) training up to ``cfg.steps``; returns this run's step results."""
     start = 0
-    if cfg.load_dir and (path := ckpt.latest(cfg.load_dir)) is not None:
-        state = ckpt.load(path, chunks, optimizer)
+    if cfg.load_dir and (path := directory.latest(cfg.load_dir)) is not None:
+        state = store.load(path, chunks, optimizer)
         start = int(state["iteration"])
         if scheduler is not None and "scheduler" in state:
             scheduler.load_state_dict(state["scheduler"])
@@ -284,7 +284,7 @@ def train(
             "results_tail": [asdict(r) for r in results[-1:]],
             **cfg.extra_state,
         }
-        ckpt.save(
+        store.save(
             cfg.save_dir, iteration, chunks, optimizer, train_state, cfg.keep_last,
             model_config=cfg.model_config,
         )  # fmt: skip

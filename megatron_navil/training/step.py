@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100  # the model's (megatron_navil.models.navil.IGNORE_INDEX)
+from megatron_navil.config.tokens import IGNORE_INDEX
 
 
 class TrainingDivergedError(RuntimeError):

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_navil.config.model import SPECIAL_TOKENS
+from megatron_navil.config.tokens import CONTROL_TOKENS, SPECIAL_TOKENS
 from megatron_navil.conversion.export import write_tokenizer
 from megatron_navil.conversion.mapping import ConversionError
 from megatron_navil.conversion.tokenizer_export import write_tokenizer_files
-from megatron_navil.data.tokenizer import CONTROL_TOKENS, TextTokenizer, TokenizerError
+from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError
 from megatron_navil.hf.processing_navil import CHAT_TEMPLATES
 
 HERE = Path(__file__).resolve().parent

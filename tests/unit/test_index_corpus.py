@@ -563,7 +563,7 @@ def test_empty_targets_are_no_target(syn, tmp_path):
 
 
 def test_inference_prompt_with_empty_answer_still_builds(syn, tmp_path):
-    """training.caption.image_inputs ends its prompt with an empty answer on purpose."""
+    """inference.inputs.image_inputs ends its prompt with an empty answer on purpose."""
     from megatron_navil.data.indexer.samples import SampleBuilder
     from megatron_navil.data.indexer.settings import Skip
 

@@ -29,8 +29,8 @@ def _error(fn) -> str:
 
 def _cases() -> dict:
     from megatron_navil.config.registry import get_config
+    from megatron_navil.config.tokens import IGNORE_INDEX
     from megatron_navil.models.build import build_model, meta_parameter_counts, transformer_config
-    from megatron_navil.models.navil import IGNORE_INDEX
     from megatron_navil.parallel import initialize
     from megatron_navil.testing import navil_run as N
     from megatron_navil.testing import tiny_gpt as T

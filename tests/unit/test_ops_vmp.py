@@ -5,7 +5,7 @@ behaviour", point 3). The reference here is a literal transcription of that chai
 tensors (``_demo_scales``): its budget is the demo's float32 tensor, and each step runs either
 a transcription of Qwen2-VL's smart_resize (factor 1) or transformers' own function on it.
 Sizes are (height, width) in pixels; a grid is merged_grid's padded patch grid. Layouts are
-int64 indices into config.model.SPECIAL_TOKENS.
+int64 indices into config.tokens.SPECIAL_TOKENS.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_navil.config.model import SPECIAL_TOKENS, ImageConfig
+from megatron_navil.config.model import ImageConfig
+from megatron_navil.config.tokens import SPECIAL_TOKENS
 from megatron_navil.ops import merged_grid, smart_resize
 from megatron_navil.ops import vmp as vmp_mod
 from megatron_navil.ops.positions import vision_cu_seqlens

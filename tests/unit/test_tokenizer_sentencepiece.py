@@ -35,9 +35,10 @@ from pathlib import Path
 
 import pytest
 
-from megatron_navil.config.model import DEFAULT_SYSTEM_MESSAGE, SPECIAL_TOKENS
+from megatron_navil.config.model import DEFAULT_SYSTEM_MESSAGE
+from megatron_navil.config.tokens import CONTROL_TOKENS, SPECIAL_TOKENS
 from megatron_navil.data.templates import Renderer, SampleRejected
-from megatron_navil.data.tokenizer import CONTROL_TOKENS, SENTENCEPIECE_RULE, TextTokenizer
+from megatron_navil.data.tokenizer import SENTENCEPIECE_RULE, TextTokenizer
 from megatron_navil.testing.synthetic_corpus import train_tokenizer
 
 spm = pytest.importorskip("sentencepiece")

@@ -32,7 +32,7 @@ class SampleBuilder:
 
     ``require_target`` (the indexer's default): a record whose trained-on text is empty or
     whitespace (every assistant answer, the caption, the document's text) is a ``no_target``
-    skip. Inference prompts (``training.caption.image_inputs``) end with an empty assistant
+    skip. Inference prompts (``inference.inputs.image_inputs``) end with an empty assistant
     answer on purpose and pass ``False``.
     """
 

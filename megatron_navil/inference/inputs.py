@@ -1,4 +1,4 @@
-"""Greedy captioning from a checkpoint.
+"""What a captioning model is given: prompts cut from indexed samples or built for image files.
 
 What the model is given (:class:`CaptionInput`) is the training sequence of a sample cut before
 its answer: the stored tokens up to (not including) the first loss-masked token, every image
@@ -7,27 +7,12 @@ training loader's own code (``data.assemble.PackedSequenceBuilder``: same decodi
 to the stored scales, patchify and normalisation), so evaluation sees exactly the pixels
 training saw. Images given as files go through the indexer's sample builder first (the same
 ``smart_resize``/multi-scale geometry and chat template), then through the same loader code.
-
-Generation (:class:`Captioner`): greedy (argmax), several samples per forward packed as
-training packs them (``cu_seqlens`` per sample, positions ``0..t-1`` each), the whole sequences
-recomputed every step (no KV cache: the tiny model makes this cheap), until ``<|im_end|>`` or
-``max_new_tokens``. Packing 16 samples per forward captioned 200 held-out images 4.0x faster
-than one per forward on 2 cores (17.6 s vs 70.9 s), with the same 200 captions. The image-block
-tokens (``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ``<IMG_LINE_BREAK>``, ``<IMG_FRAME_BREAK>``)
-are never generated: an ``<IMG_CONTEXT>`` without its patches cannot be fed back into the
-model; ids beyond the tokenizer's vocabulary neither.
-
-Scoring lives with the synthetic corpus whose grammar it knows
-(``testing.caption_scores.caption_metrics``).
-
-One process, TP = PP = EP = 1: the caller initialises megatron_navil.parallel (a 1-rank group).
+Several inputs go into one forward packed as training packs samples (:func:`pack_inputs`).
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,25 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_navil.config.model import SPECIAL_TOKENS, NaViLConfig
+from megatron_navil.config.model import NaViLConfig
 from megatron_navil.data.assemble import PackedSequenceBuilder
 from megatron_navil.data.shards.corpus import ShardDataset
 from megatron_navil.data.shards.samples import ImageEntry, Sample, expand_image_blocks, image_cost
 from megatron_navil.data.tokenizer import TextTokenizer
 from megatron_navil.ops import patch_positions, vision_cu_seqlens, vision_kwargs
-from megatron_navil.training import checkpoint as ckpt
 
 STOP_TOKEN = "<|im_end|>"
-IMAGE_BLOCK_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<IMG_LINE_BREAK>", "<IMG_FRAME_BREAK>")
-"""Never generated (see the module doc)."""
+"""Ends an answer: dropped from references, stops generation."""
 
 
 class CaptionError(ValueError):
-    """A bad input to captioning (missing checkpoint, unusable sample or image): one line."""
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs
+    """A bad input to captioning (unusable sample or image): one line."""
 
 
 @dataclass
@@ -277,173 +256,6 @@ def indexer_settings(
     return asdict(Settings(template=template, system=system, max_tokens=max_tokens, image=image))
 
 
-# --------------------------------------------------------------------------------------------
-# Model and generation
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """``path`` itself when it is a complete ``iter_NNNNNNN`` checkpoint, else the newest
-    complete one in the save directory ``path``."""
-    p = Path(path)
-    if not p.is_dir():
-        raise CaptionError(f"{p}: no such checkpoint directory")
-    if re.fullmatch(r"iter_\d{7,}", p.name):
-        if not (p / "train_state.json").is_file():
-            raise CaptionError(f"{p}: not a complete checkpoint (no train_state.json)")
-        return p
-    found = ckpt.latest(p)
-    if found is None or not (found / "train_state.json").is_file():
-        raise CaptionError(f"{p}: no complete checkpoint (iter_NNNNNNN/ with train_state.json)")
-    return found
-
-
-def check_checkpoint(cfg: NaViLConfig, checkpoint: str | Path) -> None:
-    """Cheap check (the checkpoint's tensor metadata only, nothing is allocated) that
-    ``checkpoint`` holds a model of ``cfg``'s shape: LM vocabulary and width, LLM layers,
-    vision width, patch size and depth. CaptionError naming the first difference."""
-    from megatron.core import dist_checkpointing
-
-    try:
-        meta = dist_checkpointing.load_tensors_metadata(str(checkpoint))
-    except Exception as exc:
-        raise CaptionError(f"{checkpoint}: unreadable checkpoint metadata ({exc})") from None
-    shapes = {k: tuple(v.global_shape) for k, v in meta.items()}
-
-    def layers(prefix: str) -> int:
-        found = [re.match(re.escape(prefix) + r"(\d+)\.", k) for k in shapes]
-        return 1 + max((int(m.group(1)) for m in found if m), default=-1)
-
-    v, lm = cfg.vision, cfg.language
-    expected = {
-        "embedding.weight": (lm.vocab, lm.hidden),
-        "output_layer.weight": (lm.vocab, lm.hidden),
-        "vision_model.embeddings.patch_embedding.weight": (v.width, v.channels * v.patch**2),
-        "LLM layers": lm.layers,
-        "vision layers": v.depth,
-    }
-    found = {
-        "LLM layers": layers("layers."),
-        "vision layers": layers("vision_model.encoder.layers."),
-    }
-    for key, want in expected.items():
-        got = found[key] if key in found else shapes.get(key)
-        if got != want:
-            raise CaptionError(
-                f"{checkpoint} does not hold a {cfg.name!r} model: {key} is {got}, "
-                f"{cfg.name} has {want}"
-            )
-
-
-def model_special_ids(tokenizer: TextTokenizer) -> tuple[int, ...]:
-    """The 12 special-token ids in ``SPECIAL_TOKENS`` order, as the model needs them."""
-    return tuple(tokenizer.special_ids[t] for t in SPECIAL_TOKENS)
-
-
-def load_model(cfg: NaViLConfig, checkpoint: str | Path, tokenizer: TextTokenizer) -> Any:
-    """The whole model (one stage, TP = PP = EP = 1) with the weights of ``checkpoint`` (a
-    complete ``iter_*`` directory, saved in any layout), in eval mode. Needs a 1-rank parallel
-    state (``megatron_navil.parallel.initialize()``)."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_navil.models.build import build_model, transformer_config
-
-    sizes = (
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_pipeline_model_parallel_world_size(),
-        ps.get_expert_model_parallel_world_size(),
-    )
-    if sizes != (1, 1, 1):
-        raise RuntimeError(f"captioning runs at TP=PP=EP=1, the parallel state has {sizes}")
-    ids = model_special_ids(tokenizer)
-    if max(ids) >= cfg.language.vocab:
-        raise CaptionError(
-            f"tokenizer special ids up to {max(ids)} do not fit {cfg.name}'s vocabulary "
-            f"of {cfg.language.vocab} (import or train with a vocabulary padded to hold them)"
-        )
-    (model,) = build_model(cfg, transformer_config(cfg), special_ids=ids)
-    try:
-        ckpt.load(checkpoint, [model], None)
-    except Exception as exc:  # megatron-core reports shape/key mismatches in many ways
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptionError(
-            f"cannot load {checkpoint} into the {cfg.name!r} model ({first[:300]})"
-        ) from exc
-    if torch.cuda.is_available():  # megatron-core's GPU path (parameters are built on CPU)
-        model = model.cuda()
-    return model.eval()
-
-
-@dataclass
-class Generation:
-    """One greedy generation."""
-
-    token_ids: list[int]
-    """Generated ids, without the stop token."""
-    text: str
-    """Decoded and stripped."""
-    stop: str
-    """``"im_end"`` or ``"max_new_tokens"``."""
-
-
-class Captioner:
-    """Greedy generation with a loaded model (module doc)."""
-
-    def __init__(self, model: Any, tokenizer: TextTokenizer, max_new_tokens: int = 48):
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens = int(max_new_tokens)
-        self.stop_id = tokenizer.special_ids[STOP_TOKEN]
-        self.banned = torch.tensor([tokenizer.special_ids[t] for t in IMAGE_BLOCK_TOKENS])
-        self.vocab = min(int(model.cfg.language.vocab), int(tokenizer.vocab_size))
-        cfg = model.cfg
-        self.window = cfg.vision.window_units(cfg.connector.merge)  # the model's token order
-
-    @torch.no_grad()
-    def next_tokens(self, inputs: Sequence[CaptionInput], ids: Sequence[torch.Tensor]) -> list[int]:
-        """The argmax next token after each ``ids[i]`` (the prompt of ``inputs[i]`` + what was
-        generated for it so far), all in one forward: the sequences packed one after another
-        as training packs samples (:func:`pack_inputs`), so each attends only to itself."""
-        param = next(self.model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        kwargs = pack_inputs(inputs, ids, self.window)
-        logits = self.model(**{k: v.to(device) for k, v in kwargs.items()})  # [t, 1, V]
-        ends = kwargs["cu_seqlens"][1:].long() - 1
-        last = logits[ends.to(device), 0, : self.vocab].float().cpu().clone()
-        last[:, self.banned] = -math.inf
-        return torch.argmax(last, dim=-1).tolist()
-
-    def generate(self, inp: CaptionInput) -> Generation:
-        """Greedy generation for one input."""
-        return self.generate_batch([inp])[0]
-
-    def generate_batch(self, inputs: Sequence[CaptionInput]) -> list[Generation]:
-        """Greedy generation for several inputs at once: every step one forward of the
-        unfinished ones packed together (a sample's tokens do not depend on its batch: its
-        attention, RoPE positions and image patches are its own)."""
-        ids = [inp.input_ids for inp in inputs]
-        out: list[list[int]] = [[] for _ in inputs]
-        stop = ["max_new_tokens"] * len(inputs)
-        live = list(range(len(inputs)))
-        for _ in range(self.max_new_tokens):
-            if not live:
-                break
-            nxt = self.next_tokens([inputs[i] for i in live], [ids[i] for i in live])
-            still = []
-            for i, tok in zip(live, nxt, strict=True):
-                if tok == self.stop_id:
-                    stop[i] = "im_end"
-                    continue
-                out[i].append(tok)
-                ids[i] = torch.cat([ids[i], torch.tensor([tok], dtype=ids[i].dtype)])
-                still.append(i)
-            live = still
-        return [
-            Generation(o, self.tokenizer.decode(o).strip(), s)
-            for o, s in zip(out, stop, strict=True)
-        ]
-
-
 def pack_inputs(
     inputs: Sequence[CaptionInput], ids: Sequence[torch.Tensor], window: int | None = None
 ) -> dict[str, torch.Tensor]:
@@ -470,56 +282,3 @@ def pack_inputs(
         grids = [g for inp in visual for g in inp.grids]  # window order is per grid
         out.update(vision_kwargs(grids, visual[0].merge, window))
     return out
-
-
-@dataclass
-class CaptionResult:
-    """One sample's outcome (JSON-ready with ``asdict``)."""
-
-    source: str
-    reference: str | None
-    generated: str
-    stop: str
-    prompt_tokens: int
-    new_tokens: int
-    exact: bool | None = None
-    """Exact match with the reference (None without one)."""
-
-
-def caption_all(
-    captioner: Captioner,
-    inputs: Iterable[CaptionInput],
-    progress: Any = None,
-    batch_size: int = 16,
-) -> list[CaptionResult]:
-    """Generate for every input, ``batch_size`` at a time (:meth:`Captioner.generate_batch`);
-    ``progress``: a tqdm-like object to ``update(n)`` per finished batch of ``n``."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    results: list[CaptionResult] = []
-    batch: list[CaptionInput] = []
-
-    def flush() -> None:
-        for inp, gen in zip(batch, captioner.generate_batch(batch), strict=True):
-            results.append(
-                CaptionResult(
-                    source=inp.source,
-                    reference=inp.reference,
-                    generated=gen.text,
-                    stop=gen.stop,
-                    prompt_tokens=int(inp.input_ids.shape[0]),
-                    new_tokens=len(gen.token_ids),
-                    exact=None if inp.reference is None else gen.text == inp.reference.strip(),
-                )
-            )
-        if progress is not None:
-            progress.update(len(batch))
-        batch.clear()
-
-    for inp in inputs:
-        batch.append(inp)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    return results
