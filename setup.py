@@ -92,7 +92,10 @@ setup(
     name="megatron_navil",
     version=_const("__version__"),
     description="Megatron-style trainer for the NaViL native vision-language model",
-    packages=find_packages(exclude=["tests", "tests.*"]),
+    # testing/ (synthetic corpora, reference models, test helpers) is for tests and examples
+    # run from a checkout; the wheel leaves it out (tests/unit/test_import_rules.py: the package
+    # never imports it)
+    packages=find_packages(exclude=["tests", "tests.*", "megatron_navil.testing*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",

@@ -2,7 +2,7 @@
 
 A random NaViL of about 1B parameters (``bench-1b``: vision 12 x 1024, LLM 8 layers of 2048
 with 16 heads, FFN 5632, vocab 32000; fp32) is written once as a megatron dist checkpoint by
-one rank (``training/checkpoint.py``). Then, each in a fresh process so peak RSS is its own:
+one rank (``checkpoint/store.py``). Then, each in a fresh process so peak RSS is its own:
 
 * ours: ``tools/convert_to_hf.py`` (read every tensor from the dist checkpoint, remap, write
   sharded safetensors, fp32), GB/s = model bytes / wall time;
@@ -56,16 +56,16 @@ def bench_config():
 
 
 def _write_checkpoint(out: str) -> int:
+    from megatron_navil.checkpoint.store import save
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
-    from megatron_navil.training import checkpoint as C
 
     warnings.filterwarnings("ignore")
     initialize()
     cfg = bench_config()
     ids = range(cfg.language.vocab - 12, cfg.language.vocab)
     (model,) = build_model(cfg, transformer_config(cfg), special_ids=ids)
-    C.save(out, 1, [model], None, {}, model_config=cfg)
+    save(out, 1, [model], None, {}, model_config=cfg)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -97,7 +97,7 @@ def main() -> int:
     if args._floor:
         _floor(*args._floor)
         return 0
-    from megatron_navil.testing.multiproc import run_distributed
+    from megatron_navil.parallel.spawn import run_distributed
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")
     from megatron_navil.parallel import initialize
-    from megatron_navil.testing.multiproc import free_port
+    from megatron_navil.parallel.spawn import free_port
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     initialize(seed=0)

@@ -144,9 +144,9 @@ def _megatron(ckpt_dir: str | None, steps: int, threads: int, distributed: bool)
     (what ``train`` uses) or its plain one."""
     import torch
 
+    from megatron_navil.checkpoint.store import save
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
-    from megatron_navil.training import checkpoint as C
     from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
     from megatron_navil.training.recipes import get_stage
     from megatron_navil.training.step import train_step
@@ -159,7 +159,7 @@ def _megatron(ckpt_dir: str | None, steps: int, threads: int, distributed: bool)
     (model,) = build_model(cfg, config, special_ids=special_ids(cfg))
     params = sum(p.numel() for p in model.parameters())
     if ckpt_dir is not None:
-        C.save(ckpt_dir, 0, [model], None, {}, model_config=cfg)
+        save(ckpt_dir, 0, [model], None, {}, model_config=cfg)
     chunks = wrap_ddp([model], config, distributed_optimizer=distributed)
     recipe = dataclasses.replace(get_stage("s2"), lr_schedule="constant", warmup_steps=0)
     opt = build_optimizer(chunks, recipe, lr=LR, clip_grad=CLIP, distributed=distributed)
@@ -234,7 +234,7 @@ def main() -> int:
     if args._hf:
         _hf(args._hf[0], args.steps, args.threads, args._hf[1])
         return 0
-    from megatron_navil.testing.multiproc import run_distributed
+    from megatron_navil.parallel.spawn import run_distributed
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

@@ -9,6 +9,8 @@
 # Environment (defaults in brackets):
 #   STAGE            s1.1 | s1.2 | s2 (required)
 #   DATA             indexed corpus directories, space-separated (required to train)
+#   EVAL_DATA        held-out indexed corpora, space-separated: their loss every EVAL_INTERVAL
+#                    steps [none; EVAL_INTERVAL 1000, EVAL_ITERS 10]
 #   SAVE             this stage's checkpoint directory (required to train)
 #   LOAD             resume from the newest complete checkpoint here [$SAVE]
 #   INIT             start from the weights of the newest checkpoint here (e.g. the previous
@@ -20,7 +22,9 @@
 #   TP PP VPP EP FIRST_STAGE_LAYERS RECOMPUTE_LLM RECOMPUTE_VISION   the layout [the model's]
 #   STEPS GLOBAL_BATCH SAMPLE_TOKENS SEQ_LENGTH SAVE_INTERVAL   [the paper's / derived; 1000]
 #   DRY_RUN=1        same as --dry-run;  PYTHON  interpreter [.venv/bin/python, else python3]
-# Arguments: --dry-run, -h/--help; anything else is passed to megatron_navil.train.
+# Arguments: --dry-run; --force (launch a layout the planner says does not fit in GPU memory,
+# which is refused otherwise, with the layouts that fit); -h/--help; anything else is passed to
+# megatron_navil.train.
 
 set -euo pipefail
 script=$(basename "$0")
@@ -32,10 +36,12 @@ _navil_help() {  # the model script's header, then this file's environment notes
   done
 }
 dry_run=${DRY_RUN:-0}
+force=0
 extra=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) dry_run=1 ;;
+    --force) force=1 ;;
     -h | --help) _navil_help; exit 0 ;;
     *) extra+=("$arg") ;;
   esac
@@ -92,7 +98,13 @@ elif [ -n "${LOAD:-}" ]; then
   args+=(--load "$LOAD")
 fi
 [ -z "${INIT:-}" ] || args+=(--init "$INIT")
+if [ -n "${EVAL_DATA:-}" ]; then  # train's own flags: after "--" with the other pass-through
+  read -r -a eval_data <<< "$EVAL_DATA"
+  extra+=(--eval-data "${eval_data[@]}" --eval-interval "${EVAL_INTERVAL:-1000}"
+    --eval-iters "${EVAL_ITERS:-10}")
+fi
 [ "$dry_run" = 0 ] || args+=(--dry-run)
+[ "$force" = 0 ] || args+=(--force)
 
 cd "$root"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}

@@ -3,7 +3,8 @@
 #   1. a learnable synthetic image-caption corpus + tokenizer (tools/make_synthetic_corpus.py)
 #   2. indexed into memory-mapped shards, train and held-out (tools/index_corpus.py)
 #   3. trained on 4 processes, TP=2 x PP=2 with EP=2 in the modality experts (megatron-core,
-#      gloo), distributed AdamW; stopped half-way with a checkpoint, then resumed to the end
+#      gloo), distributed AdamW; stopped half-way with a checkpoint, then resumed to the end;
+#      the held-out split's loss evaluated every quarter of the run (--eval-data)
 #   4. held-out images captioned by the trained model: accuracy vs chance (tools/caption.py)
 #   5. the checkpoint exported to a Hugging Face directory (tools/convert_to_hf.py) and the same
 #      images captioned through transformers (tools/caption_hf.py): the same captions
@@ -66,12 +67,14 @@ rm -rf "$OUT/ckpt" "$OUT/logs"
 # A step is 4096 tokens (about 58 samples) in 2 micro-batches of 2048: at 4 processes on 2 cores
 # a step's cost is mostly per-micro-batch overhead, so 2 x 2048 takes 0.60-0.73 s where 4 x 1024
 # (the same samples) takes 1.04 s (measured, mean of steps 6-30). Checkpoints at the half-way
-# stop and at the end only (each save costs seconds of the 10-minute budget).
+# stop and at the end only (each save costs seconds of the 10-minute budget). Held-out loss:
+# the first 3 global batches of the val split (about 170 of its 200 samples) every quarter.
 train() {
   .venv/bin/torchrun --standalone --nproc-per-node "$NPROC" -m megatron_navil.train \
     --config tiny --data "$OUT/shards/train" --tp "$TP" --pp "$PP" --ep "$EP" --etp 1 \
     --steps "$STEPS" --seq-length 2048 --global-batch 2 --stage s2 --lr 2e-3 --min-lr 2e-4 \
-    --warmup $((STEPS < 200 ? STEPS / 10 : 20)) --save "$OUT/ckpt" --save-interval $((STEPS / 2)) --log-dir "$OUT/logs" "$@"
+    --warmup $((STEPS < 200 ? STEPS / 10 : 20)) --save "$OUT/ckpt" --save-interval $((STEPS / 2)) --log-dir "$OUT/logs" \
+    --eval-data "$OUT/shards/val" --eval-interval $((STEPS / 4)) --eval-iters 3 "$@"
 }
 echo "== 3a. train, stop after $((STEPS / 2)) of $STEPS steps =="
 train --exit-after $((STEPS / 2))

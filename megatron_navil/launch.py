@@ -5,7 +5,7 @@ stage of the paper's recipe (../shared/NAVIL.md, "Training recipe") for a model 
 layout into a ``torchrun ... -m megatron_navil.train`` command line, checks that this machine has
 the GPUs the layout needs, and replaces itself with torchrun. ``--dry-run`` instead prints the
 resolved configuration, the layout, the parameter counts and the planner's memory per GPU
-(``training.planner``), and exits 0: it needs no GPU, no data and no process group.
+(``megatron_navil.planning``), and exits 0: it needs no GPU, no data and no process group.
 
 What comes from where:
 * steps and batch per stage and model: the paper's table (:data:`PAPER_SCHEDULE`); LR, warm-up,
@@ -13,10 +13,16 @@ What comes from where:
 * the paper's batch counts *samples*, the loader's ``--global-batch`` packed sequences of
   ``--seq-length`` tokens: the launcher converts with the mean tokens per sample
   (``--sample-tokens``; default the paper's total tokens over its total samples, about 1,078
-  for 2B and 756 for 9B) and rounds to a multiple of the data-parallel size;
+  for 2B and 756 for 9B) and rounds to a multiple of the data-parallel size (``--batch-rounding``:
+  the nearest by default); the steps then change by the inverse ratio, so the stage still sees
+  the paper's number of samples (``--keep-steps``: the paper's steps as they are); the deviation
+  is printed before the launch and in the dry run;
+* whether the layout fits: the planner's peak memory per GPU plus ``--reserve`` against
+  ``--gpu-mem``; a layout that does not fit is refused (exit 1, one line naming the fastest
+  layouts that fit, from the planner's search) before any rank starts, unless ``--force``;
 * patches per packed sequence (``--max-patches`` of train.py): the planner's budget for the
   stage, twice its largest image (that image's multi-scale copies), at most 4 x the sequence
-  (``planner.default_patches``); the per-image maximum is an indexing-time setting and is
+  (``planning.layout.default_patches``); the per-image maximum is an indexing-time setting and is
   printed as the ``tools/index_corpus.py`` flag to use;
 * parameter counts: ``config.params.param_counts`` (equal to the meta-device model's,
   ``tools/count_params.py`` and its test check that).
@@ -68,6 +74,7 @@ class Plan:
     seq_length: int
     steps: int
     samples_per_step: int  # the paper's batch (or the one asked for)
+    paper_steps: int | None  # the stage's steps before the batch rounding changed them
     sample_tokens: float
     global_batch: int  # packed sequences per step
     patches: int  # vision patches per packed sequence
@@ -76,6 +83,27 @@ class Plan:
     @property
     def gpus(self) -> int:
         return self.nnodes * self.gpus_per_node
+
+    @property
+    def batch_samples(self) -> float:
+        """Samples per step of the packed batch (at ``sample_tokens`` tokens a sample)."""
+        return self.global_batch * self.seq_length / self.sample_tokens
+
+    def batch_line(self) -> str:
+        """The batch against the asked-for samples per step (and the step change it made)."""
+        dev = self.batch_samples / self.samples_per_step - 1
+        line = (
+            f"batch: {self.global_batch} packed sequences of {self.seq_length:,} tokens per step "
+            f"(= {self.micro_batches} per data-parallel replica), ~{self.batch_samples:,.0f} "
+            f"samples of ~{self.sample_tokens:,.0f} tokens (paper: {self.samples_per_step:,} "
+            f"samples, {dev:+.1%})"
+        )
+        if self.paper_steps is not None and self.paper_steps != self.steps:
+            line += (
+                f"; {self.steps:,} steps instead of the paper's {self.paper_steps:,}, so the "
+                f"stage sees its {self.paper_steps * self.samples_per_step:,} samples"
+            )
+        return line
 
     @property
     def micro_batches(self) -> int:
@@ -89,7 +117,7 @@ class Plan:
         return " ".join([*parts, f"DP{self.dp}"])
 
     def planner_layout(self) -> Any:
-        from megatron_navil.training.planner import Layout
+        from megatron_navil.planning.layout import Layout
 
         return Layout(
             tp=self.tp, pp=self.pp, vpp=self.vpp, ep=self.ep, dp=self.dp,
@@ -115,10 +143,70 @@ class Plan:
         return args
 
 
+BATCH_ROUNDING = ("nearest", "down", "up")
+
+
+def round_batch(sequences: float, dp: int, rule: str = "nearest") -> int:
+    """``sequences`` packed sequences per step as a positive multiple of ``dp``: the nearest
+    one (ties up), the one below or the one above (never 0)."""
+    import math
+
+    per = sequences / dp
+    if rule == "nearest":
+        k = math.floor(per + 0.5)
+    elif rule == "down":
+        k = math.floor(per)
+    elif rule == "up":
+        k = math.ceil(per)
+    else:
+        raise ValueError(f"--batch-rounding {rule!r}: one of {', '.join(BATCH_ROUNDING)}")
+    return max(1, k) * dp
+
+
+def fit_problem(plan: Plan, gpu_mem_gib: float, reserve_gib: float, top: int = 3) -> str | None:
+    """None when the planner's peak memory per GPU of ``plan`` plus ``reserve_gib`` fits
+    ``gpu_mem_gib``, else one line: the peak, and the ``top`` fastest layouts that fit the same
+    GPUs (``planning.search.search``) as the example scripts' variables."""
+    from megatron_navil.config.registry import get_config
+    from megatron_navil.planning.layout import GiB
+    from megatron_navil.planning.memory import peak_rank, plan_memory
+    from megatron_navil.planning.search import search
+
+    cfg = get_config(plan.config)
+    layout = plan.planner_layout()
+    peak = peak_rank(plan_memory(cfg, layout))
+    if peak.total / GiB + reserve_gib <= gpu_mem_gib:
+        return None
+    rows = search(cfg, layout, plan.gpus, gpu_mem_gib, reserve_gib, plan.gpus_per_node)
+    fitting = [r for r in rows if r.fits][:top]
+
+    def env(lay: Any) -> str:
+        parts = [f"TP={lay.tp}", f"PP={lay.pp}"]
+        parts += [f"VPP={lay.vpp}"] if lay.vpp > 1 else []
+        parts += [f"EP={lay.ep}"] if lay.ep > 1 else []
+        if lay.first_stage_layers is not None:
+            parts.append(f"FIRST_STAGE_LAYERS={lay.first_stage_layers}")
+        parts += [f"RECOMPUTE_LLM={lay.recompute}", f"RECOMPUTE_VISION={lay.vision_recompute}"]
+        return " ".join(parts)
+
+    alternatives = (
+        "layouts that fit, fastest first: "
+        + "; ".join(f"{env(r.layout)} ({r.peak.total / GiB:.1f} GiB)" for r in fitting)
+        if fitting
+        else f"no layout of {plan.gpus} GPUs fits: more nodes, or a shorter --seq-length / "
+        "--max-patches"
+    )
+    return (
+        f"{plan.layout_name()} does not fit: the planner's peak {peak.total / GiB:.1f} GiB on pp "
+        f"rank {peak.pp_rank} + {reserve_gib:g} GiB reserve > {gpu_mem_gib:g} GiB per GPU; "
+        f"{alternatives}; --force launches anyway"
+    )
+
+
 def resolve(args: argparse.Namespace) -> Plan:
     """The plan of ``args``; ValueError (one line, naming the flag) when it cannot run."""
     from megatron_navil.config.registry import get_config
-    from megatron_navil.training.planner import STAGE_MAX_PATCHES, default_patches
+    from megatron_navil.planning.layout import STAGE_MAX_PATCHES, default_patches
 
     cfg = get_config(args.config)
     if args.stage not in STAGE_MAX_PATCHES:
@@ -154,7 +242,14 @@ def resolve(args: argparse.Namespace) -> Plan:
         if not sample_tokens or sample_tokens <= 0:
             raise ValueError("--sample-tokens must be > 0 to convert samples into sequences")
         sequences = samples * sample_tokens / args.seq_length
-        global_batch = max(1, round(sequences / dp)) * dp
+        global_batch = round_batch(sequences, dp, args.batch_rounding)
+    paper_steps = None
+    if args.steps is None and args.global_batch is None and sample_tokens and samples:
+        # the paper's steps at another batch: scale so the stage sees the paper's samples
+        paper_steps = steps
+        if not args.keep_steps:
+            batch_samples = global_batch * args.seq_length / sample_tokens
+            steps = max(1, round(steps * samples / batch_samples))
     merge = cfg.connector.merge
     patches = args.max_patches or default_patches(args.stage, args.seq_length, merge)
     plan = Plan(
@@ -162,6 +257,7 @@ def resolve(args: argparse.Namespace) -> Plan:
         gpus_per_node=args.gpus_per_node, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
         dp=dp, first_stage_layers=args.first_stage_layers, recompute_llm=args.recompute_llm,
         recompute_vision=args.recompute_vision, seq_length=args.seq_length, steps=steps,
+        paper_steps=paper_steps,
         samples_per_step=samples or round(global_batch * args.seq_length / sample_tokens),
         sample_tokens=sample_tokens or 0.0, global_batch=global_batch, patches=patches,
         max_image_patches=STAGE_MAX_PATCHES[args.stage],
@@ -174,7 +270,10 @@ def report(plan: Plan, gpu_mem_gib: float, reserve_gib: float) -> list[str]:
     """The dry run's lines: configuration, layout, parameter counts, memory per GPU."""
     from megatron_navil.config.params import param_counts
     from megatron_navil.config.registry import get_config
-    from megatron_navil.training.planner import GiB, Layout, plan_flops, plan_memory, rank_params
+    from megatron_navil.planning.flops import plan_flops
+    from megatron_navil.planning.layout import GiB, Layout
+    from megatron_navil.planning.memory import plan_memory
+    from megatron_navil.planning.params import rank_params
     from megatron_navil.training.recipes import get_stage
 
     cfg, recipe = get_config(plan.config), get_stage(plan.stage)
@@ -193,10 +292,7 @@ def report(plan: Plan, gpu_mem_gib: float, reserve_gib: float) -> list[str]:
         f"recipe: {plan.steps:,} steps, LR {recipe.lr:g} {schedule} after {recipe.warmup_steps} "
         f"warm-up steps, AdamW betas {recipe.betas} eps {recipe.eps:g}, weight decay "
         f"{recipe.weight_decay:g}",
-        f"batch: {plan.global_batch} packed sequences of {plan.seq_length:,} tokens per step "
-        f"(= {plan.micro_batches} per data-parallel replica), ~"
-        f"{plan.global_batch * plan.seq_length / plan.sample_tokens:,.0f} samples of "
-        f"~{plan.sample_tokens:,.0f} tokens (paper: {plan.samples_per_step:,} samples)",
+        plan.batch_line(),
         f"images: at most {plan.patches:,} patches per sequence; index the data with "
         f"tools/index_corpus.py --config {plan.config} --max-patches "
         f"{recipe.max_patches_per_image} (the stage's patches per image)",
@@ -271,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--global-batch", type=int, default=None,
         help="packed sequences per step (overrides the conversion from samples)",
     )  # fmt: skip
+    g.add_argument(
+        "--batch-rounding", choices=BATCH_ROUNDING, default="nearest",
+        help="how the paper's samples per step become a multiple of DP packed sequences",
+    )  # fmt: skip
+    g.add_argument(
+        "--keep-steps", action="store_true",
+        help="keep the paper's steps when the rounded batch differs from the paper's (default: "
+        "scale the steps so the stage sees the paper's number of samples)",
+    )  # fmt: skip
     g.add_argument("--seq-length", type=int, default=SEQ_LENGTH, help="packed sequence length")
     g.add_argument(
         "--max-patches", type=int, default=None,
@@ -309,7 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
         "stage's --save) when there is nothing to resume",
     )  # fmt: skip
     g.add_argument("--log-dir", default=None, help="TensorBoard and progress.txt directory")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit 0")
+    p.add_argument(
+        "--force", action="store_true",
+        help="launch (or dry-run with exit 0) a layout the planner says does not fit",
+    )  # fmt: skip
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="print the plan and exit (0, or 1 when the layout does not fit)",
+    )  # fmt: skip
     p.add_argument("extra", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
@@ -334,11 +446,18 @@ def main(argv: list[str] | None = None) -> int:
         plan = resolve(args)
     except ValueError as exc:
         parser.error(str(exc))
+    problem = None if args.force else fit_problem(plan, args.gpu_mem, args.reserve)
     if args.dry_run:
         for line in report(plan, args.gpu_mem, args.reserve):
             print(line)
         print("command: " + shlex.join(torchrun_command(plan, args)))
+        if problem:
+            print(f"{parser.prog}: {problem}", file=sys.stderr)
+            return 1
         return 0
+    if problem:
+        print(f"{parser.prog}: {problem}", file=sys.stderr)
+        return 1
     have = visible_gpus()
     if have < plan.gpus_per_node:
         print(
@@ -351,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data or not args.save:
         parser.error("--data and --save are needed to train (DATA and SAVE in the scripts)")
     cmd = torchrun_command(plan, args)
+    print(plan.batch_line(), flush=True)
     print("exec " + shlex.join(cmd), flush=True)
     os.execv(cmd[0], cmd)
     return 0  # not reached

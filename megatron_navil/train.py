@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from megatron_navil.cli import OneLineParser
-from megatron_navil.config.model import SPECIAL_TOKENS
 from megatron_navil.config.vocab import DEFAULT_DIVISIBLE_BY, needed_vocab, padded_vocab_size
 from megatron_navil.training.flops import batch_flops, detect_peak_flops, step_model_flops
 
@@ -118,6 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-token weights: 1, 1/n or 1/sqrt(n) for a sample of n loss tokens",
     )
     g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    g = p.add_argument_group("held-out evaluation")
+    g.add_argument(
+        "--eval-data", nargs="+", default=None, metavar="DIR",
+        help="held-out indexed corpora (same tokenizer as --data): their loss, each and "
+        "pooled, under the training's packing and loss weighting, logged to TensorBoard "
+        "(eval/loss), progress.txt and the progress bar",
+    )  # fmt: skip
+    g.add_argument(
+        "--eval-interval", type=int, default=0, metavar="N",
+        help="evaluate every N steps and after the last step (default 0: after the last "
+        "step only); the steps are the same in a resumed run",
+    )  # fmt: skip
+    g.add_argument(
+        "--eval-iters", type=int, default=10, metavar="N",
+        help="global batches (--global-batch packed sequences each) of every held-out corpus "
+        "per evaluation; always its first N, so every evaluation sees the same data",
+    )  # fmt: skip
     g = p.add_argument_group("optimisation")
     g.add_argument("--stage", default="s2", help="training stage recipe: s1.1, s1.2 or s2")
     g.add_argument("--steps", type=int, required=True, help="total optimizer steps")
@@ -222,22 +238,64 @@ def init_weights(args: argparse.Namespace, chunks: list[Any], rank0: bool) -> No
     """``--init``: load the model weights (only) of the newest complete checkpoint in
     ``args.init`` into ``chunks``, unless ``--load`` has a checkpoint to resume (a restarted
     stage continues from its own checkpoint, not from the previous stage's)."""
-    from megatron_navil.training import checkpoint as ckpt
+    from megatron_navil.checkpoint.directory import latest
+    from megatron_navil.checkpoint.store import load_weights
 
-    if not args.init or (args.load and ckpt.latest(args.load) is not None):
+    if not args.init or (args.load and latest(args.load) is not None):
         return
-    path = ckpt.latest(args.init)  # main() checked there is one
-    ckpt.load_weights(path, chunks)
+    path = latest(args.init)  # main() checked there is one
+    load_weights(path, chunks)
     if rank0:
         print(f"initialised the model from {path}", flush=True)
 
 
-def _special_ids(manifest: dict[str, Any]) -> list[int]:
-    ids = manifest["tokenizer"]["special_ids"]
-    missing = [t for t in SPECIAL_TOKENS if t not in ids]
-    if missing:
-        raise ValueError(f"the corpus tokenizer lacks special tokens {missing}")
-    return [int(ids[t]) for t in SPECIAL_TOKENS]
+def open_eval_data(
+    args: argparse.Namespace, train: Any, parser: argparse.ArgumentParser
+) -> list[Any]:
+    """The ``--eval-data`` corpora, opened and checked against the first ``--data`` corpus
+    ``train``: the same tokenizer and image settings (``data.assemble.check_compatible``) and
+    a sample at least; errors are one line."""
+    from megatron_navil.data import ShardDataset
+    from megatron_navil.data.assemble import check_compatible
+
+    out = []
+    for path in args.eval_data or []:
+        try:
+            d = ShardDataset(path, verify="size")
+        except (OSError, ValueError) as exc:
+            parser.error(f"--eval-data: {exc}")
+        if len(d) == 0:
+            parser.error(f"--eval-data {path}: the corpus holds no sample")
+        try:
+            check_compatible([train, d])
+        except ValueError as exc:
+            parser.error(f"--eval-data {path}: {exc}")
+        out.append(d)
+    return out
+
+
+def eval_sets_of(
+    args: argparse.Namespace, datasets: list[Any], cfg: Any, dp: int, dp_rank: int, device: Any
+) -> list[Any]:
+    """One ``training.evaluate.EvalSet`` per held-out corpus: its own packed-sequence loader
+    (the training's sequence length, patch budget, global batch and loss weighting; seed
+    fixed), this rank's data-parallel share."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_navil.data.loader import build_data_loader
+    from megatron_navil.training.evaluate import EvalSet, set_names
+
+    sets = []
+    for name, d in zip(set_names([str(d.root) for d in datasets]), datasets, strict=True):
+        loader = build_data_loader(
+            [d], seq_length=args.seq_length, global_batch=args.global_batch,
+            max_patches=args.max_patches, seed=args.seed, dp_rank=dp_rank, dp_size=dp,
+            loss_weighting=args.loss_weighting,
+            pixels=ps.is_pipeline_first_stage(ignore_virtual=True),
+            vision_window_size=cfg.vision.window_size,
+        )  # fmt: skip
+        sets.append(EvalSet(name, LoaderSource(loader, args.global_batch // dp, device)))
+    return sets
 
 
 def corpus_image_config(cfg: Any, images: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
@@ -248,7 +306,7 @@ def corpus_image_config(cfg: Any, images: list[dict[str, Any]]) -> tuple[Any, di
     field on which a blend's corpora disagree keeps ``cfg``'s value. The patch size and merge
     are the model's: a corpus with others is a ValueError."""
     from megatron_navil.config.model import ImageConfig
-    from megatron_navil.data.indexer import ImageSettings
+    from megatron_navil.data.indexer.settings import ImageSettings
 
     for image in images:
         for key, want in (("patch", cfg.vision.patch), ("merge", cfg.connector.merge)):
@@ -330,8 +388,8 @@ def _model_config(args: argparse.Namespace) -> Any:
     first differing field (loading would fail later with a shape error, or worse, not at all
     for a difference of e.g. RoPE base); the image preprocessing is not compared, the corpus
     sets it (:func:`corpus_image_config`)."""
-    from megatron_navil.config.io import checkpoint_config_file, resolve_config
-    from megatron_navil.conversion.hf_config import same_model
+    from megatron_navil.checkpoint.config import checkpoint_config_file, resolve_config
+    from megatron_navil.config.compare import same_model
 
     carried = [
         (flag, found)
@@ -369,15 +427,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     for name in ("tp", "pp", "ep", "steps", "global_batch", "seq_length",
-                 "make_vocab_size_divisible_by"):  # fmt: skip
+                 "make_vocab_size_divisible_by", "eval_iters"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.eval_interval < 0:
+        parser.error(f"--eval-interval must be >= 0, got {args.eval_interval}")
     warmup = recipe.warmup_steps if args.warmup is None else args.warmup
     if not 0 <= warmup <= args.steps:
         default = " (the stage's default)" if args.warmup is None else ""
         parser.error(f"--warmup {warmup}{default} must be in [0, --steps {args.steps}]")
     if args.init:
-        from megatron_navil.training.checkpoint import latest
+        from megatron_navil.checkpoint.directory import latest
 
         if latest(args.init) is None:
             parser.error(f"--init {args.init}: no complete checkpoint (iter_NNNNNNN) there")
@@ -395,11 +455,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.ArgumentParser) -> int:
     from megatron.core import parallel_state as ps
 
+    from megatron_navil.checkpoint.directory import latest
+    from megatron_navil.checkpoint.errors import CheckpointLayoutError
+    from megatron_navil.checkpoint.model import model_special_ids
     from megatron_navil.data import ShardDataset
     from megatron_navil.data.loader import build_data_loader
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
-    from megatron_navil.training.checkpoint import CheckpointLayoutError
     from megatron_navil.training.loop import LoopConfig, train
     from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
     from megatron_navil.training.recipes import apply_freezing
@@ -413,13 +475,16 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
             skipped = d.manifest.get("counts", {}).get("skipped", 0)
             parser.error(f"--data {path}: the corpus holds no sample ({skipped:,} records were "
                          "skipped at indexing; see its manifest.json 'skipped')")  # fmt: skip
-    special = _special_ids(datasets[0].manifest)
+    try:
+        special = model_special_ids(datasets[0].manifest["tokenizer"]["special_ids"])
+    except ValueError as exc:
+        parser.error(f"--data {args.data[0]}: {exc}")
+    eval_datasets = open_eval_data(args, datasets[0], parser)
     try:
         cfg, image_changes = corpus_image_config(cfg, [d.manifest["image"] for d in datasets])
         cfg, prompt_changes = corpus_prompt_config(cfg, [d.manifest["settings"] for d in datasets])
     except ValueError as exc:
         parser.error(f"--data: {exc}")
-    from megatron_navil.training.checkpoint import latest
 
     resumed = args.load and latest(args.load) is not None
     weights = str(latest(args.load)) if resumed else (str(latest(args.init)) if args.init else None)
@@ -448,7 +513,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     recompute = Recompute(llm=args.recompute_llm, vision=args.recompute_vision)
     chunks = build_model(
         cfg, config, special_ids=special, first_stage_layers=args.first_stage_layers,
-        recompute=recompute,
+        recompute=recompute, init_seed=args.seed,
     )  # fmt: skip
     frozen = apply_freezing(chunks, recipe)
     chunks = place_chunks(chunks, config, device)
@@ -485,6 +550,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     )  # fmt: skip
     peak = mfu_peak_flops(args)
     source = LoaderSource(loader, args.global_batch // dp, device)
+    eval_sets = eval_sets_of(args, eval_datasets, cfg, dp, dp_rank, device)
     source.flops_of = functools.partial(batch_flops, cfg) if peak else None
     loop = LoopConfig(
         steps=args.steps, exit_after=args.exit_after, seq_length=args.seq_length,
@@ -494,6 +560,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         progress_bar=not args.no_progress and rank0,
         extra_state={"config": cfg.name, "stage": recipe.name}, model_config=cfg,
         flops_per_step=step_model_flops if peak else None, peak_flops=peak,
+        eval_sets=eval_sets, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
     )  # fmt: skip
     try:
         results = train(chunks, config, optimizer, scheduler, source, loop)
@@ -510,7 +577,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
 
 if __name__ == "__main__":
     if "MASTER_PORT" not in os.environ and "RANK" not in os.environ:
-        from megatron_navil.testing.multiproc import free_port
+        from megatron_navil.parallel.spawn import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())  # one process without torchrun
     sys.exit(main())

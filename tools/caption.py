@@ -20,7 +20,7 @@ colour, shape, position per group; number of groups; background) beside its chan
 One process, TP = PP = EP = 1, any checkpoint layout. Exit status 2 on bad input; an image
 that cannot be used is skipped with a line, the others are captioned, and the exit status is 2
 at the end.
-Details: megatron_navil/training/caption.py.
+Details: megatron_navil/inference/ (inputs.py, generate.py), megatron_navil/checkpoint/model.py.
 """
 
 from __future__ import annotations
@@ -133,14 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace):
     """Everything that can be checked before the model is built; UsageError on bad input."""
-    from megatron_navil.config.io import resolve_config
-    from megatron_navil.data.shards import ShardDataset, ShardError
+    from megatron_navil.checkpoint.config import resolve_config
+    from megatron_navil.checkpoint.directory import resolve_checkpoint
+    from megatron_navil.checkpoint.model import check_checkpoint
+    from megatron_navil.data.shards.corpus import ShardDataset
+    from megatron_navil.data.shards.format import ShardError
     from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError, same_tokenizer
-    from megatron_navil.training.caption import (
-        CaptionError,
-        check_checkpoint,
-        resolve_checkpoint,
-    )
 
     if not args.data and not args.images:
         raise UsageError("nothing to caption: give --data and/or --images")
@@ -151,7 +149,7 @@ def _resolve(args: argparse.Namespace):
         checkpoint = resolve_checkpoint(args.checkpoint)
         cfg = cfg or resolve_config(checkpoint)
         check_checkpoint(cfg, checkpoint)
-    except (CaptionError, ValueError) as exc:
+    except ValueError as exc:  # CheckpointError among them
         raise UsageError(str(exc)) from None
     dataset = None
     if args.data:
@@ -181,7 +179,7 @@ def _resolve(args: argparse.Namespace):
 
 
 def _image_settings(args, cfg, dataset) -> dict:
-    from megatron_navil.training.caption import indexer_settings
+    from megatron_navil.inference.inputs import indexer_settings
 
     if dataset is not None:
         settings = json.loads(json.dumps(dataset.manifest["settings"]))
@@ -205,7 +203,7 @@ def _no_nan(metrics: dict) -> dict:
 def _init_one_rank() -> None:
     """A 1-rank process group in this process on a free port, megatron's parallel state."""
     from megatron_navil.parallel import initialize
-    from megatron_navil.testing.multiproc import free_port
+    from megatron_navil.parallel.spawn import free_port
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         os.environ.pop(key, None)
@@ -225,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from megatron_navil.data.shards import ShardError
-    from megatron_navil.training import caption as C
+    from megatron_navil.checkpoint.errors import CheckpointError
+    from megatron_navil.checkpoint.model import load_model
+    from megatron_navil.data.shards.format import ShardError
+    from megatron_navil.inference.generate import Captioner, caption_all
+    from megatron_navil.inference.inputs import CaptionError, dataset_inputs, image_inputs
 
     skipped = 0
     try:
@@ -235,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = _image_settings(args, cfg, dataset)
             for path in args.images:  # a bad file is skipped with a line, not fatal for all
                 try:
-                    inputs.extend(C.image_inputs([path], tokenizer, settings, args.prompt))
-                except C.CaptionError as exc:
+                    inputs.extend(image_inputs([path], tokenizer, settings, args.prompt))
+                except CaptionError as exc:
                     print(f"{PROG}: skipped {exc}", file=sys.stderr)
                     skipped += 1
         total = len(inputs)
@@ -244,12 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         if dataset is not None:
             n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
             total += n
-            sources.append(C.dataset_inputs(dataset, tokenizer, n))
+            sources.append(dataset_inputs(dataset, tokenizer, n))
 
         _init_one_rank()
         start = time.perf_counter()
-        model = C.load_model(cfg, checkpoint, tokenizer)
-        captioner = C.Captioner(model, tokenizer, args.max_new_tokens)
+        model = load_model(cfg, checkpoint, tokenizer.special_ids)
+        captioner = Captioner(model, tokenizer, args.max_new_tokens)
         print(f"loaded {checkpoint} ({cfg.name}) in {time.perf_counter() - start:.1f} s")
 
         def chained():
@@ -259,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(total=total, unit="caption", disable=args.quiet, dynamic_ncols=True)
         start = time.perf_counter()
         with bar:
-            results = C.caption_all(captioner, chained(), progress=bar, batch_size=args.batch_size)
+            results = caption_all(captioner, chained(), progress=bar, batch_size=args.batch_size)
         elapsed = time.perf_counter() - start
-    except (C.CaptionError, ShardError) as exc:
+    except (CaptionError, CheckpointError, ShardError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -274,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(results)} captions in {elapsed:.1f} s "
         f"({len(results) / max(elapsed, 1e-9):.2f} captions/s)"
     )
-    metrics = C.caption_metrics(results)
+    from megatron_navil.testing.caption_scores import caption_metrics  # the example's grammar
+
+    metrics = caption_metrics(results)
     if metrics.samples:
         print(metrics.table())
     if args.json:

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_navil.training.caption import CaptionResult, caption_metrics
+    from megatron_navil.inference.generate import CaptionResult
+    from megatron_navil.testing.caption_scores import caption_metrics
 
     model = AutoModelForCausalLM.from_pretrained(str(hf), trust_remote_code=True).eval()
     tok = AutoTokenizer.from_pretrained(str(hf), trust_remote_code=True)

@@ -114,8 +114,8 @@ def compare_official(args: argparse.Namespace, checkpoint: Path) -> int:
     from PIL import Image
 
     from megatron_navil.conversion import importer as I
+    from megatron_navil.parallel.spawn import run_distributed
     from megatron_navil.testing import official_reference as R
-    from megatron_navil.testing.multiproc import run_distributed
 
     directory = Path(args.official)
     config, state, missing, unexpected = R.load(directory)
@@ -200,23 +200,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.official is not None:
+        from megatron_navil.checkpoint.directory import resolve_checkpoint
+        from megatron_navil.checkpoint.errors import CheckpointError
         from megatron_navil.conversion.mapping import ConversionError
-        from megatron_navil.training.caption import CaptionError, resolve_checkpoint
 
         try:
             checkpoint = resolve_checkpoint(args.checkpoint)
             if not (Path(args.official) / "config.json").is_file():
                 raise ConversionError(f"{args.official}: no config.json")
             return compare_official(args, checkpoint)
-        except (ConversionError, CaptionError, OSError) as exc:
+        except (ConversionError, CheckpointError, OSError) as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return 2
-    from megatron_navil.config.io import resolve_config
+    from megatron_navil.checkpoint.config import resolve_config
+    from megatron_navil.checkpoint.directory import resolve_checkpoint
+    from megatron_navil.checkpoint.errors import CheckpointError
+    from megatron_navil.config.compare import same_model
     from megatron_navil.conversion import hf_config
     from megatron_navil.conversion import parity as P
     from megatron_navil.conversion.dist_reader import DistCheckpointReader
     from megatron_navil.conversion.mapping import ConversionError, check_names, megatron_shapes
-    from megatron_navil.training.caption import CaptionError, resolve_checkpoint
 
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = hf_config.from_hf_config(config)
         if args.config is not None:
             try:
-                diff = hf_config.same_model(resolve_config(args.config), cfg)
+                diff = same_model(resolve_config(args.config), cfg)
             except ValueError as exc:
                 raise ConversionError(str(exc)) from None
             if diff:
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         # the checkpoint must hold exactly this model (cheap: its metadata only)
         reader = DistCheckpointReader(checkpoint)
         check_names(reader.shapes, megatron_shapes(cfg), str(checkpoint))
-    except (ConversionError, CaptionError) as exc:
+    except (ConversionError, CheckpointError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     inputs = P.make_inputs(cfg, ids, seed=args.seed)

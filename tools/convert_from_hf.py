@@ -12,7 +12,7 @@ Two sources::
         --tokenizer Qwen3-8B/tokenizer.json --output runs/navil9b_init --tp 8 --pp 4
 
 The output is ``OUTPUT/iter_0000000`` (model only, no optimizer) written by the real model in
-the chosen layout through ``training/checkpoint.py``, with ``navil_config.json`` (the model
+the chosen layout through ``checkpoint/store.py``, with ``navil_config.json`` (the model
 config it holds; for an LLM import the language part comes from the LLM, its vocabulary
 padded to hold every tokenizer and special id: --make-vocab-size-divisible-by). It spawns
 TP x PP x DP gloo processes on this machine (DP the least that fits EP x ETP). Every source
@@ -139,7 +139,9 @@ def _navil_ids(args: argparse.Namespace, hf: Path, config: dict, cfg) -> list[in
 
 
 def _resolve(args: argparse.Namespace):
-    from megatron_navil.config.io import config_to_dict, resolve_config
+    from megatron_navil.checkpoint.config import resolve_config
+    from megatron_navil.config.compare import same_model
+    from megatron_navil.config.io import config_to_dict
     from megatron_navil.conversion import hf_config
     from megatron_navil.conversion import importer as I
     from megatron_navil.conversion.mapping import ConversionError
@@ -158,7 +160,7 @@ def _resolve(args: argparse.Namespace):
     if args.source == "navil":
         cfg = hf_config.from_hf_config(config, base.name if base else None)
         if base is not None:
-            diff = hf_config.same_model(base, cfg)
+            diff = same_model(base, cfg)
             if diff:
                 raise ConversionError(f"{hf} is not a {args.config!r} model: {diff[0]}")
         ids = _navil_ids(args, hf, config, cfg)
@@ -166,16 +168,16 @@ def _resolve(args: argparse.Namespace):
         if base is None:
             raise ConversionError("llm needs --config (vision encoder, connector, image rules)")
         cfg, tied = I.llm_navil_config(base, hf)
-        diff = hf_config.same_model(base, cfg)
+        diff = same_model(base, cfg)
         for line in diff:
             print(f"note: the LLM differs from {args.config}: {line}")
         tokenizer_size = 0
         if args.tokenizer is not None:
+            from megatron_navil.checkpoint.model import model_special_ids
             from megatron_navil.data.tokenizer import TextTokenizer
-            from megatron_navil.training.caption import model_special_ids
 
             tokenizer = TextTokenizer(args.tokenizer)
-            ids = list(model_special_ids(tokenizer))
+            ids = list(model_special_ids(tokenizer.special_ids))
             tokenizer_size = tokenizer.vocab_size
         elif args.special_token_ids is not None:
             ids = list(args.special_token_ids)

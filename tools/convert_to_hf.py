@@ -111,16 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     from tqdm import tqdm
 
-    from megatron_navil.config.io import CONFIG_FILE, resolve_config
+    from megatron_navil.checkpoint.config import resolve_config
+    from megatron_navil.checkpoint.directory import resolve_checkpoint
+    from megatron_navil.checkpoint.errors import CheckpointError
+    from megatron_navil.config.io import CONFIG_FILE
     from megatron_navil.conversion import export as E
     from megatron_navil.conversion.mapping import ConversionError
     from megatron_navil.data.tokenizer import TokenizerError
-    from megatron_navil.training.caption import CaptionError, resolve_checkpoint
 
     try:
         try:
             checkpoint = resolve_checkpoint(args.checkpoint)
-        except CaptionError as exc:
+        except CheckpointError as exc:
             raise ConversionError(str(exc)) from None
         if args.config is None and not (checkpoint / CONFIG_FILE).is_file():
             raise ConversionError(f"{checkpoint} carries no {CONFIG_FILE}: give --config")

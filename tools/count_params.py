@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_navil.config.registry import get_config
     from megatron_navil.models.build import meta_parameter_counts
     from megatron_navil.parallel import initialize
-    from megatron_navil.testing.multiproc import free_port
+    from megatron_navil.parallel.spawn import free_port
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     initialize()  # one process: megatron-core's layers need its parallel state

@@ -14,7 +14,7 @@ Examples::
 
 Re-running the same command skips finished work units, so a killed run resumes and ends
 byte-identical to an uninterrupted one. Formats, record kinds and the shard layout:
-``megatron_navil/data/indexer.py`` and ``megatron_navil/data/shards.py`` (module docs).
+``megatron_navil/data/indexer/`` and ``megatron_navil/data/shards/`` (module docs).
 Exit status: 0 done, 2 bad arguments or input (with ``--strict``: the first bad record, or a
 finished unit of an earlier run that skipped records; finalizing: every record skipped, so no
 sample), 1 an unexpected failure (a worker process died).
@@ -32,11 +32,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from megatron_navil.checkpoint.config import resolve_config
 from megatron_navil.cli import OneLineParser, nonneg_int, positive_float, positive_int
 from megatron_navil.config import REGISTRY
-from megatron_navil.config.io import resolve_config
 from megatron_navil.config.model import DEFAULT_SYSTEM_MESSAGE
-from megatron_navil.data import indexer as ix
+from megatron_navil.data.indexer.inputs import datasets_from_inputs
+from megatron_navil.data.indexer.manifest import check_strict, finalize, save_tokenizer_copy
+from megatron_navil.data.indexer.plan import make_plan, prepare_output
+from megatron_navil.data.indexer.settings import (
+    MAX_EXAMPLES,
+    SKIP_REASONS,
+    ImageSettings,
+    IndexFatal,
+    Settings,
+)
+from megatron_navil.data.indexer.units import run_units, unit_done, unit_marker
 from megatron_navil.data.templates import TEMPLATES
 from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError
 
@@ -195,13 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _settings(args: argparse.Namespace) -> ix.Settings:
+def _settings(args: argparse.Namespace) -> Settings:
     try:
         cfg = resolve_config(args.config)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     im = cfg.image
-    image = ix.ImageSettings(
+    image = ImageSettings(
         patch=cfg.vision.patch,
         merge=cfg.connector.merge,
         min_patches=args.min_patches or im.min_patches,
@@ -215,7 +225,7 @@ def _settings(args: argparse.Namespace) -> ix.Settings:
         raise UsageError(f"--min-patches {image.min_patches} > --max-patches {image.max_patches}")
     if image.max_patches < image.merge**2:
         raise UsageError(f"--max-patches must be >= {image.merge**2}")
-    return ix.Settings(
+    return Settings(
         template=args.template,
         system=args.system,
         caption_format=args.caption_format,
@@ -235,13 +245,13 @@ def _report(out: Path, units: list[int], seconds: float, mb: float, records_done
     written = records = 0
     skipped: dict[str, dict] = {}
     for u in units:
-        info = json.loads(ix.unit_marker(out, u).read_text())
+        info = json.loads(unit_marker(out, u).read_text())
         written += info["written"]
         records += info["records"]
         for reason, e in info["skipped"].items():
             acc = skipped.setdefault(reason, {"count": 0, "examples": []})
             acc["count"] += e["count"]
-            acc["examples"] = (acc["examples"] + e["examples"])[: ix.MAX_EXAMPLES]
+            acc["examples"] = (acc["examples"] + e["examples"])[:MAX_EXAMPLES]
     rate = f"{records_done / seconds:,.0f} samples/s, {mb / seconds:.1f} MB/s" if seconds else ""
     print(
         f"written {written:,} samples of {records:,} records in {len(units)} units "
@@ -251,7 +261,7 @@ def _report(out: Path, units: list[int], seconds: float, mb: float, records_done
     )
     total = sum(e["count"] for e in skipped.values())
     print(f"skipped {total:,}" + (":" if total else ""))
-    for reason in ix.SKIP_REASONS:
+    for reason in SKIP_REASONS:
         if reason in skipped:
             e = skipped[reason]
             print(f"  {reason}: {e['count']:,}")
@@ -267,17 +277,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     settings = _settings(args)
     tok = TextTokenizer(args.tokenizer)
     out = Path(args.output).resolve()
-    specs = ix.datasets_from_inputs(args.input, args.image_root)
+    specs = datasets_from_inputs(args.input, args.image_root)
     if not args.quiet:
         print(f"planning {len(specs)} dataset(s)...", file=sys.stderr)
-    plan = ix.make_plan(specs, settings, tok)
-    ix.prepare_output(out, plan)
-    ix.save_tokenizer_copy(out, tok)
+    plan = make_plan(specs, settings, tok)
+    prepare_output(out, plan)
+    save_tokenizer_copy(out, tok)
     n_units = len(plan["units"])
     mine = [u for u in range(n_units) if u % args.num_shards == args.shard_index]
     if args.strict:
-        ix.check_strict(out, mine)
-    todo = [u for u in mine if not ix.unit_done(out, u)]
+        check_strict(out, mine)
+    todo = [u for u in mine if not unit_done(out, u)]
     total = sum(plan["units"][u][4] for u in todo)
     if not args.quiet:
         print(
@@ -301,13 +311,13 @@ def cmd_build(args: argparse.Namespace) -> int:
             if elapsed > 0:
                 bar.set_postfix_str(f"{seen[1] / 1e6 / elapsed:.1f} MB/s", refresh=False)
 
-        ix.run_units(out, plan, str(tok.path), todo, args.workers, args.strict, on_progress)
+        run_units(out, plan, str(tok.path), todo, args.workers, args.strict, on_progress)
     seconds = time.perf_counter() - start
     _report(out, mine, seconds, seen[1] / 1e6, seen[0])
-    if not args.no_finalize and all(ix.unit_done(out, u) for u in range(n_units)):
+    if not args.no_finalize and all(unit_done(out, u) for u in range(n_units)):
         if args.strict:
-            ix.check_strict(out, list(range(n_units)))
-        manifest = ix.finalize(out)
+            check_strict(out, list(range(n_units)))
+        manifest = finalize(out)
         c = manifest["counts"]
         print(
             f"manifest: {out / 'manifest.json'} ({c['samples']:,} samples, {c['shards']} shards, "
@@ -320,7 +330,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_finalize(args: argparse.Namespace) -> int:
     out = Path(args.output).resolve()
-    manifest = ix.finalize(out)
+    manifest = finalize(out)
     c = manifest["counts"]
     print(
         f"manifest: {out / 'manifest.json'} ({c['samples']:,} samples, {c['skipped']:,} skipped, "
@@ -333,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return cmd_build(args) if args.command == "build" else cmd_finalize(args)
-    except (UsageError, ix.IndexFatal, TokenizerError) as exc:
+    except (UsageError, IndexFatal, TokenizerError) as exc:
         print(f"index_corpus.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

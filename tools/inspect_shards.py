@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from megatron_navil.cli import OneLineParser
-from megatron_navil.data.shards import ShardDataset, ShardError, sha256_file
+from megatron_navil.data.shards.corpus import ShardDataset, sha256_file
+from megatron_navil.data.shards.format import ShardError
 from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError
 
 

@@ -9,7 +9,7 @@ One micro-batch is one packed sequence of --seq-length tokens carrying --patches
 patches. Memory per pipeline rank: weights, fp32 gradient buffers, distributed-optimizer state
 (fp32 master + Adam m, v sharded over data parallelism), activations of the micro-batches the
 (interleaved) 1F1B schedule keeps in flight, and short-lived peaks (logits; the recomputed
-layer). The formulas are in megatron_navil/training/planner.py's docstring. GiB = 2^30 bytes.
+layer). The formulas are in the module docs of megatron_navil/planning/. GiB = 2^30 bytes.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _gib(x: float) -> str:
-    from megatron_navil.training.planner import GiB
+    from megatron_navil.planning.layout import GiB
 
     return f"{x / GiB:7.1f}"
 
@@ -129,7 +129,9 @@ def _rc(layout) -> str:
 
 
 def _one(cfg, layout, args) -> dict:
-    from megatron_navil.training.planner import GiB, plan_flops, plan_memory
+    from megatron_navil.planning.flops import plan_flops
+    from megatron_navil.planning.layout import GiB
+    from megatron_navil.planning.memory import plan_memory
 
     ranks = plan_memory(cfg, layout)
     flops = plan_flops(cfg, layout, args.sample_length)
@@ -166,7 +168,8 @@ def _one(cfg, layout, args) -> dict:
 
 
 def _search(cfg, base, args) -> dict:
-    from megatron_navil.training.planner import GiB, search
+    from megatron_navil.planning.layout import GiB
+    from megatron_navil.planning.search import search
 
     modes = tuple(args.search_recompute.split(","))
     rows = search(cfg, base, args.gpus, args.gpu_mem, args.reserve, args.gpus_per_node, modes)
@@ -219,8 +222,8 @@ def _search(cfg, base, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    from megatron_navil.config.io import resolve_config
-    from megatron_navil.training.planner import STAGE_MAX_PATCHES, Layout, default_patches
+    from megatron_navil.checkpoint.config import resolve_config
+    from megatron_navil.planning.layout import STAGE_MAX_PATCHES, Layout, default_patches
 
     try:
         cfg = resolve_config(args.config)

@@ -1,15 +1,11 @@
-"""Configs on disk: ``navil_config.json`` (written into every checkpoint that training, the HF
-importer or a benchmark saves) and :func:`resolve_config`, which turns what a user types after
-``--config`` into a config: a registered name, such a JSON file, or a checkpoint carrying one.
-
-A checkpoint converted from an HF model whose dimensions are not a registered config can thus
-be trained, captioned and exported by naming the checkpoint itself.
+"""Configs on disk: ``navil_config.json``, written into every checkpoint that training, the HF
+importer or a benchmark saves, and read back. Which file a user's ``--config`` names (a
+registered name, such a file, or a checkpoint carrying one) is ``checkpoint.config``'s job.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,12 +19,9 @@ from megatron_navil.config.model import (
     PromptConfig,
     VisionConfig,
 )
-from megatron_navil.config.registry import REGISTRY, get_config
 
 CONFIG_FILE = "navil_config.json"
 """The model config a checkpoint's ``iter_*`` directory holds."""
-
-_ITER = re.compile(r"^iter_(\d{7,})$")
 
 
 def config_to_dict(cfg: NaViLConfig) -> dict[str, Any]:
@@ -79,49 +72,3 @@ def write_config(directory: str | Path, cfg: NaViLConfig | dict[str, Any]) -> Pa
     path = Path(directory) / CONFIG_FILE
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
-
-
-def checkpoint_config_file(path: str | Path) -> Path | None:
-    """The ``navil_config.json`` of a checkpoint: in ``path`` itself (an ``iter_*`` directory)
-    or in the newest complete ``iter_*`` (one with ``train_state.json``) of a save directory;
-    None when there is none."""
-    p = Path(path)
-    if (p / CONFIG_FILE).is_file():
-        return p / CONFIG_FILE
-    if not p.is_dir():
-        return None
-    complete = [
-        (int(m.group(1)), d)
-        for d in p.iterdir()
-        if (m := _ITER.match(d.name)) and (d / "train_state.json").is_file()
-    ]
-    if not complete:
-        return None
-    newest = max(complete)[1] / CONFIG_FILE
-    return newest if newest.is_file() else None
-
-
-def resolve_config(spec: str | Path) -> NaViLConfig:
-    """A config from a registered name (``tiny``, ``navil-2b``, ...), a ``navil_config.json``
-    file, or a checkpoint directory carrying one. ValueError saying which of the three failed."""
-    if str(spec) in REGISTRY:
-        return get_config(str(spec))
-    p = Path(spec)
-    if p.is_file():
-        source = p
-    elif p.is_dir():
-        found = checkpoint_config_file(p)
-        if found is None:
-            raise ValueError(f"config {str(spec)!r}: the checkpoint carries no {CONFIG_FILE}")
-        source = found
-    else:
-        raise ValueError(
-            f"unknown config {str(spec)!r}: not a registered name ({', '.join(REGISTRY)}), "
-            f"a {CONFIG_FILE} or a checkpoint directory"
-        )
-    try:
-        return config_from_dict(json.loads(source.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(
-            f"config {str(spec)!r}: {source} is not a valid model config ({exc})"
-        ) from None

@@ -10,26 +10,6 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-SPECIAL_TOKENS: tuple[str, ...] = (
-    "</box>",
-    "<box>",
-    "<IMG_CONTEXT>",
-    "</img>",
-    "<img>",
-    "</quad>",
-    "<quad>",
-    "</ref>",
-    "<ref>",
-    "<img_uncond>",
-    "<IMG_LINE_BREAK>",
-    "<IMG_FRAME_BREAK>",
-)
-"""The 12 special tokens, in the row order of the ``special_token_embedding`` table."""
-
-VISUAL_TOKENS: tuple[str, ...] = ("<IMG_CONTEXT>", "<img>")
-"""Tokens routed to the visual experts; every other token (line/scale breaks, ``</img>``,
-generated text) uses the text experts."""
-
 
 def _check(ok: bool, owner: str, name: str, value: object, why: str) -> None:
     if not ok:
@@ -275,7 +255,8 @@ class PromptConfig:
 
 
 RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "full")
-"""Activation recompute modes, shared with ``training/planner.py``'s memory model."""
+"""Activation recompute modes, shared with the planner's memory model
+(``planning/activations.py``)."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Megatron-LM's rule (``--make-vocab-size-divisible-by``, default 128): the tokeni
 padded up to a multiple of ``divisible_by * tp``, so every tensor-parallel rank holds an equal
 slice of the vocabulary-parallel embedding and LM head, each a multiple of ``divisible_by``
 rows (fast GEMM shapes). Rows beyond the tokenizer are never produced by it; captioning never
-samples them (``training/caption.py``).
+samples them (``inference/generate.py``).
 
 The size a model needs is the tokenizer's: ``max(vocab_size, max special id + 1)`` (a
 tokenizer's ids are ``0 .. vocab_size - 1``; the 12 NaViL ids are looked up in the LLM

@@ -252,14 +252,3 @@ def special_token_ids_of(config: dict[str, Any]) -> list[int] | None:
     configs do not: the ids come from the tokenizer, NAVIL.md section 5)."""
     ids = config.get("special_token_ids")
     return None if ids is None else [int(i) for i in ids]
-
-
-def same_model(a: NaViLConfig, b: NaViLConfig) -> list[str]:
-    """Fields (``part.field``) in which two configs' models differ (names ignored)."""
-    out = []
-    for part in ("vision", "language", "connector", "experts", "image", "prompt"):
-        pa, pb = getattr(a, part), getattr(b, part)
-        for field in pa.__dataclass_fields__:
-            if getattr(pa, field) != getattr(pb, field):
-                out.append(f"{part}.{field}: {getattr(pa, field)!r} vs {getattr(pb, field)!r}")
-    return out

@@ -11,7 +11,7 @@ Two sources, one writer:
 
 The writer (:func:`write_rank`) runs on every rank of the layout (spawned gloo processes, or
 torchrun): it builds the real model for the layout, fills each parameter shard from the
-source's global tensor and saves through ``training.checkpoint.save`` (iteration 0, no
+source's global tensor and saves through ``checkpoint.store.save`` (iteration 0, no
 optimizer), so the result is exactly what training writes and loads at any layout
 (``--load``-style loading of weights; an optimizer starts fresh). Every source tensor is
 accounted for before any rank starts (``check_names``): a missing or unknown one fails with
@@ -233,7 +233,7 @@ def tokenizer_special_ids(path: str | Path) -> list[int]:
     ``added_tokens.json`` adds, as the released code's ``convert_tokens_to_ids`` finds them;
     without either, ``TextTokenizer``'s rule (``vocab_size + k`` in that order, NaViL-2B's
     92544..92555). ConversionError when there is no tokenizer or a token has no id."""
-    from megatron_navil.config.model import SPECIAL_TOKENS
+    from megatron_navil.config.tokens import SPECIAL_TOKENS
     from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError, is_json, tokenizer_file
 
     try:
@@ -288,44 +288,25 @@ def world_size(tp: int, pp: int, ep: int, etp: int | None) -> int:
     return tp * pp * dp
 
 
-def _sharded_tensors(chunks: list[torch.nn.Module]) -> list[Any]:
-    """Every ShardedTensor of the model (factories built), data a view of a parameter."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from megatron.core.dist_checkpointing.utils import extract_sharded_base
-
-    out = []
-    for chunk in chunks:
-        sharded, _ = extract_sharded_base(chunk.sharded_state_dict())
-        stack = list(sharded.values())
-        while stack:
-            item = stack.pop()
-            if isinstance(item, ShardedTensorFactory):
-                built = item.build()
-                stack.extend(built.values() if isinstance(built, dict) else [built])
-            elif isinstance(item, ShardedTensor) and not item.key.endswith("_extra_state"):
-                out.append(item)
-            elif isinstance(item, (list, tuple)):
-                stack.extend(item)
-            elif isinstance(item, dict):
-                stack.extend(item.values())
-    return out
-
-
 def write_rank(spec: ImportSpec) -> int:
     """One rank of the import: build, fill, save. Returns the number of shards it filled."""
     import warnings
 
+    from megatron_navil.checkpoint.store import save
     from megatron_navil.models.build import build_model, transformer_config
+    from megatron_navil.models.init import sharded_parameters
     from megatron_navil.parallel import initialize
-    from megatron_navil.training import checkpoint as ckpt
 
     warnings.filterwarnings("ignore")
     cfg = config_from_dict(spec.cfg)
     initialize(tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp, seed=spec.seed)
     config = transformer_config(cfg, tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp)
+    # an LLM import keeps the fresh vision tower and connector of the build: drawn by name, so
+    # they are the same at every import layout (models/init.py)
     chunks = build_model(
         cfg, config, special_ids=spec.special_token_ids,
         first_stage_layers=spec.first_stage_layers,
+        init_seed=spec.seed if spec.kind == "llm" else None,
     )  # fmt: skip
     if spec.kind == "navil":
         source: NaViLSource | LLMSource = NaViLSource(spec.source, cfg)
@@ -336,7 +317,7 @@ def write_rank(spec: ImportSpec) -> int:
     filled = 0
     cache: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for sh in _sharded_tensors(chunks):
+        for sh in sharded_parameters(chunks):
             if sh.key not in known:
                 raise ConversionError(f"model parameter {sh.key!r} has no conversion rule")
             if sh.key in fresh:
@@ -352,13 +333,13 @@ def write_rank(spec: ImportSpec) -> int:
             sh.data.copy_(full[sh.global_slice()].reshape(sh.data.shape))
             filled += 1
     state = {"converted_from": {"kind": spec.kind, "path": spec.source}}
-    ckpt.save(spec.out, 0, chunks, None, state, model_config=spec.cfg)
+    save(spec.out, 0, chunks, None, state, model_config=spec.cfg)
     return filled
 
 
 def run_import(spec: ImportSpec, timeout: float = 24 * 3600) -> Path:
     """Spawn the layout's ranks (gloo) and write ``<out>/iter_0000000``; returns it."""
-    from megatron_navil.testing.multiproc import run_distributed
+    from megatron_navil.parallel.spawn import run_distributed
 
     out = Path(spec.out)
     if out.exists() and any(out.iterdir()):

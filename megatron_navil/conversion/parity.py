@@ -104,16 +104,16 @@ def megatron_logits_rank(
     ``[t, V]`` of the packed inputs."""
     import warnings
 
+    from megatron_navil.checkpoint.store import load
     from megatron_navil.config.io import config_from_dict
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
-    from megatron_navil.training import checkpoint as ckpt
 
     warnings.filterwarnings("ignore")
     initialize()
     cfg = config_from_dict(cfg_dict)
     (model,) = build_model(cfg, transformer_config(cfg), special_ids=special_ids)
-    ckpt.load(checkpoint, [model], None)
+    load(checkpoint, [model], None)
     model.eval()
     packed = pickle.loads(inputs)
     with torch.no_grad():
@@ -126,7 +126,7 @@ def megatron_logits(
 ) -> torch.Tensor:
     """``[t, V]`` logits of ``inputs.packed`` from a spawned 1-rank megatron process."""
     from megatron_navil.config.io import config_to_dict
-    from megatron_navil.testing.multiproc import run_distributed
+    from megatron_navil.parallel.spawn import run_distributed
 
     out = run_distributed(
         megatron_logits_rank, 1, str(checkpoint), config_to_dict(cfg), tuple(special_ids),

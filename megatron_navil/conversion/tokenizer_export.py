@@ -50,9 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_navil.config.model import SPECIAL_TOKENS
+from megatron_navil.config.tokens import CONTROL_TOKENS, SPECIAL_TOKENS
 from megatron_navil.conversion.mapping import ConversionError
-from megatron_navil.data.tokenizer import CONTROL_TOKENS, TextTokenizer, TokenizerError
+from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError
 
 HF_SOURCE = Path(__file__).resolve().parent.parent / "hf"
 REMOTE_TOKENIZER_FILE = "tokenization_navil.py"

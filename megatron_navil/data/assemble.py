@@ -35,12 +35,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_navil.data.batch import IGNORE_INDEX, LOSS_WEIGHTINGS, PackedBatch, loss_weights
-from megatron_navil.data.shards import ImageEntry, ShardDataset, ShardError, expand_image_blocks
+from megatron_navil.config.tokens import IGNORE_INDEX, VISUAL_TOKENS
+from megatron_navil.data.batch import LOSS_WEIGHTINGS, PackedBatch, loss_weights
+from megatron_navil.data.shards.corpus import ShardDataset
+from megatron_navil.data.shards.format import ShardError
+from megatron_navil.data.shards.samples import ImageEntry, expand_image_blocks
 from megatron_navil.data.tokenizer import fingerprints
 from megatron_navil.ops import patchify_batch, vision_kwargs
 
-VISUAL_TOKENS = ("<IMG_CONTEXT>", "<img>")
 NAVIL_MEAN = (0.5, 0.5, 0.5)
 NAVIL_STD = (0.5, 0.5, 0.5)
 
@@ -75,7 +77,9 @@ def load_image_scales(entry: ImageEntry, draft: bool = False) -> list[torch.Tens
     return out
 
 
-def _check_compatible(datasets: Sequence[ShardDataset]) -> None:
+def check_compatible(datasets: Sequence[ShardDataset]) -> None:
+    """ValueError unless ``datasets`` were indexed with one tokenizer, patch size, merge,
+    image rule and placeholder id (what one model can train on together)."""
     first = datasets[0].manifest
     for ds in datasets[1:]:
         m = ds.manifest
@@ -140,7 +144,7 @@ class PackedSequenceBuilder:
             )
         if int(seq_length) < 1:
             raise ValueError(f"seq_length must be >= 1, got {seq_length}")
-        _check_compatible(datasets)
+        check_compatible(datasets)
         self.datasets = list(datasets)
         self.seq_length = int(seq_length)
         self.loss_weighting = loss_weighting

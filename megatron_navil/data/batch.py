@@ -35,9 +35,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
-"""Label of positions without loss. Must equal ``megatron_navil.models.navil.IGNORE_INDEX``
-(data/ may not import models/; tests/unit/test_data_loader.py checks they agree)."""
+from megatron_navil.config.tokens import IGNORE_INDEX
 
 LOSS_WEIGHTINGS = ("token", "sample", "square")
 

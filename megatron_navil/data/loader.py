@@ -31,7 +31,7 @@ from megatron_navil.data.assemble import PackedSequenceBuilder
 from megatron_navil.data.batch import PackedBatch
 from megatron_navil.data.packing import DEFAULT_WINDOW, SequenceStream
 from megatron_navil.data.sampler import PackedSampler, SequenceRef
-from megatron_navil.data.shards import ShardDataset
+from megatron_navil.data.shards.corpus import ShardDataset
 
 
 class PackedSequenceDataset(torch.utils.data.Dataset):

@@ -13,14 +13,18 @@ Templates (../shared/NAVIL.md, "Chat templates"), written here exactly as there:
   ``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n{A}<|im_end|>``.
 
 Loss: the answer ``{A}`` and its ``<|im_end|>`` of every assistant turn (not the prefix).
-Each ``<image>`` in a turn becomes one placeholder id (``<img>``, see data/shards.py); a
+Each ``<image>`` in a turn becomes one placeholder id (``<img>``, see data/shards/format.py); a
 placeholder is never in the loss. A role header and the content of its turn are encoded as one
 string between placeholders (``"user\\n" + Q``), control tokens by id, and the assistant answer
 on its own: so the prompt up to the answer has exactly the ids of the generation prompt an HF
 tokenizer gives at inference (``...<|im_start|>assistant\\n`` or ``...</think>\\n\\n``), and the
 answer the ids of the answer alone. (Tokenizing the whole templated string at once can merge
 across that boundary, e.g. byte-level BPE splits ``"\\n\\nA"`` as ``"\\n" "\\n" "A"`` but the
-prompt's trailing ``"\\n\\n"`` as one token; this project follows the inference split.)
+prompt's trailing ``"\\n\\n"`` as one token; this project follows the inference split.) A
+sentencepiece tokenizer encodes the answer as the continuation of its header, and a document's
+adjacent text parts as one text: the ids the whole text has there, not a dummy prefix ``▁`` of
+their own (data/tokenizer.py, "Sentencepiece text runs"). A document's adjacent text parts are
+checked for reserved strings together (one could end where the next begins).
 
 Every sample starts with the tokenizer's :attr:`~TextTokenizer.prefix_ids` (no loss): what its
 own special-token handling puts before a text, e.g. InternLM2's BOS ``<s>``, nothing for Qwen3
@@ -90,13 +94,15 @@ class Renderer:
         if found is not None:
             raise SampleRejected("reserved_token_in_text", f"text contains {found!r}")
 
-    def _text_with_images(self, out: Rendered, text: str, loss: bool) -> None:
+    def _text_with_images(self, out: Rendered, text: str, loss: bool, context: str = "") -> None:
+        """``text`` with each ``<image>`` as a placeholder; ``context``: the markup encoded right
+        before it, which its first piece continues (``TextTokenizer.encode_text``)."""
         pieces = text.split(IMAGE_MARK)
         for k, piece in enumerate(pieces):
             if k:
                 out.add([self.placeholder], False)
                 out.placeholders += 1
-            out.add(self.tok.encode_text(piece), loss)
+            out.add(self.tok.encode_text(piece, context if k == 0 else ""), loss)
 
     def _start(self) -> Rendered:
         """A sample's start: the tokenizer's prefix (BOS where it adds one), no loss."""
@@ -115,13 +121,15 @@ class Renderer:
             self.check_text(text)
             out.add([self.im_start], False)
             if role == "assistant":
-                out.add(self.tok.encode_markup("assistant\n"), False)
+                header = "assistant\n"  # the markup the answer's first piece continues
+                out.add(self.tok.encode_markup(header), False)
                 if self.template == "qwen3-chat":
                     out.add([self.think[0]], False)
                     out.add(self.tok.encode_markup("\n\n"), False)
                     out.add([self.think[1]], False)
-                    out.add(self.tok.encode_markup("\n\n"), False)
-                self._text_with_images(out, text, True)
+                    header = "\n\n"
+                    out.add(self.tok.encode_markup(header), False)
+                self._text_with_images(out, text, True, context=header)
                 out.add([self.im_end], True)
             elif role in ("user", "system"):
                 self._text_with_images(out, f"{role}\n{text}", False)
@@ -147,13 +155,22 @@ class Renderer:
     def document(self, parts: Sequence[tuple[str, str | None]]) -> Rendered:
         """Text and images in order: ``("text", s)`` or ``("image", None)``; loss on text."""
         out = self._start()
+        texts: list[str] = []  # adjacent text parts, encoded together (encode_texts)
+
+        def flush() -> None:
+            if texts:
+                self.check_text("".join(texts))  # '<image>' in a document is plain text
+                out.add(self.tok.encode_texts(texts), True)
+                texts.clear()
+
         for kind, value in parts:
             if kind == "image":
+                flush()
                 out.add([self.placeholder], False)
                 out.placeholders += 1
             else:
                 assert value is not None
-                self.check_text(value)  # '<image>' in a document is plain text
-                out.add(self.tok.encode_text(value), True)
+                texts.append(value)
+        flush()
         out.add([self.im_end], True)
         return out

@@ -29,6 +29,28 @@ indexer puts :attr:`~TextTokenizer.prefix_ids` before every sample (data/templat
 released code's ``tokenizer(query)`` does before every prompt; the suffix is left out (a
 tokenizer that appends EOS to every text would end the prompt with it).
 
+Sentencepiece text runs (:data:`SENTENCEPIECE_RULE`): a sample is tokenised as the model's HF
+tokenizer tokenises its whole templated text. The reference is transformers' sentencepiece-based
+slow tokenizer (``SentencePieceBackend`` in transformers 5, ``LlamaTokenizer`` in 4.51, both
+with their default ``legacy=True``; InternLM2's remote ``InternLM2Tokenizer``, NaViL-2B's, does
+the same): it cuts the text at added tokens and encodes each run of text between two of them
+with one ``SentencePieceProcessor.encode``, so the dummy prefix ``▁`` (when the model adds one)
+starts every run and nowhere else. E.g. with a small BPE model,
+``<|im_start|>user\\n<img>\\nDescribe.<|im_end|><|im_start|>assistant\\nA frog.<|im_end|>``
+is ``<|im_start|> ▁user \\n <img> ▁ \\n Des cribe . <|im_end|> <|im_start|> ▁assistant \\n A
+▁frog . <|im_end|>``: a ``▁`` after each added token, none before ``A``. Callers encode a sample
+in pieces (template markup, user text, grounding tokens, placeholders). A piece that continues
+text of the same run (the answer after ``assistant\\n``) is passed that text as ``context`` and
+gets the ids the whole run has after the context's own ids: no ``▁`` of its own, and the
+boundary normalised as in the whole text (a Unigram model's NFKC turns ``\\n`` into ``▁``).
+Where a piece spans the boundary (the context's ids are not a prefix of the run's), the context
+keeps its own ids (for the answer: the generation prompt's) and the text is encoded without the
+dummy prefix, as the HF path keeps the inference split there (data/templates.py). Adjacent text
+parts of a document, all in the loss, are encoded joined (:meth:`TextTokenizer.encode_texts`).
+Corpora indexed before this rule put a ``▁`` before every piece (each answer started with one):
+their manifest's tokenizer entry has no ``rule`` and data/shards/corpus.py refuses them. The HF
+``tokenizer.json`` path is as before: no ``context``, every piece encoded on its own.
+
 Fingerprint: ``sha256(sha256(file bytes) + json(12 special ids))`` (:attr:`fingerprint`).
 """
 
@@ -37,13 +59,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from megatron_navil.config.model import SPECIAL_TOKENS
+from megatron_navil.config.tokens import CONTROL_TOKENS, SPECIAL_TOKENS, TEXT_SPECIALS
 
-CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
-TEXT_SPECIALS = ("</box>", "<box>", "</quad>", "<quad>", "</ref>", "<ref>")
-"""Special tokens allowed inside user text (grounding markup)."""
+if TYPE_CHECKING:
+    import sentencepiece as spm
+
 RESERVED = tuple(t for t in SPECIAL_TOKENS if t not in TEXT_SPECIALS) + CONTROL_TOKENS
 """Strings that must not occur in user text."""
 
@@ -52,6 +76,12 @@ _ALL_SPECIAL_RE = re.compile(
     "(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS + CONTROL_TOKENS) + ")"
 )
 _RESERVED_RE = re.compile("|".join(re.escape(t) for t in RESERVED))
+
+SENTENCEPIECE_RULE = "hf-slow"
+"""How a sentencepiece tokenizer's samples are tokenised, recorded as the manifest's
+``tokenizer["rule"]`` for ``kind == "sentencepiece"`` (see the module doc): ``"hf-slow"``, each
+run of text between added tokens encoded as one, as transformers' slow tokenizer does. A
+change that alters a sentencepiece sample's ids needs a new name here."""
 
 
 def is_json(raw: bytes) -> bool:
@@ -165,6 +195,7 @@ class TextTokenizer:
                 "(not a JSON object)"
             ) from None
         self._sp = sp
+        self._sp_bare: spm.SentencePieceProcessor | None = None
         base = sp.get_piece_size()
         self.special_ids = {}
         nxt = base
@@ -215,22 +246,68 @@ class TextTokenizer:
 
     # encoding ---------------------------------------------------------------------------
 
-    def _encode_plain(self, text: str) -> list[int]:
+    def _encode_plain(self, text: str, context: str = "") -> list[int]:
+        """Ids of ``text`` (no special tokens in it); for sentencepiece, as the continuation of
+        ``context`` in one run (see the module doc)."""
         if not text:
             return []
         if self.kind == "hf":
             return self._hf.encode(text, add_special_tokens=False).ids
-        return self._sp.encode(text)
+        # the run the text continues starts after the context's last special/control token
+        context = _ALL_SPECIAL_RE.split(context)[-1]
+        if not context:
+            return self._sp.encode(text)
+        head = self._sp.encode(context)
+        whole = self._sp.encode(context + text)
+        if whole[: len(head)] == head:
+            return whole[len(head) :]
+        return self._bare_sp().encode(text)  # a piece spans the boundary: see the module doc
 
-    def encode_text(self, text: str) -> list[int]:
-        """Ids of user text (grounding tokens become their ids; see the module doc)."""
+    def _bare_sp(self) -> spm.SentencePieceProcessor:
+        """The sentencepiece model without its dummy prefix (``normalizer_spec.
+        add_dummy_prefix`` cleared, as transformers' ``legacy=False`` does), made on first use."""
+        if self._sp_bare is None:
+            import sentencepiece as spm
+            from sentencepiece import sentencepiece_model_pb2
+
+            try:
+                proto = sentencepiece_model_pb2.ModelProto.FromString(
+                    self._sp.serialized_model_proto()
+                )
+            except Exception as exc:  # a model sentencepiece loads but protobuf does not parse
+                raise TokenizerError(
+                    f"{self.path}: cannot read the model's protobuf ({type(exc).__name__})"
+                ) from None
+            if not proto.normalizer_spec.add_dummy_prefix:
+                self._sp_bare = self._sp
+            else:
+                proto.normalizer_spec.add_dummy_prefix = False
+                bare = spm.SentencePieceProcessor()
+                bare.LoadFromSerializedProto(proto.SerializeToString())
+                self._sp_bare = bare
+        return self._sp_bare
+
+    def encode_text(self, text: str, context: str = "") -> list[int]:
+        """Ids of user text (grounding tokens become their ids; see the module doc).
+
+        ``context``: the text the caller encoded right before ``text`` in the same sample, with
+        no id of its own in between (``"assistant\\n"`` before an answer); sentencepiece encodes
+        ``text`` as its continuation (no dummy prefix of its own), the HF path ignores it."""
         out: list[int] = []
         for k, piece in enumerate(_TEXT_SPECIAL_RE.split(text)):
             if k % 2:
                 out.append(self.special_ids[piece])
             else:
-                out.extend(self._encode_plain(piece))
+                out.extend(self._encode_plain(piece, context if k == 0 else ""))
         return out
+
+    def encode_texts(self, texts: Sequence[str]) -> list[int]:
+        """Ids of consecutive texts with no id between them (a document's adjacent text parts,
+        all in the loss): sentencepiece encodes them joined, as one text (the ids the whole text
+        has, at the cost of one encode; see the module doc); the HF path each on its own."""
+        if self.kind == "hf":
+            return [i for text in texts for i in self.encode_text(text)]
+        return self.encode_text("".join(texts))
 
     def encode_markup(self, text: str) -> list[int]:
         """Ids of template text (no user content): plain encoding, nothing is checked."""
@@ -240,8 +317,8 @@ class TextTokenizer:
         """Ids of a rendered prompt as an HF tokenizer gives them with
         ``add_special_tokens=False``: every special and control token is its id, the text
         between them is encoded plainly (for ``tokenizer.json`` the backend with its own added
-        tokens, for sentencepiece each piece on its own). Without :attr:`prefix_ids` /
-        :attr:`suffix_ids`."""
+        tokens, for sentencepiece each run between them with one encode, the dummy prefix at its
+        start). Without :attr:`prefix_ids` / :attr:`suffix_ids`."""
         if self.kind == "hf":
             return self._hf.encode(text, add_special_tokens=False).ids if text else []
         out: list[int] = []
@@ -276,8 +353,9 @@ class TextTokenizer:
         return "".join(out)
 
     def describe(self) -> dict:
-        """The manifest's ``tokenizer`` entry."""
-        return {
+        """The manifest's ``tokenizer`` entry; a sentencepiece one names the tokenisation
+        rule (:data:`SENTENCEPIECE_RULE`), an HF one is as it has always been."""
+        entry = {
             "kind": self.kind,
             "file": self.path.name,
             "file_sha256": self.file_sha256,
@@ -286,6 +364,9 @@ class TextTokenizer:
             "added_tokens": list(self.added),
             "vocab_size": self.vocab_size,
         }
+        if self.kind == "sentencepiece":
+            entry["rule"] = SENTENCEPIECE_RULE
+        return entry
 
 
 def fingerprints(entry: dict) -> set[str]:

@@ -53,6 +53,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_navil import NaViLChatConfig, sub
 from .processing_navil import (
     CHAT_TEMPLATES,
+    IGNORE_INDEX,
     IMAGE_BLOCK_TOKENS,
     SPECIAL_TOKENS,
     VISUAL_TOKENS,
@@ -656,7 +657,7 @@ class NaViL(NaViLPreTrainedModel):
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                ignore_index=-100,
+                ignore_index=IGNORE_INDEX,
             )  # fmt: skip
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 

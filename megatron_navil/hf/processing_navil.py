@@ -57,6 +57,8 @@ VISUAL_TOKENS = ("<IMG_CONTEXT>", "<img>")
 """Tokens routed to the visual experts."""
 IMAGE_BLOCK_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<IMG_LINE_BREAK>", "<IMG_FRAME_BREAK>")
 """Never generated: an ``<IMG_CONTEXT>`` without its patches cannot be fed back."""
+IGNORE_INDEX = -100
+"""Label of positions without loss (``labels`` of ``NaViL.forward``)."""
 
 # The chat templates (NAVIL.md "Chat templates") as Jinja for ``tokenizer.apply_chat_template``;
 # ``<image>`` in a message is replaced by the image block before tokenization.

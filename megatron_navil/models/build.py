@@ -150,7 +150,7 @@ def transformer_config(
 def special_token_ids(cfg: NaViLConfig, ids: Sequence[int] | None = None) -> tuple[int, ...]:
     """The 12 special tokens' ids in ``SPECIAL_TOKENS`` order: ``ids`` when given (from the
     tokenizer), else ``special_token_first_id + row``."""
-    from megatron_navil.config.model import SPECIAL_TOKENS
+    from megatron_navil.config.tokens import SPECIAL_TOKENS
 
     if ids is None:
         first = cfg.special_token_first_id
@@ -197,10 +197,14 @@ def build_model(
     first_stage_layers: int | None = None,
     use_te: bool = False,
     recompute: Recompute | None = None,
+    init_seed: int | None = None,
 ) -> list[Any]:
     """This rank's NaViLModel chunks, one per virtual pipeline stage (a list of one without
     interleaving), for the parallel state megatron_navil.parallel.initialize set up.
-    ``recompute``: activation recompute of the LLM layers / vision blocks (None: none)."""
+    ``recompute``: activation recompute of the LLM layers / vision blocks (None: none).
+    ``init_seed``: every matrix's initial value a function of (seed, its name) only, the same
+    in every layout (``models.init.init_by_name``); None keeps megatron-core's draw, which
+    depends on the layout (for models whose weights are loaded right after)."""
     from megatron.core import parallel_state as ps
 
     from megatron_navil.models.navil import NaViLModel
@@ -227,6 +231,10 @@ def build_model(
                 recompute=recompute,
             )
         )
+    if init_seed is not None:
+        from megatron_navil.models.init import init_by_name
+
+        init_by_name(chunks, cfg, config, init_seed)
     return chunks
 
 

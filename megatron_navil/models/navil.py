@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from megatron_navil.config.model import SPECIAL_TOKENS, VISUAL_TOKENS, NaViLConfig, Recompute
+from megatron_navil.config.model import NaViLConfig, Recompute
+from megatron_navil.config.tokens import IGNORE_INDEX, SPECIAL_TOKENS, VISUAL_TOKENS
 from megatron_navil.models.language import (
     LayerInputs,
     ModalityDecoderLayer,
@@ -37,8 +38,6 @@ from megatron_navil.models.language import (
 )
 from megatron_navil.models.modality import ModalitySplit
 from megatron_navil.models.recompute import check_megatron_flags, checkpoint_full
-
-IGNORE_INDEX = -100
 
 
 def _megatron_module() -> type:

@@ -4,7 +4,7 @@ Layouts:
   scales   [(height, width), ...] pixel sizes to resample the *original* image to, smallest
            first; the last one is the base scale, ``smart_resize``'s result
   merged   [(h, w), ...] merged grids of the scales (patch grid / merge): one LLM token each
-  layout   [L] int64 indices into ``SPECIAL_TOKENS`` (config/model.py), the token kinds of one
+  layout   [L] int64 indices into ``SPECIAL_TOKENS`` (config/tokens.py), the token kinds of one
            image block; the data pipeline maps them to token ids
 
 The chain is the released NaViL demo's (``anyres_preprocess_multi_scale``; ../shared/NAVIL.md,
@@ -49,7 +49,7 @@ from numbers import Real
 import numpy as np
 import torch
 
-from megatron_navil.config.model import SPECIAL_TOKENS
+from megatron_navil.config.tokens import SPECIAL_TOKENS
 from megatron_navil.ops.grid import merged_grid, merged_grid_reference
 from megatron_navil.ops.resize import (
     MAX_IMAGE_SIDE,

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from megatron_navil.config.model import SPECIAL_TOKENS, NaViLConfig, Recompute
-from megatron_navil.models.navil import IGNORE_INDEX
+from megatron_navil.config.model import NaViLConfig, Recompute
+from megatron_navil.config.tokens import IGNORE_INDEX, SPECIAL_TOKENS
 from megatron_navil.testing import tiny_gpt as T
 
 Grid = tuple[int, int]

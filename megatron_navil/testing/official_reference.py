@@ -514,21 +514,22 @@ def pipeline_logits_rank(
     import pickle
     import warnings
 
-    from megatron_navil.config.io import resolve_config
+    from megatron_navil.checkpoint.config import resolve_config
+    from megatron_navil.checkpoint.model import load_model
     from megatron_navil.data.tokenizer import TextTokenizer
+    from megatron_navil.inference.inputs import image_inputs, indexer_settings, pack_inputs
     from megatron_navil.parallel import initialize
-    from megatron_navil.training import caption as C
 
     warnings.filterwarnings("ignore")
     initialize()
     cfg = resolve_config(checkpoint)
     tok = TextTokenizer(tokenizer)
-    model = C.load_model(cfg, checkpoint, tok)
+    model = load_model(cfg, checkpoint, tok.special_ids)
     window = cfg.vision.window_units(cfg.connector.merge)
     out = []
-    for inp in C.image_inputs(images, tok, C.indexer_settings(cfg), question):
+    for inp in image_inputs(images, tok, indexer_settings(cfg), question):
         with torch.no_grad():
-            logits = model(**C.pack_inputs([inp], [inp.input_ids], window))[:, 0].double()
+            logits = model(**pack_inputs([inp], [inp.input_ids], window))[:, 0].double()
         out.append({"ids": inp.input_ids.tolist(), "patches": inp.patches,
                     "grids": [list(g) for g in inp.grids], "logits": logits})  # fmt: skip
     return pickle.dumps(out)

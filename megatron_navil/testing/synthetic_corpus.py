@@ -32,7 +32,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from megatron_navil.config.model import SPECIAL_TOKENS
+from megatron_navil.config.tokens import CONTROL_TOKENS, SPECIAL_TOKENS
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -48,7 +48,6 @@ COUNT_WORDS = ("one", "two", "three", "four")
 SINGLE_REGIONS = ("left", "right", "top", "bottom", "center")
 PAIR_REGIONS = (("left", "right"), ("top", "bottom"))
 PROMPTS = ("Describe the image.", "What is in the picture?", "What do you see?")
-CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
 
 
 @dataclass(frozen=True)

@@ -110,24 +110,9 @@ def build_model(spec: TinyGPTSpec, config: Any) -> list[torch.nn.Module]:
 
 def _sharded_tensors(chunks: list[torch.nn.Module]) -> Iterator[Any]:
     """Every ShardedTensor of the model (factories built), with its data a view of a param."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from megatron.core.dist_checkpointing.utils import extract_sharded_base
+    from megatron_navil.models.init import sharded_parameters
 
-    for chunk in chunks:
-        module = getattr(chunk, "module", chunk)
-        sharded, _ = extract_sharded_base(module.sharded_state_dict())
-        stack = list(sharded.values())
-        while stack:
-            item = stack.pop()
-            if isinstance(item, ShardedTensorFactory):
-                built = item.build()
-                stack.extend(built.values() if isinstance(built, dict) else [built])
-            elif isinstance(item, ShardedTensor) and not item.key.endswith("_extra_state"):
-                yield item
-            elif isinstance(item, (list, tuple)):
-                stack.extend(item)
-            elif isinstance(item, dict):
-                stack.extend(item.values())
+    return sharded_parameters(chunks)
 
 
 def global_tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -357,7 +342,7 @@ def train(
 
 def _checkpoint_state(chunks: list[Any], optimizer: Any, is_loading: bool) -> dict[str, Any]:
     """The sharded state dict of model chunks + optimizer, as Megatron-LM lays it out."""
-    from megatron_navil.training.checkpoint import sharded_state
+    from megatron_navil.checkpoint.store import sharded_state
 
     return sharded_state(chunks, optimizer, is_loading)
 

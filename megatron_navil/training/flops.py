@@ -1,7 +1,7 @@
 """Model FLOPs of the batches a step really trained on, and the accelerator's peak, for MFU.
 
 MFU = (model FLOPs of the step) / (step seconds x GPUs x peak FLOP/s per GPU). Model FLOPs are
-the planner's (``training.planner.llm_flops`` + ``vision_flops``: forward + backward matmuls,
+the planner's (``planning.flops.llm_flops`` + ``vision_flops``: forward + backward matmuls,
 causal attention per sample, bidirectional attention per image segment, no recompute) over the
 *real* samples of each packed sequence (the padding segment does not count) and its real image
 segments (one per image and scale), so padding and recompute never inflate the number.
@@ -47,7 +47,7 @@ def detect_peak_flops() -> float | None:
 def sequence_flops(cfg: Any, sample_lengths: list[int], segment_patches: list[int]) -> float:
     """Model FLOPs (forward + backward) of one packed sequence with these real samples (LLM
     tokens each) and image segments (patches each) for NaViL config ``cfg``."""
-    from megatron_navil.training.planner import llm_flops, vision_flops
+    from megatron_navil.planning.flops import llm_flops, vision_flops
 
     out = llm_flops(cfg, sample_lengths)
     if segment_patches:

@@ -23,7 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
-from megatron_navil.training import checkpoint as ckpt
+from megatron_navil.checkpoint import directory, store
+from megatron_navil.training.evaluate import evaluate
 from megatron_navil.training.step import StepResult, train_step
 
 
@@ -61,6 +62,17 @@ class LoopConfig:
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU
     extra_state: dict[str, Any] = field(default_factory=dict)  # saved with train_state
     model_config: Any = None  # saved as navil_config.json (config.io) in every checkpoint
+    eval_sets: list[Any] = field(default_factory=list)  # training.evaluate.EvalSet, held out
+    eval_interval: int = 0  # evaluate every N steps (0: only after the last step)
+    eval_iters: int = 1  # global batches of each held-out set per evaluation
+
+    def eval_due(self, step: int) -> bool:
+        """Whether ``step`` ends with a held-out evaluation: every ``eval_interval`` steps and
+        after the run's last step (``steps``), whatever the run's start, so a resumed run
+        evaluates at the same steps as an uninterrupted one."""
+        if not self.eval_sets:
+            return False
+        return step == self.steps or bool(self.eval_interval and step % self.eval_interval == 0)
 
 
 class StopSignal:
@@ -112,6 +124,8 @@ class _Logger:
         self.progress_file = None
         self.bar = None
         self.history: list[tuple[int, float]] = []
+        self.eval_loss: float | None = None  # the latest, for the progress bar
+        self.last: tuple[float, float] | None = None  # the latest (loss, lr), for the bar
         if torch.distributed.get_rank() != 0:
             return
         if cfg.log_dir:
@@ -151,7 +165,38 @@ class _Logger:
             self.progress_file.flush()
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+            self.last = (result.loss, result.lr)
+            self.bar.set_postfix(self._postfix(*self.last))
+
+    def _postfix(self, loss: float, lr: float) -> dict[str, str]:
+        out = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+        if self.eval_loss is not None:
+            out["eval"] = f"{self.eval_loss:.4f}"
+        return out
+
+    def log_eval(self, step: int, result: Any) -> None:
+        """A held-out evaluation (``training.evaluate.EvalResult``): TensorBoard ``eval/loss``
+        and ``eval/<set>/loss``, a ``progress.txt`` line of its own, the bar's ``eval``."""
+        if torch.distributed.get_rank() != 0:
+            return
+        self.eval_loss = result.loss
+        if self.writer is not None:
+            self.writer.add_scalar("eval/loss", result.loss, step)
+            if len(result.losses) > 1:
+                for name, value in result.losses.items():
+                    self.writer.add_scalar(f"eval/{name}/loss", value, step)
+        if self.progress_file is not None:
+            line = {"step": step, **result.log_entry()}
+            self.progress_file.write(json.dumps(line, sort_keys=True) + "\n")
+            self.progress_file.flush()
+        per = ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items())
+        line = f"step {step}: held-out loss {result.loss:.4f} ({per})"
+        if self.bar is not None:
+            self.bar.write(line)
+            if self.last is not None:
+                self.bar.set_postfix(self._postfix(*self.last))
+        else:
+            print(line, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -163,28 +208,33 @@ class _Logger:
         if self.cfg.log_dir and self.history and torch.distributed.get_rank() == 0:
             log_dir = Path(self.cfg.log_dir)
             whole = loss_history(log_dir / "progress.txt") or self.history
-            plot_loss(whole, log_dir / "loss_curve.png")
+            held_out = loss_history(log_dir / "progress.txt", key="eval_loss")
+            plot_loss(whole, log_dir / "loss_curve.png", held_out)
 
 
-def loss_history(progress: Path) -> list[tuple[int, float]]:
+def loss_history(progress: Path, key: str = "loss") -> list[tuple[int, float]]:
     """``(step, loss)`` of the whole run from ``progress.txt`` (appended to by every run of a
     save directory, so a resumed run's curve includes the steps before the resume): for a step
     logged twice (a run that went past its last checkpoint, then the resume that redid it), the
-    later line wins. Empty when the file is missing; unreadable lines are skipped."""
+    later line wins. ``key="eval_loss"``: the held-out evaluations instead (lines of their
+    own). Empty when the file is missing; unreadable lines and other lines are skipped."""
     if not progress.is_file():
         return []
     by_step: dict[int, float] = {}
     for line in progress.read_text().splitlines():
         try:
             entry = json.loads(line)
-            by_step[int(entry["step"])] = float(entry["loss"])
+            by_step[int(entry["step"])] = float(entry[key])
         except (ValueError, KeyError, TypeError):
             continue
     return sorted(by_step.items())
 
 
-def plot_loss(history: list[tuple[int, float]], path: Path) -> None:
-    """The loss curve as a PNG (matplotlib, no display needed)."""
+def plot_loss(
+    history: list[tuple[int, float]], path: Path, held_out: list[tuple[int, float]] | None = None
+) -> None:
+    """The loss curve as a PNG (matplotlib, no display needed), with the held-out
+    evaluations as points when there are any."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,7 +242,10 @@ def plot_loss(history: list[tuple[int, float]], path: Path) -> None:
 
     steps, losses = zip(*history, strict=True)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, losses)
+    ax.plot(steps, losses, label="train")
+    if held_out:
+        ax.plot(*zip(*held_out, strict=True), "o-", label="held-out", markersize=4)
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -211,8 +264,8 @@ def train(
 ) -> list[StepResult]:
     """Run (or resume) training up to ``cfg.steps``; returns this run's step results."""
     start = 0
-    if cfg.load_dir and (path := ckpt.latest(cfg.load_dir)) is not None:
-        state = ckpt.load(path, chunks, optimizer)
+    if cfg.load_dir and (path := directory.latest(cfg.load_dir)) is not None:
+        state = store.load(path, chunks, optimizer)
         start = int(state["iteration"])
         if scheduler is not None and "scheduler" in state:
             scheduler.load_state_dict(state["scheduler"])
@@ -231,7 +284,7 @@ def train(
             "results_tail": [asdict(r) for r in results[-1:]],
             **cfg.extra_state,
         }
-        ckpt.save(
+        store.save(
             cfg.save_dir, iteration, chunks, optimizer, train_state, cfg.keep_last,
             model_config=cfg.model_config,
         )  # fmt: skip
@@ -248,6 +301,9 @@ def train(
             )
             results.append(result)
             logger.log(step, result, time.perf_counter() - began, world)
+            if cfg.eval_due(step):
+                logger.log_eval(step, evaluate(chunks, config, cfg.eval_sets, cfg.eval_iters,
+                                               cfg.seq_length))  # fmt: skip
             if (signum := stop.agreed()) is not None and step != last:
                 last = step  # the save below writes this step's checkpoint
                 if torch.distributed.get_rank() == 0:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100  # the model's (megatron_navil.models.navil.IGNORE_INDEX)
+from megatron_navil.config.tokens import IGNORE_INDEX
 
 
 class TrainingDivergedError(RuntimeError):
@@ -41,7 +41,9 @@ class StepResult:
     model_flops: float = 0.0  # the micro-batches' ``model_flops`` summed over the global batch
 
 
-def _weights(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def loss_weights(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A micro-batch's per-token loss weights (float64): its ``loss_weights``, else 1 for every
+    token with a label."""
     if "loss_weights" in batch:
         return batch["loss_weights"].to(torch.float64)
     return (batch["labels"] != IGNORE_INDEX).to(torch.float64)
@@ -65,7 +67,7 @@ def _real_tokens(batch: dict[str, Any]) -> int:
     return int(batch["input_ids"].numel())
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
     """Where the step's small all-reduces run: the current GPU under NCCL, else the CPU."""
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -94,11 +96,11 @@ def train_step(
     if nan_policy not in ("stop", "skip"):
         raise ValueError(f"nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
     dp_group = ps.get_data_parallel_group()
-    device = _collective_device()
+    device = collective_device()
     dp, num_micro = dp_group.size(), len(micro_batches)
     counts = torch.tensor(
         [
-            sum(float(_weights(mb).sum()) for mb in micro_batches),
+            sum(float(loss_weights(mb).sum()) for mb in micro_batches),
             sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches),
             sum(_real_tokens(mb) for mb in micro_batches),
             sum(_patches(mb) for mb in micro_batches),
@@ -113,7 +115,7 @@ def train_step(
 
     def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
-        weights = _weights(batch).to(torch.float32)
+        weights = loss_weights(batch).to(torch.float32)
         out = model(**model_kwargs(batch))
 
         def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

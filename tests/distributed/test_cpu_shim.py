@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from megatron_navil.parallel import cpu_shim
+from megatron_navil.parallel.spawn import SpawnError, free_port, run_distributed
 from megatron_navil.testing import tiny_gpt as T
-from megatron_navil.testing.multiproc import DistributedTestError, free_port, run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -184,7 +184,7 @@ def test_all_scenarios_pass_with_the_shim(tmp_path):
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_scenario_fails_without_patch(name, tmp_path, monkeypatch):
     monkeypatch.setenv(cpu_shim.DISABLE_ENV, name)
-    with pytest.raises(DistributedTestError) as err:
+    with pytest.raises(SpawnError) as err:
         _launch(name, tmp_path)
     assert SCENARIOS[name][3] in str(err.value)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_navil.testing.multiproc import run_distributed
+from megatron_navil.parallel.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -41,44 +41,46 @@ MAX_NEW = 12
 
 
 def _save_layouts(root: str) -> int:
+    from megatron_navil.checkpoint.store import save
     from megatron_navil.testing import navil_run as N
     from megatron_navil.testing.hf_cases import tiny_case
-    from megatron_navil.training import checkpoint as C
 
     warnings.filterwarnings("ignore")
     for case in CASES:
         run = N.setup_run(tiny_case(case), dict(tp=2, pp=2, ep=2, etp=1), seed=11)
-        C.save(Path(root) / case, 1, run.chunks, None, {})
+        save(Path(root) / case, 1, run.chunks, None, {})
     return 0
 
 
 def _megatron_side(root: str, tokenizer: str, image: str) -> bytes:
     """1 rank: logits of the parity inputs for each case, and the caption of ``image``."""
+    from megatron_navil.checkpoint.model import model_special_ids
+    from megatron_navil.checkpoint.store import load
     from megatron_navil.conversion import parity as P
     from megatron_navil.data.tokenizer import TextTokenizer
+    from megatron_navil.inference.generate import Captioner
+    from megatron_navil.inference.inputs import image_inputs, indexer_settings
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
     from megatron_navil.testing.hf_cases import tiny_case
-    from megatron_navil.training import caption as Cap
-    from megatron_navil.training import checkpoint as C
 
     warnings.filterwarnings("ignore")
     initialize()
     tok = TextTokenizer(tokenizer)
-    ids = Cap.model_special_ids(tok)
+    ids = model_special_ids(tok.special_ids)
     out: dict = {"logits": {}}
     for case in CASES:
         cfg = tiny_case(case)
         (model,) = build_model(cfg, transformer_config(cfg), special_ids=ids)
-        C.load(Path(root) / case / "iter_0000001", [model], None)
+        load(Path(root) / case / "iter_0000001", [model], None)
         model.eval()
         inputs = P.make_inputs(cfg, ids, seed=3)
         with torch.no_grad():
             out["logits"][case] = model(**inputs.packed)[:, 0].clone()
         if case == "tiny":
-            settings = Cap.indexer_settings(cfg, "qwen3-chat")
-            (inp,) = Cap.image_inputs([image], tok, settings, "Describe the image.")
-            gen = Cap.Captioner(model, tok, max_new_tokens=MAX_NEW).generate(inp)
+            settings = indexer_settings(cfg, "qwen3-chat")
+            (inp,) = image_inputs([image], tok, settings, "Describe the image.")
+            gen = Captioner(model, tok, max_new_tokens=MAX_NEW).generate(inp)
             out["caption_input"] = inp
             out["caption_tokens"] = gen.token_ids
     return pickle.dumps(out)
@@ -149,7 +151,7 @@ def test_generate_equals_caption_tool(world):
     hf_dir = world["root"] / "hf" / "tiny"
     model = P.load_hf(hf_dir)
     tok = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=True)
-    from megatron_navil.config.model import SPECIAL_TOKENS
+    from megatron_navil.config.tokens import SPECIAL_TOKENS
 
     special = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
     assert special == model.config.special_token_ids

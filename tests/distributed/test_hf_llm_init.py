@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_navil.testing.multiproc import run_distributed
+from megatron_navil.parallel.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -90,11 +90,11 @@ def _as_internlm2(llama_dir: Path, out: Path) -> None:
 
 
 def _megatron_logits(checkpoints: list[str], ids: bytes) -> bytes:
+    from megatron_navil.checkpoint.store import load
     from megatron_navil.config.io import CONFIG_FILE, config_from_dict
     from megatron_navil.conversion.dist_reader import DistCheckpointReader
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
-    from megatron_navil.training import checkpoint as C
 
     warnings.filterwarnings("ignore")
     initialize()
@@ -103,7 +103,7 @@ def _megatron_logits(checkpoints: list[str], ids: bytes) -> bytes:
     for path in checkpoints:
         cfg = config_from_dict(json.loads((Path(path) / CONFIG_FILE).read_text()))
         (model,) = build_model(cfg, transformer_config(cfg), special_ids=SPECIAL)
-        C.load(path, [model], None)
+        load(path, [model], None)
         model.eval()
         lengths = [len(s) for s in samples]
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)

@@ -59,7 +59,7 @@ def test_full_llm_vocab_is_padded(tmp_path, capsys):
     from safetensors import safe_open
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_navil.config.model import SPECIAL_TOKENS
+    from megatron_navil.config.tokens import SPECIAL_TOKENS
     from megatron_navil.conversion.dist_reader import DistCheckpointReader
     from megatron_navil.data.tokenizer import TextTokenizer
 

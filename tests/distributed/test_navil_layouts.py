@@ -18,9 +18,9 @@ import warnings
 
 import pytest
 
+from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.testing import navil_run as N
 from megatron_navil.testing import tiny_gpt as T
-from megatron_navil.testing.multiproc import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -18,7 +18,7 @@ import warnings
 import pytest
 import torch
 
-from megatron_navil.testing.multiproc import run_distributed
+from megatron_navil.parallel.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_navil.testing.multiproc import run_distributed
+from megatron_navil.parallel.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -15,8 +15,8 @@ import warnings
 
 import pytest
 
+from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.testing import tiny_gpt as T
-from megatron_navil.testing.multiproc import run_distributed
 
 pytestmark = pytest.mark.distributed
 

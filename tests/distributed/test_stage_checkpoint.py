@@ -4,7 +4,7 @@ save, and a resumed run continues bit-exactly. Two layouts that could not save b
 * EP=2: the rank holding the text expert (frozen) has an empty expert optimizer, and it is
   rank 0, whose common state (Adam's step) the checkpoint keeps (cpu_shim ``distopt_empty``);
 * TP=2 (EP=1): the stacked experts' optimizer state covers only the visual experts, so it is
-  saved as a stack of the trainable experts (``training/checkpoint.py: optimizer_template``),
+  saved as a stack of the trainable experts (``checkpoint/store.py: optimizer_template``),
   which also loads at another layout."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.testing import navil_run as N
-from megatron_navil.testing.multiproc import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -25,8 +25,9 @@ ADAM = dict(optimizer="adam", distributed_optimizer=True, lr=1e-3)
 def _scenario(root: str, stage: str) -> dict:
     from torch.distributed.checkpoint import FileSystemReader
 
+    from megatron_navil.checkpoint.directory import latest
+    from megatron_navil.checkpoint.store import load, save
     from megatron_navil.config.registry import get_config
-    from megatron_navil.training import checkpoint as C
 
     warnings.filterwarnings("ignore")
     cfg = get_config("tiny")
@@ -36,17 +37,17 @@ def _scenario(root: str, stage: str) -> dict:
         run = N.setup_run(cfg, layout, stage=stage, **ADAM)
         for s in range(2):
             run.step(batch_seed=s)
-        C.save(path, 2, run.chunks, run.optimizer, {})
+        save(path, 2, run.chunks, run.optimizer, {})
         uninterrupted = [run.step(batch_seed=s) for s in (2, 3, 4)]
         resumed = N.setup_run(cfg, layout, stage=stage, seed=11, **ADAM)
-        C.load(C.latest(path), resumed.chunks, resumed.optimizer)
+        load(latest(path), resumed.chunks, resumed.optimizer)
         again = [resumed.step(batch_seed=s) for s in (2, 3, 4)]
         optimizers = getattr(resumed.optimizer, "chained_optimizers", [resumed.optimizer])
         steps = {float(st["step"]) for o in optimizers for st in o.optimizer.state.values()}
         out[name] = dict(uninterrupted=uninterrupted, again=again, steps=steps)
     # the EP=1 checkpoint at another layout (DP=2): the first loss after loading
     other = N.setup_run(cfg, dict(), stage=stage, seed=11, **ADAM)
-    C.load(C.latest(Path(root) / "tp2"), other.chunks, other.optimizer)
+    load(latest(Path(root) / "tp2"), other.chunks, other.optimizer)
     out["other"] = other.step(batch_seed=2, update=False)
     for name in ("ep2", "tp2"):
         saved = FileSystemReader(str(Path(root) / name / "iter_0000002")).read_metadata()

@@ -1,6 +1,6 @@
-"""training/checkpoint.py with the NaViL model: atomic saves, last-K retention, a crashed save
-never loaded, and a resumed run continuing exactly (bit-exact on CPU) in the same layout and
-with the same loss in another layout."""
+"""checkpoint/ (store.py, directory.py) with the NaViL model: atomic saves, last-K retention, a
+crashed save never loaded, and a resumed run continuing exactly (bit-exact on CPU) in the same
+layout and with the same loss in another layout."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.testing import navil_run as N
-from megatron_navil.testing.multiproc import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -24,7 +24,8 @@ def _cfg():
 def _scenario(root: str) -> dict:
     import torch
 
-    from megatron_navil.training import checkpoint as C
+    from megatron_navil.checkpoint.directory import complete_iterations, latest
+    from megatron_navil.checkpoint.store import load, save
 
     warnings.filterwarnings("ignore")
     root_p = Path(root)
@@ -37,18 +38,18 @@ def _scenario(root: str) -> dict:
             # A save that crashed half-way (a .tmp directory with some content): never a
             # candidate for loading, removed by the next successful save.
             (root_p / "iter_0000009.tmp" / "junk").mkdir(parents=True)
-            crashed_seen_as = C.latest(root_p).name
-        C.save(root_p, it, run.chunks, run.optimizer, {"sampler": {"consumed": it}}, keep_last=2)
-    kept = C.complete_iterations(root_p)
-    chosen = C.latest(root_p)
+            crashed_seen_as = latest(root_p).name
+        save(root_p, it, run.chunks, run.optimizer, {"sampler": {"consumed": it}}, keep_last=2)
+    kept = complete_iterations(root_p)
+    chosen = latest(root_p)
     uninterrupted = [run.step(batch_seed=s) for s in (5, 6)]
 
     resumed = N.setup_run(cfg, layout, optimizer="adam", distributed_optimizer=True, lr=1e-3)
-    state = C.load(chosen, resumed.chunks, resumed.optimizer)
+    state = load(chosen, resumed.chunks, resumed.optimizer)
     again = [resumed.step(batch_seed=s) for s in (5, 6)]
 
     other = N.setup_run(cfg, dict(tp=1, pp=2), optimizer="adam", distributed_optimizer=True)
-    C.load(chosen, other.chunks, other.optimizer)
+    load(chosen, other.chunks, other.optimizer)
     other_loss = other.step(batch_seed=5, update=False)
     return dict(
         crashed_seen_as=crashed_seen_as,

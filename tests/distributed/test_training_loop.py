@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.testing import navil_run as N
-from megatron_navil.testing.multiproc import run_distributed
 
 pytestmark = pytest.mark.distributed
 LAYOUT = dict(tp=2, pp=2)

@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 
+from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.testing import navil_run as N
-from megatron_navil.testing.multiproc import run_distributed
 
 pytestmark = pytest.mark.distributed
 STEPS = 12

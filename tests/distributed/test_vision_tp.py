@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from megatron_navil.config.model import VisionConfig
+from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.testing import tiny_gpt as T
-from megatron_navil.testing.multiproc import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_navil.config.model import SPECIAL_TOKENS
+from megatron_navil.config.tokens import SPECIAL_TOKENS
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "finetune_from_hf_llm.sh"

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from megatron_navil.checkpoint.directory import complete_iterations, latest
+from megatron_navil.checkpoint.store import SAVE_DELAY_ENV
 from megatron_navil.testing import synthetic_corpus as S
 from megatron_navil.testing.loader_corpus import index
-from megatron_navil.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,7 +149,7 @@ def test_kill_during_training_then_resume(reference, shards, tmp_path):
     _kill_tree(proc.pid)
     proc.wait(timeout=30)
     killed = _losses(progress)
-    chosen = ckpt.latest(tmp_path / "ckpt")
+    chosen = latest(tmp_path / "ckpt")
     assert chosen is not None
     resumed_from = int(chosen.name.split("_")[1])
     # Killed mid-run: after step 3's log, before the end (the saves are at 2, 4 and 6).
@@ -163,7 +164,7 @@ def test_kill_during_training_then_resume(reference, shards, tmp_path):
 def test_kill_inside_a_checkpoint_save_then_resume(reference, shards, tmp_path):
     # Every save sleeps 2 s after writing the model/optimizer shards (before the RNG states,
     # train_state.json and the rename): the kill lands inside the second save, iter 4.
-    delay = {ckpt.SAVE_DELAY_ENV: "2"}
+    delay = {SAVE_DELAY_ENV: "2"}
     proc = _start(shards, tmp_path, "log1", env=delay)
     half = tmp_path / "ckpt" / "iter_0000004.tmp"
     _wait_for(lambda: (half / "metadata.json").is_file(), proc, "the save of iteration 4")
@@ -171,14 +172,14 @@ def test_kill_inside_a_checkpoint_save_then_resume(reference, shards, tmp_path):
     _kill_tree(proc.pid)
     proc.wait(timeout=30)
     assert half.is_dir() and not (half / "train_state.json").exists()
-    assert ckpt.complete_iterations(tmp_path / "ckpt") == [2]
-    assert ckpt.latest(tmp_path / "ckpt").name == "iter_0000002"  # never the .tmp
+    assert complete_iterations(tmp_path / "ckpt") == [2]
+    assert latest(tmp_path / "ckpt").name == "iter_0000002"  # never the .tmp
     _finish(_start(shards, tmp_path, "log2", "--load", str(tmp_path / "ckpt")), tmp_path, "log2")
     again = _losses(tmp_path / "log2" / "progress.txt")
     assert sorted(again) == list(range(3, STEPS + 1))
     assert again == {s: reference["losses"][s] for s in again}  # bit-exact
     assert not half.exists()  # the resumed run's own save of iteration 4 replaced it
-    assert ckpt.complete_iterations(tmp_path / "ckpt") == [2, 4, 6]  # --keep-last 3
+    assert complete_iterations(tmp_path / "ckpt") == [2, 4, 6]  # --keep-last 3
 
 
 def test_resume_at_another_layout_and_init_from_a_checkpoint(reference, shards, tmp_path):

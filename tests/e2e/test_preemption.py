@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_navil.parallel.spawn import free_port
 from megatron_navil.testing.loader_corpus import index
-from megatron_navil.testing.multiproc import free_port
 from megatron_navil.testing.synthetic_corpus import write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,7 +26,13 @@ def test_tiny_pretraining_run(tmp_path):
     log = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, log
     assert "== 3b. resume from the checkpoint" in proc.stdout, log
-    steps = [json.loads(x) for x in (out / "logs" / "progress.txt").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "logs" / "progress.txt").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    # held-out loss every quarter (4 steps), in both runs; it falls as the model learns
+    evals = [x for x in lines if "eval_loss" in x]
+    assert [e["step"] for e in evals] == [4, 8, 12, 16], evals
+    assert list(evals[0]["eval_losses"]) == ["val"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals
     # One log line per step over both runs: 1..8, then the resumed 9..16.
     assert [s["step"] for s in steps] == list(range(1, 17))
     assert all(s["skipped"] is False for s in steps)

@@ -1,4 +1,4 @@
-"""Captioning (training/caption.py, tools/caption.py) and the synthetic caption grammar.
+"""Captioning (inference/, checkpoint/model.py, tools/caption.py), the caption grammar.
 
 * grammar: every caption the generator can produce parses back (the whole enumerated support,
   and make_scene over seeds), the enumerated distribution is the generator's, chance levels;
@@ -31,14 +31,29 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_navil.checkpoint.directory import resolve_checkpoint
+from megatron_navil.checkpoint.model import load_model, model_special_ids
+from megatron_navil.config.tokens import IGNORE_INDEX, IMAGE_BLOCK_TOKENS
 from megatron_navil.data.assemble import PackedSequenceBuilder
-from megatron_navil.data.batch import IGNORE_INDEX
-from megatron_navil.data.shards import ShardDataset
+from megatron_navil.data.shards.corpus import ShardDataset
 from megatron_navil.data.tokenizer import TextTokenizer
+from megatron_navil.inference.generate import (
+    Captioner,
+    CaptionResult,
+    Generation,
+    caption_all,
+)
+from megatron_navil.inference.inputs import (
+    CaptionError,
+    dataset_inputs,
+    image_inputs,
+    indexer_settings,
+    prompt_length,
+)
+from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.testing import synthetic_corpus as S
+from megatron_navil.testing.caption_scores import caption_metrics
 from megatron_navil.testing.loader_corpus import index
-from megatron_navil.testing.multiproc import run_distributed
-from megatron_navil.training import caption as C
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_VAL = 6
@@ -150,7 +165,7 @@ def test_parse_failures_and_partial_credit():
 def test_prompt_is_the_training_prompt_and_pixels_are_the_loaders(corpus):
     ds = ShardDataset(corpus / "val")
     tok = TextTokenizer(corpus / "val" / "tokenizer.json")
-    inputs = list(C.dataset_inputs(ds, tok))
+    inputs = list(dataset_inputs(ds, tok))
     assert len(inputs) == NUM_VAL
     builder = PackedSequenceBuilder([ds], 4096, pad=False)
     records = _val_records(corpus)
@@ -174,20 +189,20 @@ def test_image_files_give_the_indexed_samples_input(corpus):
     ds = ShardDataset(corpus / "val")
     tok = TextTokenizer(corpus / "val" / "tokenizer.json")
     records = _val_records(corpus)
-    from_data = list(C.dataset_inputs(ds, tok))
+    from_data = list(dataset_inputs(ds, tok))
     for i, rec in enumerate(records[:3]):
         prompt = rec["conversations"][0]["value"].removeprefix("<image>\n")
         path = corpus / "src" / rec["image"]
-        (inp,) = C.image_inputs([path], tok, ds.manifest["settings"], prompt)
+        (inp,) = image_inputs([path], tok, ds.manifest["settings"], prompt)
         assert inp.reference is None and inp.source == str(path)
         assert torch.equal(inp.input_ids, from_data[i].input_ids)
         assert torch.equal(inp.patches, from_data[i].patches)
         assert torch.equal(inp.vision_cu_seqlens, from_data[i].vision_cu_seqlens)
     # the config's rules give the same geometry as the tiny-config index
-    settings = C.indexer_settings(_tiny_cfg(), "qwen3-chat")
+    settings = indexer_settings(_tiny_cfg(), "qwen3-chat")
     assert settings["image"] == ds.manifest["settings"]["image"]
-    with pytest.raises(C.CaptionError, match="missing_image"):
-        C.image_inputs([corpus / "nope.png"], tok, settings, "Describe the image.")
+    with pytest.raises(CaptionError, match="missing_image"):
+        image_inputs([corpus / "nope.png"], tok, settings, "Describe the image.")
 
 
 def _tiny_cfg():
@@ -197,11 +212,11 @@ def _tiny_cfg():
 
 
 def test_prompt_length_errors():
-    with pytest.raises(C.CaptionError, match="no loss-masked"):
-        C.prompt_length(np.zeros(4, bool))
-    with pytest.raises(C.CaptionError, match="no prompt"):
-        C.prompt_length(np.array([True, False]))
-    assert C.prompt_length(np.array([False, False, True, True])) == 2
+    with pytest.raises(CaptionError, match="no loss-masked"):
+        prompt_length(np.zeros(4, bool))
+    with pytest.raises(CaptionError, match="no prompt"):
+        prompt_length(np.array([True, False]))
+    assert prompt_length(np.array([False, False, True, True])) == 2
 
 
 # ---- generation with a scripted model --------------------------------------------------------
@@ -233,7 +248,7 @@ class _Scripted(torch.nn.Module):
 def inputs(corpus):
     ds = ShardDataset(corpus / "val")
     tok = TextTokenizer(corpus / "val" / "tokenizer.json")
-    return tok, list(C.dataset_inputs(ds, tok))
+    return tok, list(dataset_inputs(ds, tok))
 
 
 def test_generation_stops_at_im_end_and_at_the_limit(inputs):
@@ -241,30 +256,30 @@ def test_generation_stops_at_im_end_and_at_the_limit(inputs):
     words = tok.encode_text("two red circles")
     end = tok.special_ids["<|im_end|>"]
     t = int(inp.input_ids.shape[0])
-    banned = [tok.special_ids[x] for x in C.IMAGE_BLOCK_TOKENS]
+    banned = [tok.special_ids[x] for x in IMAGE_BLOCK_TOKENS]
     model = _Scripted([*words, end, *words], t, boost=banned)
-    gen = C.Captioner(model, tok, max_new_tokens=20).generate(inp)
+    gen = Captioner(model, tok, max_new_tokens=20).generate(inp)
     assert gen.stop == "im_end" and gen.token_ids == words and gen.text == "two red circles"
     assert len(model.seen) == len(words) + 1  # one forward per step, the whole sequence
     for k, seen in enumerate(model.seen):
         assert torch.equal(seen[:t], inp.input_ids) and seen[t:].tolist() == words[:k]
     model = _Scripted(words, t)
-    gen = C.Captioner(model, tok, max_new_tokens=2).generate(inp)
+    gen = Captioner(model, tok, max_new_tokens=2).generate(inp)
     assert gen.stop == "max_new_tokens" and gen.token_ids == words[:2]
     with pytest.raises(ValueError, match="max_new_tokens"):
-        C.Captioner(model, tok, max_new_tokens=0)
+        Captioner(model, tok, max_new_tokens=0)
 
 
 def test_perfect_generator_scores_one(inputs, monkeypatch):
     tok, items = inputs
 
     def perfect(self, inps):
-        return [C.Generation([], inp.reference, "im_end") for inp in inps]
+        return [Generation([], inp.reference, "im_end") for inp in inps]
 
-    monkeypatch.setattr(C.Captioner, "generate_batch", perfect)
-    captioner = C.Captioner(_Scripted([0], 0), tok)
-    results = C.caption_all(captioner, items)
-    metrics = C.caption_metrics(results)
+    monkeypatch.setattr(Captioner, "generate_batch", perfect)
+    captioner = Captioner(_Scripted([0], 0), tok)
+    results = caption_all(captioner, items)
+    metrics = caption_metrics(results)
     assert metrics.grammar and metrics.samples == NUM_VAL
     for name in ("exact", "parsed", *S.FIELDS):
         assert metrics.metrics[name]["accuracy"] == 1.0, name
@@ -272,8 +287,8 @@ def test_perfect_generator_scores_one(inputs, monkeypatch):
     table = metrics.table()
     assert "position" in table and "chance" in table.splitlines()[0]
     # not the synthetic grammar: exact match only, no chance level
-    other = [C.CaptionResult("x", "hello", "hello", "im_end", 3, 1, True)]
-    m = C.caption_metrics(other)
+    other = [CaptionResult("x", "hello", "hello", "im_end", 3, 1, True)]
+    m = caption_metrics(other)
     assert not m.grammar and m.metrics["exact"]["accuracy"] == 1.0
     assert math.isnan(m.metrics["exact"]["chance"])
 
@@ -284,25 +299,27 @@ def test_perfect_generator_scores_one(inputs, monkeypatch):
 def _real_model_run(root: str) -> dict:
     import warnings
 
+    from megatron_navil.checkpoint.store import save
     from megatron_navil.config.registry import get_config
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
-    from megatron_navil.training import checkpoint as ckpt
 
     warnings.filterwarnings("ignore")
     initialize(seed=3)
     root_p = Path(root)
     cfg = get_config("tiny")
     tok = TextTokenizer(root_p / "val" / "tokenizer.json")
-    (model,) = build_model(cfg, transformer_config(cfg), special_ids=C.model_special_ids(tok))
-    ckpt.save(root_p / "ckpt", 5, [model], None, {})
-    path = C.resolve_checkpoint(root_p / "ckpt")
-    loaded = C.load_model(cfg, path, tok)
+    (model,) = build_model(
+        cfg, transformer_config(cfg), special_ids=model_special_ids(tok.special_ids)
+    )
+    save(root_p / "ckpt", 5, [model], None, {})
+    path = resolve_checkpoint(root_p / "ckpt")
+    loaded = load_model(cfg, path, tok.special_ids)
     want, got = model.state_dict(), loaded.state_dict()
     tensors = [k for k, v in want.items() if isinstance(v, torch.Tensor)]
     same = bool(tensors) and all(torch.equal(want[k], got[k]) for k in tensors)
     ds = ShardDataset(root_p / "val")
-    items = list(C.dataset_inputs(ds, tok))
+    items = list(dataset_inputs(ds, tok))
     calls: list[dict] = []
     forward = loaded.forward
 
@@ -311,10 +328,10 @@ def _real_model_run(root: str) -> dict:
         return forward(**kwargs)
 
     loaded.forward = spy
-    captioner = C.Captioner(loaded, tok, max_new_tokens=4)
-    first = C.caption_all(captioner, items, batch_size=1)
+    captioner = Captioner(loaded, tok, max_new_tokens=4)
+    first = caption_all(captioner, items, batch_size=1)
     first_calls = list(calls)
-    second = C.caption_all(captioner, items, batch_size=4)  # packed: 4 + 2 samples
+    second = caption_all(captioner, items, batch_size=4)  # packed: 4 + 2 samples
     batched_calls = calls[len(first_calls) :]
 
     # Memorise the split with training-loader batches (all six samples packed in one
@@ -333,8 +350,8 @@ def _real_model_run(root: str) -> dict:
         loss.backward()
         opt.step()
     loaded.eval()
-    memorised = C.caption_all(C.Captioner(loaded, tok, max_new_tokens=40), items)
-    one_by_one = C.caption_all(C.Captioner(loaded, tok, max_new_tokens=40), items, batch_size=1)
+    memorised = caption_all(Captioner(loaded, tok, max_new_tokens=40), items)
+    one_by_one = caption_all(Captioner(loaded, tok, max_new_tokens=40), items, batch_size=1)
     # pickled here, by value: torch's queue pickler shares tensors through file descriptors
     # that die with this process
     return pickle.dumps(
@@ -358,6 +375,7 @@ def real(corpus) -> dict:
     return pickle.loads(run_distributed(_real_model_run, 1, str(corpus), timeout=400)[0])
 
 
+@pytest.mark.slow
 def test_real_model_captions(real, corpus):
     assert real["same_weights"]
     assert real["path"].endswith("iter_0000005")
@@ -390,13 +408,14 @@ def test_real_model_captions(real, corpus):
     assert len(bounds) - 1 == sum(len(i.vision_cu_seqlens) - 1 for i in real["items"][:4])
 
 
+@pytest.mark.slow
 def test_memorised_split_is_captioned_exactly(real):
     assert real["final_loss"] < 0.05
     results = real["memorised"]
     assert all(r.stop == "im_end" for r in results)
     assert [r.generated for r in results] == [r.reference for r in results]
     assert [r.generated for r in real["one_by_one"]] == [r.generated for r in results]
-    metrics = C.caption_metrics(results)
+    metrics = caption_metrics(results)
     assert metrics.metrics["exact"]["accuracy"] == 1.0
     assert metrics.metrics["position"]["accuracy"] == 1.0
 
@@ -427,6 +446,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, match):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
@@ -458,6 +478,7 @@ def test_cli_bad_input_with_a_checkpoint(real, corpus, tmp_path, capsys, extra, 
     assert len(err.strip().splitlines()) == 1 and match in err, err
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(real, corpus, tmp_path):
     out = tmp_path / "captions.json"
     image = corpus / "src" / "images" / "val" / "000000.png"
@@ -484,6 +505,7 @@ def test_cli_end_to_end(real, corpus, tmp_path):
     assert payload["metrics"]["parsed"]["chance"] is None
 
 
+@pytest.mark.slow
 def test_cli_default_tokenizer_of_a_corpus_whose_tokenizer_lacked_the_navil_tokens(
     real, corpus, tmp_path, capsys
 ):

@@ -1,5 +1,6 @@
-"""config/io.py: configs written into checkpoints and ``--config NAME|PATH`` resolution, and the
-train entry's choice between an explicit --config and the one a checkpoint carries."""
+"""config/io.py and checkpoint/config.py: configs written into checkpoints and ``--config
+NAME|PATH`` resolution, and the train entry's choice between an explicit --config and the one
+a checkpoint carries."""
 
 from __future__ import annotations
 
@@ -10,15 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron_navil.checkpoint.config import checkpoint_config_file, resolve_config
 from megatron_navil.config import get_config
-from megatron_navil.config.io import (
-    CONFIG_FILE,
-    checkpoint_config_file,
-    config_from_dict,
-    config_to_dict,
-    resolve_config,
-    write_config,
-)
+from megatron_navil.config.io import CONFIG_FILE, config_from_dict, config_to_dict, write_config
 
 
 def _odd():

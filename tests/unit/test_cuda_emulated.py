@@ -21,6 +21,8 @@ import torch
 
 from megatron_navil.ops import merged_grid_reference, patchify_batch
 
+pytestmark = pytest.mark.slow  # compiles the kernel's CPU emulation in a subprocess (about 40 s)
+
 ROOT = Path(__file__).resolve().parents[2]
 EMU = Path(__file__).resolve().parent / "cuda_emulation"
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))

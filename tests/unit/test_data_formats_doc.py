@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from megatron_navil.data.shards import ShardDataset
+from megatron_navil.data.shards.corpus import ShardDataset
 from megatron_navil.testing.synthetic_corpus import train_tokenizer, vocabulary_text
 
 ROOT = Path(__file__).resolve().parents[2]

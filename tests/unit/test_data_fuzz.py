@@ -19,8 +19,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from megatron_navil.data import indexer as ix
-from megatron_navil.data.shards import ShardDataset, ShardError, expand_image_blocks
+from megatron_navil.data.indexer.inputs import DatasetSpec, datasets_from_inputs
+from megatron_navil.data.indexer.manifest import finalize, save_tokenizer_copy
+from megatron_navil.data.indexer.plan import make_plan, prepare_output
+from megatron_navil.data.indexer.samples import SampleBuilder
+from megatron_navil.data.indexer.settings import (
+    SKIP_REASONS,
+    ImageSettings,
+    IndexFatal,
+    Settings,
+    Skip,
+)
+from megatron_navil.data.indexer.units import Progress, process_unit, run_units
+from megatron_navil.data.shards.corpus import ShardDataset
+from megatron_navil.data.shards.format import ShardError
+from megatron_navil.data.shards.samples import expand_image_blocks
 from megatron_navil.data.tokenizer import TextTokenizer
 from megatron_navil.testing.synthetic_corpus import write_corpus
 
@@ -53,13 +66,13 @@ def env(tmp_path_factory):
         Image.fromarray(rgb).save(buf, format=fmt)
         images.append(buf.getvalue())
     out = root / "corpus"
-    specs = ix.datasets_from_inputs([str(root / "syn" / "train.jsonl")], None)
-    plan = ix.make_plan(specs, ix.Settings(samples_per_shard=3, image=_tiny()), tok)
-    ix.prepare_output(out, plan)
-    ix.save_tokenizer_copy(out, tok)
-    ix.run_units(out, plan, str(tok.path), list(range(len(plan["units"]))), 1, False, _noop)
-    ix.finalize(out)
-    builder = ix.SampleBuilder(plan, tok)
+    specs = datasets_from_inputs([str(root / "syn" / "train.jsonl")], None)
+    plan = make_plan(specs, Settings(samples_per_shard=3, image=_tiny()), tok)
+    prepare_output(out, plan)
+    save_tokenizer_copy(out, tok)
+    run_units(out, plan, str(tok.path), list(range(len(plan["units"]))), 1, False, _noop)
+    finalize(out)
+    builder = SampleBuilder(plan, tok)
     return {
         "root": root,
         "tok": tok,
@@ -70,8 +83,8 @@ def env(tmp_path_factory):
     }
 
 
-def _tiny() -> ix.ImageSettings:
-    return ix.ImageSettings(min_patches=4, max_patches=64, config="tiny")
+def _tiny() -> ImageSettings:
+    return ImageSettings(min_patches=4, max_patches=64, config="tiny")
 
 
 def _noop(*_):
@@ -104,6 +117,7 @@ OPS = st.lists(
 )
 
 
+@pytest.mark.slow
 @fuzz(450)
 @given(which=st.integers(0, 8), ops=OPS)
 def test_fuzz_jsonl_lines(env, which, ops):
@@ -111,26 +125,26 @@ def test_fuzz_jsonl_lines(env, which, ops):
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         (d / "in.jsonl").write_bytes(line + b"\n")
-        specs = [ix.DatasetSpec("in", "jsonl", (str(d / "in.jsonl"),), str(env["root"] / "syn"))]
-        plan = ix.make_plan(specs, ix.Settings(image=_tiny(), max_tokens=4096), env["tok"])
+        specs = [DatasetSpec("in", "jsonl", (str(d / "in.jsonl"),), str(env["root"] / "syn"))]
+        plan = make_plan(specs, Settings(image=_tiny(), max_tokens=4096), env["tok"])
         out = d / "out"
-        ix.prepare_output(out, plan)
+        prepare_output(out, plan)
         markers = [
-            ix.process_unit(out, plan, u, ix.SampleBuilder(plan, env["tok"]), False, ix.Progress())
+            process_unit(out, plan, u, SampleBuilder(plan, env["tok"]), False, Progress())
             for u in range(len(plan["units"]))
         ]
         records = sum(m["records"] for m in markers)
         written = sum(m["written"] for m in markers)
         skipped = sum(e["count"] for m in markers for e in m["skipped"].values())
         assert records == written + skipped
-        assert all(r in ix.SKIP_REASONS for m in markers for r in m["skipped"])
-        ix.save_tokenizer_copy(out, env["tok"])
+        assert all(r in SKIP_REASONS for m in markers for r in m["skipped"])
+        save_tokenizer_copy(out, env["tok"])
         if written == 0:  # every record skipped: no manifest, one-line error
-            with pytest.raises(ix.IndexFatal, match=r"^no sample indexed: "):
-                ix.finalize(out)
+            with pytest.raises(IndexFatal, match=r"^no sample indexed: "):
+                finalize(out)
             assert not (out / "manifest.json").exists()
             return
-        ix.finalize(out)
+        finalize(out)
         ds = ShardDataset(out)
         special = ds.special_ids
         for i in range(len(ds)):
@@ -147,7 +161,7 @@ def test_fuzz_image_bytes(env, which, ops):
     raw = _mutate(env["images"][which], ops)
     try:
         entry = env["builder"].image(raw)
-    except ix.Skip as skip:
+    except Skip as skip:
         assert skip.reason in ("corrupt_image", "zero_size_image", "bad_aspect")
         assert "\n" not in skip.detail
         return
@@ -159,6 +173,7 @@ def test_fuzz_image_bytes(env, which, ops):
 SHARD_FILES = ("bin", "idx", "manifest")
 
 
+@pytest.mark.slow
 @fuzz(300)
 @given(target=st.integers(0, 10**6), ops=OPS)
 def test_fuzz_shard_bytes(env, target, ops):

@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from megatron_navil.config.tokens import IGNORE_INDEX
 from megatron_navil.data.assemble import PackedSequenceBuilder, load_image_scales
-from megatron_navil.data.batch import IGNORE_INDEX, PackedBatch, loss_weights
+from megatron_navil.data.batch import PackedBatch, loss_weights
 from megatron_navil.data.loader import build_data_loader
-from megatron_navil.data.shards import ShardDataset
+from megatron_navil.data.shards.corpus import ShardDataset
 from megatron_navil.ops import patchify_batch_reference
 
 SEQ = 256
@@ -48,12 +49,6 @@ def _take(loader, n):
 @pytest.fixture(scope="module")
 def batches(datasets):
     return _take(_loader(datasets), 24)
-
-
-def test_ignore_index_matches_the_model():
-    from megatron_navil.models.navil import IGNORE_INDEX as MODEL_IGNORE
-
-    assert IGNORE_INDEX == MODEL_IGNORE
 
 
 def test_batch_layout(batches, datasets):
@@ -313,9 +308,10 @@ def _model_loss(batch: PackedBatch, special_ids: tuple[int, ...]) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_a_loader_batch_trains_the_tiny_model(datasets, batches):
-    from megatron_navil.config.model import SPECIAL_TOKENS
-    from megatron_navil.testing.multiproc import run_distributed
+    from megatron_navil.config.tokens import SPECIAL_TOKENS
+    from megatron_navil.parallel.spawn import run_distributed
 
     vocab = datasets[0].manifest["tokenizer"]["vocab_size"]
     batch = next(b for b in batches if b.patches.shape[0] and (b.labels != IGNORE_INDEX).any())

@@ -13,21 +13,13 @@ from PIL import Image
 
 from megatron_navil.config import SPECIAL_TOKENS
 from megatron_navil.data.images import ImageRejected, prepare_image
-from megatron_navil.data.shards import (
-    HEADER_DTYPE,
-    HEADER_SIZE,
-    IMAGE_RULE,
-    SAMPLE_DTYPE,
-    ImageEntry,
-    ShardDataset,
-    ShardError,
-    ShardReader,
-    ShardWriter,
-    expand_image_blocks,
-    loss_runs,
-)
+from megatron_navil.data.shards.corpus import IMAGE_RULE, ShardDataset
+from megatron_navil.data.shards.format import HEADER_DTYPE, HEADER_SIZE, SAMPLE_DTYPE, ShardError
+from megatron_navil.data.shards.reader import ShardReader
+from megatron_navil.data.shards.samples import ImageEntry, expand_image_blocks, loss_runs
+from megatron_navil.data.shards.writer import ShardWriter
 from megatron_navil.data.templates import Renderer
-from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError
+from megatron_navil.data.tokenizer import SENTENCEPIECE_RULE, TextTokenizer, TokenizerError
 from megatron_navil.ops import image_token_layout, merged_grid, scales_for_image
 from megatron_navil.testing.synthetic_corpus import train_tokenizer
 
@@ -220,6 +212,33 @@ def test_corpus_of_another_image_rule_is_refused(tmp_path):
     del manifest["image"]
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="malformed manifest"):
+        ShardDataset(root)
+
+
+def test_sentencepiece_corpus_of_another_tokenizer_rule_is_refused(tmp_path):
+    """A sentencepiece corpus indexed before the HF-slow rule (every separately encoded piece,
+    e.g. each assistant answer, began with a dummy-prefix '▁') has no ``tokenizer["rule"]``:
+    refused in one line; an HF ``tokenizer.json`` corpus needs no rule."""
+    root = _corpus(tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["tokenizer"]["kind"] = "hf"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    ShardDataset(root)
+    manifest["tokenizer"].update(kind="sentencepiece", rule=SENTENCEPIECE_RULE)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    ShardDataset(root)
+    del manifest["tokenizer"]["rule"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError) as err:
+        ShardDataset(root)
+    assert str(err.value) == (
+        f"corpus {root} was indexed with the old sentencepiece rule (a dummy-prefix '▁' before "
+        "every separately encoded piece, e.g. each assistant answer); this version tokenises as "
+        "the model's HF tokenizer does: re-index it with tools/index_corpus.py"
+    )
+    manifest["tokenizer"]["rule"] = "hf-slow-2"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"^corpus .* sentencepiece rule 'hf-slow-2'; this ver"):
         ShardDataset(root)
 
 

@@ -72,6 +72,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_json_parses():
     proc = _run_cli("--json")
     assert proc.returncode == 0, proc.stderr
@@ -79,6 +80,7 @@ def test_cli_json_parses():
     assert set(info) == EXPECTED_KEYS
 
 
+@pytest.mark.slow
 def test_cli_table():
     proc = _run_cli()
     assert proc.returncode == 0, proc.stderr
@@ -106,6 +108,7 @@ def test_transformer_engine_range_from_megatron_core_metadata():
         assert isinstance(info["transformer_engine_in_range"], bool)
 
 
+@pytest.mark.slow
 def test_cli_require():
     """--require: exit 0 when the checks hold, 1 and one line naming each failed check."""
     ok = subprocess.run(

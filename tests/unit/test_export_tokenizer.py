@@ -30,11 +30,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_navil.config.model import SPECIAL_TOKENS
+from megatron_navil.config.tokens import CONTROL_TOKENS, SPECIAL_TOKENS
 from megatron_navil.conversion.export import write_tokenizer
 from megatron_navil.conversion.mapping import ConversionError
 from megatron_navil.conversion.tokenizer_export import write_tokenizer_files
-from megatron_navil.data.tokenizer import CONTROL_TOKENS, TextTokenizer, TokenizerError
+from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError
 from megatron_navil.hf.processing_navil import CHAT_TEMPLATES
 
 HERE = Path(__file__).resolve().parent
@@ -409,6 +409,7 @@ def test_unknown_template(sources, tmp_path):
 # ---- loading in both transformers versions ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_loads_in_current_transformers(exports, tmp_path):
     import transformers
 
@@ -470,6 +471,7 @@ def tf451_python() -> str:
     return str(python)
 
 
+@pytest.mark.slow
 def test_loads_in_transformers_4_51(exports, tf451_python, tmp_path):
     report = _run_probe(tf451_python, _spec(exports), tmp_path)
     loaded = _check(exports, report, TF451)

@@ -16,6 +16,7 @@ import dataclasses
 import pytest
 import torch
 
+from megatron_navil.config.compare import same_model
 from megatron_navil.config.registry import get_config
 from megatron_navil.conversion import hf_config
 from megatron_navil.conversion.hf_io import SafetensorsDir, ShardedWriter
@@ -85,7 +86,7 @@ def test_config_round_trip(case):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_navil.NaViL"
     assert config["model_type"] == "navil_chat" and config["architectures"] == ["NaViL"]
     back = hf_config.from_hf_config(config)
-    assert hf_config.same_model(cfg, back) == []
+    assert same_model(cfg, back) == []
     assert back.language.wo_then_wo_ve == cfg.language.wo_then_wo_ve
     assert hf_config.special_token_ids_of(config) == IDS
 
@@ -146,7 +147,7 @@ def test_exported_config_is_what_the_released_code_reads(name):
     raster = cfg.replace(vision=dataclasses.replace(cfg.vision, window_size=None))
     assert "raster token order" in hf_config.released_code_can_load(raster)
     assert R.check_config(config)  # refused by the released code
-    assert hf_config.same_model(hf_config.from_hf_config(config), llama) == []
+    assert same_model(hf_config.from_hf_config(config), llama) == []
 
 
 def test_check_names_names_the_tensor():

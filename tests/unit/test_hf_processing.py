@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_navil import ops
-from megatron_navil.config.model import SPECIAL_TOKENS
+from megatron_navil.config.tokens import SPECIAL_TOKENS
 from megatron_navil.hf import processing_navil as P
 
 # (patch, merge, min_patches, max_patches): NaViL's and the tiny config's rules
@@ -114,11 +114,16 @@ def test_processor_packs_scales_in_order():
 
 def test_standalone_copies_of_the_prompt_constants_agree():
     """hf/ (shipped inside exports) and the independent reference keep their own copies of
-    InternVL's default system message and the special-token list, on purpose: equal here."""
+    InternVL's default system message, the special-token lists and the no-loss label, on
+    purpose: equal to config's here."""
+    from megatron_navil.config import tokens as T
     from megatron_navil.config.model import CHAT_TEMPLATES, DEFAULT_SYSTEM_MESSAGE
     from megatron_navil.hf import configuration_navil as HC
     from megatron_navil.testing import official_reference as R
 
     assert HC.DEFAULT_SYSTEM_MESSAGE == R.DEFAULT_SYSTEM_MESSAGE == DEFAULT_SYSTEM_MESSAGE
     assert R.SPECIAL_TOKEN_LIST == SPECIAL_TOKENS == P.SPECIAL_TOKENS
+    assert P.VISUAL_TOKENS == T.VISUAL_TOKENS
+    assert P.IMAGE_BLOCK_TOKENS == T.IMAGE_BLOCK_TOKENS
+    assert P.IGNORE_INDEX == T.IGNORE_INDEX
     assert set(P.CHAT_TEMPLATES) == set(CHAT_TEMPLATES)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from megatron_navil.config.model import DEFAULT_SYSTEM_MESSAGE
 from megatron_navil.config.registry import get_config
-from megatron_navil.data.shards import ShardDataset
+from megatron_navil.data.shards.corpus import ShardDataset
 from megatron_navil.data.tokenizer import TextTokenizer
 from megatron_navil.ops import merged_grid, scales_for_image
 from megatron_navil.testing.synthetic_corpus import write_corpus
@@ -366,6 +366,7 @@ def test_num_shards_partitions_are_disjoint_and_complete(syn, tmp_path):
     assert _tree(merged) == _tree(tmp_path / "full")
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_byte_identical(syn, tmp_path):
     tok = syn / "tokenizer.json"
     args = ["--samples-per-shard", "5"]
@@ -562,8 +563,9 @@ def test_empty_targets_are_no_target(syn, tmp_path):
 
 
 def test_inference_prompt_with_empty_answer_still_builds(syn, tmp_path):
-    """training.caption.image_inputs ends its prompt with an empty answer on purpose."""
-    from megatron_navil.data.indexer import SampleBuilder, Skip
+    """inference.inputs.image_inputs ends its prompt with an empty answer on purpose."""
+    from megatron_navil.data.indexer.samples import SampleBuilder
+    from megatron_navil.data.indexer.settings import Skip
 
     _img(tmp_path / "a.png", 40, 40)
     tok = TextTokenizer(syn / "tokenizer.json")
@@ -580,7 +582,7 @@ def test_inference_prompt_with_empty_answer_still_builds(syn, tmp_path):
 def _settings_dict() -> dict:
     from dataclasses import asdict
 
-    from megatron_navil.data.indexer import ImageSettings, Settings
+    from megatron_navil.data.indexer.settings import ImageSettings, Settings
 
     b = get_config("tiny").image
     return asdict(Settings(image=ImageSettings(min_patches=b.min_patches,

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from megatron_navil.testing.multiproc import run_distributed
+from megatron_navil.parallel.spawn import run_distributed
 
 TOL = 1e-5
 
@@ -120,6 +120,7 @@ def parity() -> dict:
     return run_distributed(_parity_cases, 1)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["qwen3", "internlm2", "internlm2-wo-then-wo_ve"])
 @pytest.mark.parametrize("mix", ["mixed", "text-only", "visual-only"])
 def test_matches_compute_all_then_mask(parity, variant, mix):
@@ -127,6 +128,7 @@ def test_matches_compute_all_then_mask(parity, variant, mix):
     assert r["rel"] <= TOL and r["grad_rel"] <= TOL and r["param"] <= TOL, r
 
 
+@pytest.mark.slow
 def test_expert_without_tokens_gets_zero_gradient(parity):
     # Zero gradients (not None) for the idle expert's weights, so DDP and optimizers see them.
     text_only = parity["qwen3", "text-only"]["unused"]
@@ -136,6 +138,7 @@ def test_expert_without_tokens_gets_zero_gradient(parity):
     assert "mlp.experts.local_experts.0.linear_fc1.weight" in visual_only
 
 
+@pytest.mark.slow
 def test_topk_routing_stays_inside_modality_group(parity):
     r = parity["topk"]
     routing, visual = r["routing"], r["visual"]

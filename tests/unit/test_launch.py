@@ -26,7 +26,7 @@ COUNTS = {
 
 def _script(name: str, *args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
-    for k in ("STAGE", "DATA", "SAVE", "NNODES", "DRY_RUN", "TP", "PP"):
+    for k in ("STAGE", "DATA", "EVAL_DATA", "SAVE", "NNODES", "DRY_RUN", "TP", "PP"):
         base.pop(k, None)
     base["PYTHON"] = sys.executable
     return subprocess.run(
@@ -41,8 +41,10 @@ def _line(out: str, prefix: str) -> str:
     return found[0]
 
 
+@pytest.mark.slow
 def test_2b_dry_run_on_cpu():
-    proc = _script("pretrain_navil_2b.sh", "--dry-run", STAGE="s2", NNODES="8")
+    proc = _script("pretrain_navil_2b.sh", "--dry-run", STAGE="s2", NNODES="8",
+                   EVAL_DATA="/held/a /held/b", EVAL_INTERVAL="500")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     total, activated, vision = COUNTS["navil-2b"]
@@ -54,14 +56,22 @@ def test_2b_dry_run_on_cpu():
     # The planner's memory of this layout at S2 (README: 67 GiB), and it fits an 80 GB H100.
     assert _line(out, "peak ") == "peak 67.2 GiB on pp rank 0 + 6 GiB reserve fits in 79.6 GiB"
     # The paper's S2: 30k steps, LR 2e-5 cosine, WD 0.01; 2,234 samples ~ 147 sequences -> 128.
-    assert "30,000 steps, LR 2e-05 cosine" in _line(out, "recipe:")
+    # 128 sequences are ~1,944 samples, 13% fewer than the paper's 2,234: 34,475 steps instead
+    # of 30,000, so the stage still sees the paper's 67,020,000 samples
+    assert "34,475 steps, LR 2e-05 cosine" in _line(out, "recipe:")
+    assert _line(out, "batch:").endswith(
+        "(paper: 2,234 samples, -13.0%); 34,475 steps instead of the paper's 30,000, so the "
+        "stage sees its 67,020,000 samples"
+    )
     assert "weight decay 0.01" in _line(out, "recipe:")
     cmd = _line(out, "command:")
-    for part in ("--nnodes 8 --nproc-per-node 8", "--global-batch 128", "--steps 30000",
-                 "--max-patches 49152", "--stage s2", "-m megatron_navil.train"):  # fmt: skip
+    for part in ("--nnodes 8 --nproc-per-node 8", "--global-batch 128", "--steps 34475",
+                 "--max-patches 49152", "--stage s2", "-m megatron_navil.train",
+                 "--eval-data /held/a /held/b --eval-interval 500 --eval-iters 10"):  # fmt: skip
         assert part in cmd, (part, cmd)
 
 
+@pytest.mark.slow
 def test_9b_dry_run_with_slurm_rendezvous(tmp_path):
     # A stand-in scontrol: the first host of the node list becomes MASTER_ADDR. It prints
     # more than a pipe buffer of hosts, so a reader that stops early (`| head -n 1`) would
@@ -91,6 +101,7 @@ def test_9b_dry_run_with_slurm_rendezvous(tmp_path):
     assert "--tp 4 --pp 1" in cmd and "--global-batch 480" in cmd, cmd
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(L.visible_gpus() >= 8, reason="this machine has the GPUs")
 def test_not_enough_gpus_is_one_line():
     proc = _script("pretrain_navil_2b.sh", STAGE="s1.1", DATA="/nonexistent", SAVE="/tmp/x")
@@ -122,9 +133,17 @@ def test_batch_conversion_and_layout_errors():
     # 2B: 800B tokens / (70k x 7000 + 40k x 4614 + 30k x 2234) samples = 1,078.8 tokens each.
     assert L.paper_sample_tokens("navil-2b") == pytest.approx(800e9 / 741_580_000)
     plan = L.resolve(_args(nnodes=8))
-    assert (plan.dp, plan.steps, plan.samples_per_step) == (64, 70_000, 7_000)
+    assert (plan.dp, plan.paper_steps, plan.samples_per_step) == (64, 70_000, 7_000)
     # 7000 x 1078.8 / 16384 = 460.9 sequences -> the nearest multiple of DP=64.
     assert plan.global_batch == 448 and plan.micro_batches == 7
+    # 448 sequences are 6,804.0 samples: 70,000 x 7,000 / 6,804.0 steps see the paper's samples
+    assert plan.steps == round(70_000 * 7_000 / plan.batch_samples) == 72_016
+    kept = L.resolve(_args(nnodes=8, keep_steps=True))
+    assert (kept.global_batch, kept.steps) == (448, 70_000)
+    up = L.resolve(_args(nnodes=8, batch_rounding="up"))
+    down = L.resolve(_args(nnodes=8, batch_rounding="down"))
+    assert (up.global_batch, down.global_batch) == (512, 448)
+    assert up.steps * up.batch_samples == pytest.approx(70_000 * 7_000, rel=1e-4)
     assert plan.patches == 8192  # twice S1.1's 4,096 patches per image
     explicit = L.resolve(_args(nnodes=2, global_batch=32, steps=5))
     assert (explicit.global_batch, explicit.steps) == (32, 5)
@@ -134,6 +153,36 @@ def test_batch_conversion_and_layout_errors():
         L.resolve(_args(nnodes=1, tp=3))
     with pytest.raises(ValueError, match="--tp 16 does not divide the LLM's 8 kv_heads"):
         L.resolve(_args(config="navil-9b", nnodes=2, tp=16))
+
+
+def test_round_batch():
+    assert [L.round_batch(147.0, 64, r) for r in ("nearest", "down", "up")] == [128, 128, 192]
+    assert L.round_batch(160.0, 64) == 192  # 2.5 replicas: ties go up
+    assert L.round_batch(10.0, 64, "down") == 64  # never 0
+    with pytest.raises(ValueError, match="--batch-rounding 'odd'"):
+        L.round_batch(10.0, 8, "odd")
+
+
+@pytest.mark.slow  # two script runs in subprocesses
+def test_layout_that_does_not_fit_is_refused_with_alternatives():
+    """9B S2 on one node at the script's default TP4 (formerly printed DOES NOT FIT and exited
+    0; a real launch went ahead): exit 1 with one line naming fitting layouts, before the GPU
+    check; --force overrides."""
+    proc = _script("pretrain_navil_9b.sh", "--dry-run", STAGE="s2")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "DOES NOT FIT" in _line(proc.stdout, "peak ")
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        "pretrain_navil_9b.sh: TP4 PP1 DP2 does not fit: the planner's peak 84.7 GiB"
+    ), lines
+    assert "layouts that fit, fastest first: TP=" in lines[0] and "--force" in lines[0]
+    forced = _script("pretrain_navil_9b.sh", "--dry-run", "--force", STAGE="s2")
+    assert forced.returncode == 0, forced.stderr
+    # no dry run, no GPUs: the memory refusal comes first
+    real = L.main(["--config", "navil-9b", "--stage", "s2", "--tp", "4", "--data", "x",
+                   "--save", "y"])  # fmt: skip
+    assert real == 1
 
 
 def test_shellcheck_clean():

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from megatron_navil.testing.multiproc import run_distributed
+from megatron_navil.parallel.spawn import run_distributed
 
 
 def _per_token(model, batch):
@@ -29,8 +29,8 @@ def _error(fn) -> str:
 
 def _cases() -> dict:
     from megatron_navil.config.registry import get_config
+    from megatron_navil.config.tokens import IGNORE_INDEX
     from megatron_navil.models.build import build_model, meta_parameter_counts, transformer_config
-    from megatron_navil.models.navil import IGNORE_INDEX
     from megatron_navil.parallel import initialize
     from megatron_navil.testing import navil_run as N
     from megatron_navil.testing import tiny_gpt as T
@@ -107,6 +107,7 @@ def _sample_slices(res):
     return [slice(cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
 
 
+@pytest.mark.slow
 def test_perturbing_one_sample_leaves_the_others_bit_identical(res):
     s0, s1, s2, _pad = _sample_slices(res)
     base, text = res["base"], res["text_perturbed"]
@@ -117,6 +118,7 @@ def test_perturbing_one_sample_leaves_the_others_bit_identical(res):
     assert torch.equal(base[s1], image[s1]) and torch.equal(base[s2], image[s2])  # ...only
 
 
+@pytest.mark.slow
 def test_loss_only_on_text_targets(res):
     labels, base = res["labels"], res["base"]
     ignored = labels == -100
@@ -126,6 +128,7 @@ def test_loss_only_on_text_targets(res):
     assert torch.equal(res["silent"], torch.zeros_like(res["silent"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("key", "match"),
     [
@@ -154,6 +157,7 @@ def test_uneven_first_stage():
     assert [len(r) for r in stage_layer_ranges(8, 4, first_stage_layers=0)] == [0, 3, 3, 2]
 
 
+@pytest.mark.slow
 def test_meta_device_counts_match_the_paper(res):
     from megatron_navil.config.params import param_counts
     from megatron_navil.config.registry import get_config

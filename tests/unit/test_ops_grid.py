@@ -71,6 +71,7 @@ def _outcome(fn, *args):
         return ("ValueError", str(exc))
 
 
+@pytest.mark.slow
 @needs_native
 @settings(max_examples=300, deadline=None)
 @given(height=huge, width=huge, patch=patches, merge=merges)

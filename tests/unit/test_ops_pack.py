@@ -201,6 +201,7 @@ def pack_inputs(draw):
     return tokens, patches, seq_length, max_patches
 
 
+@pytest.mark.slow
 @needs_native
 @settings(max_examples=400, deadline=None)
 @given(pack_inputs())
@@ -333,6 +334,7 @@ print(plan.digest(), _native() is not None)
 """
 
 
+@pytest.mark.slow
 def test_deterministic_across_runs_and_processes():
     tokens, patches = realistic_pack_counts(50_000, seed=5)
     first = plan_packing(tokens, patches, SEQ_LENGTH, MAX_PATCHES, oversize="skip")

@@ -374,6 +374,7 @@ PARITY_SIZES = [
 ]
 
 
+@pytest.mark.slow
 @needs_qwen
 @pytest.mark.parametrize("cls", QWEN_CLASSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("norm", [NAVIL, CLIP], ids=["navil", "clip"])
@@ -494,6 +495,7 @@ SAME_AT_FACTOR_32 = [
 ]
 
 
+@pytest.mark.slow
 @needs_qwen
 @pytest.mark.parametrize("cls", QWEN_CLASSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize(("size", "target"), SAME_AT_FACTOR_32, ids=str)

@@ -5,7 +5,7 @@ behaviour", point 3). The reference here is a literal transcription of that chai
 tensors (``_demo_scales``): its budget is the demo's float32 tensor, and each step runs either
 a transcription of Qwen2-VL's smart_resize (factor 1) or transformers' own function on it.
 Sizes are (height, width) in pixels; a grid is merged_grid's padded patch grid. Layouts are
-int64 indices into config.model.SPECIAL_TOKENS.
+int64 indices into config.tokens.SPECIAL_TOKENS.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_navil.config.model import SPECIAL_TOKENS, ImageConfig
+from megatron_navil.config.model import ImageConfig
+from megatron_navil.config.tokens import SPECIAL_TOKENS
 from megatron_navil.ops import merged_grid, smart_resize
 from megatron_navil.ops import vmp as vmp_mod
 from megatron_navil.ops.positions import vision_cu_seqlens
@@ -197,7 +198,7 @@ def test_rejected_sizes():
 
 
 def test_config_defaults_agree():
-    from megatron_navil.data.indexer import ImageSettings
+    from megatron_navil.data.indexer.settings import ImageSettings
     from megatron_navil.hf import processing_navil
 
     assert NAVIL_SCALE_RATIO == 0.7071  # the released configs' value, not sqrt(2) / 2
@@ -314,6 +315,7 @@ def test_tiny_minimum_terminates():
     assert scales == _demo_scales(64, 64, 1, 1, 1, 64 * 64)
 
 
+@pytest.mark.slow
 @settings(max_examples=2000, deadline=None)
 @given(
     x=st.one_of(

@@ -1,4 +1,4 @@
-"""The layout planner (megatron_navil/training/planner.py, tools/plan_layout.py).
+"""The layout planner (megatron_navil/planning/, tools/plan_layout.py).
 
 - Parameter counts per pipeline stage equal the real modules built on the meta device, for the
   same layer assignment as build_model (uneven first stage, interleaving), per recipe group;
@@ -24,9 +24,15 @@ from pathlib import Path
 
 import pytest
 
+from megatron_navil.config.params import part_params
 from megatron_navil.config.registry import get_config
-from megatron_navil.testing.multiproc import run_distributed
-from megatron_navil.training import planner as P
+from megatron_navil.parallel.spawn import run_distributed
+from megatron_navil.planning.activations import stage_activations
+from megatron_navil.planning.flops import llm_flops, vision_flops
+from megatron_navil.planning.layout import GROUPS, Layout, vision_tp
+from megatron_navil.planning.memory import plan_memory
+from megatron_navil.planning.params import rank_params, stage_params
+from megatron_navil.planning.schedule import in_flight, schedule_order
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "plan_layout.py"
 
@@ -62,7 +68,7 @@ def _group_counts(model) -> dict[str, int]:
     from megatron_navil.training.recipes import _visual_expert_locals, parameter_group
 
     locals_ = _visual_expert_locals(model)
-    out = dict.fromkeys(P.GROUPS, 0)
+    out = dict.fromkeys(GROUPS, 0)
     for name, p in model.named_parameters():
         out[parameter_group(name, locals_)] += p.numel()
     return out
@@ -175,39 +181,41 @@ def group() -> list[dict]:
     return run_distributed(_group_work, 2, timeout=600)
 
 
-def _expected(name: str, layout: P.Layout, stage: int, ep_rank: int = 0) -> dict[str, int]:
-    p = P.stage_params(get_config(name), layout, stage, ep_rank)
-    return {g: p.dense[g] + p.expert[g] for g in P.GROUPS}
+def _expected(name: str, layout: Layout, stage: int, ep_rank: int = 0) -> dict[str, int]:
+    p = stage_params(get_config(name), layout, stage, ep_rank)
+    return {g: p.dense[g] + p.expert[g] for g in GROUPS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(STAGE_CASES))
 def test_stage_counts_equal_meta_modules(group, name):
     built = next(r["stages"][name] for r in group if name in r["stages"])
-    layout = P.Layout(**STAGE_CASES[name])
+    layout = Layout(**STAGE_CASES[name])
     assert len(built) == layout.stages
     for stage, counts in enumerate(built):
         assert counts == _expected(name, layout, stage), f"{name} stage {stage}"
 
 
+@pytest.mark.slow
 def test_tp_ep_shards_equal_the_real_model(group):
     for rank, res in enumerate(group):
         # TP=2: attention and LM head/embedding halve; norms, special table stay whole.
-        assert res["tiny_tp2"] == [_expected("tiny", P.Layout(tp=2), 0)]
+        assert res["tiny_tp2"] == [_expected("tiny", Layout(tp=2), 0)]
         # EP=2: rank 0 holds the text expert, rank 1 the visual one.
-        assert res["tiny_ep2"] == [_expected("tiny", P.Layout(ep=2, dp=2), 0, ep_rank=rank)]
+        assert res["tiny_ep2"] == [_expected("tiny", Layout(ep=2, dp=2), 0, ep_rank=rank)]
         # PP=2 x VPP=2: rank r holds virtual stages r and r + 2.
-        pp = P.Layout(pp=2, vpp=2)
+        pp = Layout(pp=2, vpp=2)
         assert res["tiny_pp2_vpp2"] == [
             _expected("tiny", pp, rank),
             _expected("tiny", pp, rank + 2),
         ]
         # navil-2b at TP=2: 23 vision heads do not split, the tower is replicated.
-        assert res["2b_tp2"] == [_expected("navil-2b", P.Layout(tp=2), 0)]
-    tp1 = _expected("tiny", P.Layout(), 0)
+        assert res["2b_tp2"] == [_expected("navil-2b", Layout(tp=2), 0)]
+    tp1 = _expected("tiny", Layout(), 0)
     tp2 = group[0]["tiny_tp2"][0]
     assert tp2["text_attention"] < tp1["text_attention"] and tp2["vision"] < tp1["vision"]
     b2 = group[0]["2b_tp2"][0]
-    assert b2["vision"] == P.vision_params(get_config("navil-2b"))  # whole tower
+    assert b2["vision"] == part_params(get_config("navil-2b")).vision  # whole tower
 
 
 def test_vision_tp_rule_matches_the_model():
@@ -216,7 +224,7 @@ def test_vision_tp_rule_matches_the_model():
     for name in ("tiny", "navil-2b", "navil-9b"):
         cfg = get_config(name)
         for tp in (1, 2, 4, 7, 8):
-            assert P._vision_tp(cfg, tp) == tp_size_for(cfg.vision, tp)
+            assert vision_tp(cfg, tp) == tp_size_for(cfg.vision, tp)
 
 
 def test_whole_model_equals_analytic_counts():
@@ -224,9 +232,10 @@ def test_whole_model_equals_analytic_counts():
 
     for name in ("tiny", "navil-2b", "navil-9b"):
         cfg = get_config(name)
-        assert P.rank_params(cfg, P.Layout(), 0).total == param_counts(cfg)["total"]
+        assert rank_params(cfg, Layout(), 0).total == param_counts(cfg)["total"]
 
 
+@pytest.mark.slow
 def test_saved_activations_match_the_formula(group):
     """Autograd's saved tensors (deduplicated by storage, parameters excluded) of one tiny
     forward at fp32 vs the kept-activation formula. Tolerance [0.95, 1.2]: the formula counts
@@ -234,11 +243,12 @@ def test_saved_activations_match_the_formula(group):
     attention's set and the routing index tensors are not modelled (measured 1.08)."""
     res = group[0]
     cfg = get_config("tiny")
-    layout = P.Layout(seq_length=4096, patches=res["patches"], dtype="fp32")
-    predicted = P.stage_activations(cfg, layout, 0).total
+    layout = Layout(seq_length=4096, patches=res["patches"], dtype="fp32")
+    predicted = stage_activations(cfg, layout, 0).total
     assert 0.95 <= res["saved"] / predicted <= 1.2, (res["saved"], predicted)
 
 
+@pytest.mark.slow
 def test_flops_match_counted_flops(group):
     """torch's FlopCounterMode over a tiny forward + backward (matmuls, and attention through
     the math SDPA backend) equals the formula exactly after two known differences: the
@@ -248,7 +258,7 @@ def test_flops_match_counted_flops(group):
     res = group[0]
     cfg = get_config("tiny")
     lm = cfg.language
-    predicted = P.llm_flops(cfg, res["samples"]) + P.vision_flops(cfg, res["segments"])
+    predicted = llm_flops(cfg, res["samples"]) + vision_flops(cfg, res["segments"])
     other_causal_half = sum(6 * lm.layers * lm.heads * lm.head_dim * s * s for s in res["samples"])
     patch_embed_input_grad = 2 * res["patches"] * cfg.vision.width * 3 * cfg.vision.patch**2
     expected = predicted + other_causal_half - patch_embed_input_grad
@@ -288,6 +298,7 @@ def _rss_step() -> dict:
     return {"delta": after - before, "patches": batch["patches"].shape[0]}
 
 
+@pytest.mark.slow
 def test_peak_memory_of_a_tiny_step():
     """Planner total (weights + grads + Adam + activations + backward workspace, fp32) vs the
     measured peak RSS growth of a training step on CPU, within [0.8, 1.3].
@@ -299,8 +310,8 @@ def test_peak_memory_of_a_tiny_step():
     megatron-core's bookkeeping (a few MiB). Measured: 330 MiB vs 326 MiB predicted."""
     res = run_distributed(_rss_step, 1, timeout=300)[0]
     cfg = get_config("tiny")
-    layout = P.Layout(seq_length=8192, patches=res["patches"], dtype="fp32")
-    predicted = P.plan_memory(cfg, layout)[0].total
+    layout = Layout(seq_length=8192, patches=res["patches"], dtype="fp32")
+    predicted = plan_memory(cfg, layout)[0].total
     assert predicted > 200 * 2**20  # activations dominate, RSS noise is small next to it
     assert 0.8 <= res["delta"] / predicted <= 1.3, (res["delta"] / 2**20, predicted / 2**20)
 
@@ -311,8 +322,8 @@ def test_peak_memory_of_a_tiny_step():
 @pytest.mark.parametrize("pp", [1, 2, 4])
 def test_1f1b_keeps_pp_minus_rank_micro_batches(pp):
     for rank in range(pp):
-        assert P.in_flight(pp, 1, 16, rank, [1.0]) == pp - rank
-    assert P.in_flight(4, 1, 2, 0, [1.0]) == 2  # fewer micro-batches than stages
+        assert in_flight(pp, 1, 16, rank, [1.0]) == pp - rank
+    assert in_flight(4, 1, 2, 0, [1.0]) == 2  # fewer micro-batches than stages
 
 
 @pytest.mark.parametrize("pp,vpp", [(2, 2), (4, 2), (4, 3)])
@@ -320,8 +331,8 @@ def test_interleaved_in_flight(pp, vpp):
     # Warm-up 2 (pp - rank - 1) + (vpp - 1) pp chunk forwards, + 1 in the steady state.
     for rank in range(pp):
         expected = 2 * (pp - rank - 1) + (vpp - 1) * pp + 1
-        assert P.in_flight(pp, vpp, 4 * pp, rank, [1.0] * vpp) == expected
-    order = P.schedule_order(pp, vpp, 2 * pp, 0)
+        assert in_flight(pp, vpp, 4 * pp, rank, [1.0] * vpp) == expected
+    order = schedule_order(pp, vpp, 2 * pp, 0)
     assert sorted(o for o in order if o[0] == "F") == sorted(
         ("F", c, m) for c in range(vpp) for m in range(2 * pp)
     )
@@ -329,32 +340,32 @@ def test_interleaved_in_flight(pp, vpp):
 
 def test_stage0_memory_grows_with_pp_and_recompute_helps():
     cfg = get_config("navil-9b")
-    base = P.Layout(tp=4, dp=8, patches=16384)
-    one = P.plan_memory(cfg, base)[0]
-    two = P.plan_memory(cfg, P.Layout(tp=4, pp=2, dp=4, patches=16384))[0]
+    base = Layout(tp=4, dp=8, patches=16384)
+    one = plan_memory(cfg, base)[0]
+    two = plan_memory(cfg, Layout(tp=4, pp=2, dp=4, patches=16384))[0]
     assert two.in_flight == 2 and two.activations > 0.9 * one.activations
-    full = P.plan_memory(cfg, P.Layout(tp=4, dp=8, patches=16384, recompute="full"))[0]
-    sel = P.plan_memory(cfg, P.Layout(tp=4, dp=8, patches=16384, recompute="selective"))[0]
+    full = plan_memory(cfg, Layout(tp=4, dp=8, patches=16384, recompute="full"))[0]
+    sel = plan_memory(cfg, Layout(tp=4, dp=8, patches=16384, recompute="selective"))[0]
     assert full.activations < sel.activations < one.activations
     # The distributed optimizer shards: 8x more DP, 8x less optimizer state.
-    wide = P.plan_memory(cfg, P.Layout(tp=4, dp=64, patches=16384))[0]
+    wide = plan_memory(cfg, Layout(tp=4, dp=64, patches=16384))[0]
     assert wide.optimizer == pytest.approx(one.optimizer / 8)
     # S1.1 trains no text attention / text experts / embeddings: fewer grads.
-    s11 = P.plan_memory(cfg, P.Layout(tp=4, dp=8, patches=16384, stage="s1.1"))[0]
+    s11 = plan_memory(cfg, Layout(tp=4, dp=8, patches=16384, stage="s1.1"))[0]
     assert s11.grads < 0.6 * one.grads and s11.weights == one.weights
 
 
 def test_bad_layouts_raise_one_line_errors():
     cfg = get_config("navil-9b")
     with pytest.raises(ValueError, match="--tp 3 does not divide"):
-        P.Layout(tp=3).validate(cfg)
+        Layout(tp=3).validate(cfg)
     with pytest.raises(ValueError, match="does not split evenly"):
-        P.Layout(pp=5).validate(cfg)
-    P.Layout(pp=5, first_stage_layers=4).validate(cfg)
+        Layout(pp=5).validate(cfg)
+    Layout(pp=5, first_stage_layers=4).validate(cfg)
     with pytest.raises(ValueError, match="--vpp 2 needs --pp"):
-        P.Layout(vpp=2).validate(cfg)
+        Layout(vpp=2).validate(cfg)
     with pytest.raises(ValueError, match="--ep 4 does not divide"):
-        P.Layout(ep=4, dp=4).validate(cfg)
+        Layout(ep=4, dp=4).validate(cfg)
 
 
 # ---- CLI -------------------------------------------------------------------------------------
@@ -368,6 +379,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_search_json_recommends_a_fitting_layout():
     proc = _cli("navil-9b", "--search", "--gpus", "16", "--gpu-mem", "79", "--json", "-")
     assert proc.returncode == 0, proc.stderr
@@ -380,6 +392,7 @@ def test_cli_search_json_recommends_a_fitting_layout():
     assert times == sorted(times)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from megatron_navil.testing.multiproc import run_distributed
+from megatron_navil.parallel.spawn import run_distributed
 
 
 def _freeze_and_step(stage: str) -> dict:
@@ -52,6 +52,7 @@ NO_GRADIENT = {
 }
 
 
+@pytest.mark.slow
 def test_frozen_parameters_are_bit_identical_and_trained_ones_move(stage_run):
     for name, group in stage_run["groups"].items():
         changed = stage_run["changed"][name]
@@ -61,10 +62,12 @@ def test_frozen_parameters_are_bit_identical_and_trained_ones_move(stage_run):
             assert not changed, f"{name} ({group}) is frozen but changed"
 
 
+@pytest.mark.slow
 def test_optimizer_holds_only_trainable_parameters(stage_run):
     assert stage_run["opt_params"] == stage_run["trainable"]
 
 
+@pytest.mark.slow
 def test_groups_cover_the_model(stage_run):
     groups = stage_run["groups"]
     assert groups["special_token_embedding"] == "special_tokens"

@@ -16,12 +16,13 @@ ones included, every micro-batch's forward and backward):
 
 Memory: ``navil_run.saved_activation_bytes`` counts the storages autograd keeps after one
 forward (parameters excluded, RoPE tables / masks shared by all layers counted apart), per LLM
-layer per token and per vision block per patch, against ``planner.llm_layer_bytes`` /
-``planner.vision_layer_bytes`` (fp32, TP=1, the batch's token and patch counts). The planner is
-a lower bound within 30% in every mode (measured 1.00-1.25x, printed): it leaves out RoPE's fp32
-intermediates, the CPU attention's per-segment outputs and, in the vision blocks, that ``v`` is
-a view of the fused qkv output, so autograd keeps all of qkv (3 W where it counts W). The
-saving of each mode over ``none`` is the planner's within a factor 1.25 (measured 1.01-1.16).
+layer per token and per vision block per patch, against the planner's
+``planning.activations.llm_layer_bytes`` / ``vision_layer_bytes`` (fp32, TP=1, the batch's
+token and patch counts). The planner is a lower bound within 30% in every mode (measured
+1.00-1.25x, printed): it leaves out RoPE's fp32 intermediates, the CPU attention's per-segment
+outputs and, in the vision blocks, that ``v`` is a view of the fused qkv output, so autograd
+keeps all of qkv (3 W where it counts W). The saving of each mode over ``none`` is the
+planner's within a factor 1.25 (measured 1.01-1.16).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import pytest
 import torch
 
 from megatron_navil.config.model import Recompute
-from megatron_navil.testing.multiproc import run_distributed
+from megatron_navil.parallel.spawn import run_distributed
+
+pytestmark = pytest.mark.slow  # a forked rank (run_distributed) runs every mode
 
 TOL = 1e-5  # selective recompute: gradients (see the module doc)
 PLANNER_SLACK = 1.3  # measured per-layer bytes <= this x the planner's (and >= the planner's)
@@ -95,8 +98,9 @@ def _freeze_inputs(run):
 def _cases() -> dict:
     from megatron_navil.config.registry import get_config
     from megatron_navil.models.build import build_model, transformer_config
+    from megatron_navil.planning.activations import llm_layer_bytes, vision_layer_bytes
+    from megatron_navil.planning.layout import Layout
     from megatron_navil.testing import navil_run as N
-    from megatron_navil.training import planner as P
 
     warnings.filterwarnings("ignore")
     cfg = get_config("tiny")
@@ -136,13 +140,13 @@ def _cases() -> dict:
         run = N.setup_run(cfg, recompute=Recompute(mode, mode))
         out["bytes"][mode] = N.saved_activation_bytes(run.chunks[0].module, batch)
     tokens, patches = batch["input_ids"].numel(), batch["patches"].shape[0]
-    layout = P.Layout(dtype="fp32", seq_length=tokens, patches=patches)
+    layout = Layout(dtype="fp32", seq_length=tokens, patches=patches)
     out["planner"] = {
-        m: (P.llm_layer_bytes(cfg, layout, m), P.vision_layer_bytes(cfg, layout, m))
+        m: (llm_layer_bytes(cfg, layout, m), vision_layer_bytes(cfg, layout, m))
         for m in out["bytes"]
     }
     out["per_layer"] = (cfg.language.layers * tokens, cfg.vision.depth * patches)
-    out["layout_rc"] = P.Layout(recompute="selective", vision_recompute="full").recompute_config()
+    out["layout_rc"] = Layout(recompute="selective", vision_recompute="full").recompute_config()
 
     # megatron-core's own recompute flags would double-checkpoint the MoE layer: rejected.
     config = transformer_config(cfg, recompute_granularity="selective", recompute_modules=["moe"])
@@ -214,6 +218,6 @@ def test_config_validation_and_planner_names(res):
     assert re.search(r"Recompute\.llm='partial': must be one of", res["err_mode"])
     with pytest.raises(ValueError, match=r"Recompute\.vision='some': must be one of"):
         Recompute(vision="some").validate()
-    from megatron_navil.training import planner as P
+    from megatron_navil.planning.layout import RECOMPUTE
 
-    assert P.RECOMPUTE == ("none", "selective", "full")
+    assert RECOMPUTE == ("none", "selective", "full")

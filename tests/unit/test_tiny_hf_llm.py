@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_navil.config.model import SPECIAL_TOKENS
+from megatron_navil.config.tokens import SPECIAL_TOKENS
 from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError, tokenizer_file
 
 ROOT = Path(__file__).resolve().parents[2]

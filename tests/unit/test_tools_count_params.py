@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs tools/count_params.py in a subprocess
+
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "count_params.py"
 
 

@@ -39,6 +39,7 @@ def test_bad_arguments(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_data_is_one_line_from_the_real_entry():
     """Found after the process group is up (every rank opens the shards): the real entry, no
     traceback."""
@@ -66,6 +67,7 @@ def test_corpus_image_settings_are_adopted():
         corpus_image_config(cfg, [{**image, "patch": 14}])
 
 
+@pytest.mark.slow
 def test_dry_run_reports_the_corpus_image_settings(tmp_path):
     from megatron_navil.testing import synthetic_corpus as S
     from megatron_navil.testing.loader_corpus import index
@@ -118,6 +120,40 @@ def test_corpus_without_samples_is_one_line(tmp_path, capsys):
     assert err == [f"python -m megatron_navil.train: error: --data {shards}: the corpus holds no "
                    "sample (2 records were skipped at indexing; see its manifest.json "
                    "'skipped')"], err  # fmt: skip
+    import torch.distributed
+
+    assert not torch.distributed.is_initialized()
+
+
+def test_eval_data_is_checked_before_any_process_group(tmp_path, capsys):
+    """--eval-data: a corpus of another tokenizer, an empty one, bad counts: one line, exit 2,
+    before any process group exists."""
+    import shutil
+
+    from megatron_navil.testing import synthetic_corpus as S
+    from megatron_navil.testing.loader_corpus import index
+
+    written = S.write_corpus(tmp_path / "src", num_train=2, num_val=0, seed=1, max_side=64)
+    shards = index([written["train"]], tmp_path / "shards", written["tokenizer"],
+                   "--config", "tiny", "--template", "qwen3-chat")  # fmt: skip
+    other = tmp_path / "other"
+    shutil.copytree(shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"].update(fingerprint="0" * 64, copy_fingerprint="1" * 64)
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    base = ["--data", str(shards), "--steps", "5", "--warmup", "1", "--config", "tiny"]
+    for extra, message in (
+        (["--eval-data", str(other)], f"--eval-data {other}: corpora {shards} and {other} were "
+         "indexed with different tokenizers"),
+        (["--eval-data", str(tmp_path / "none")], "--eval-data: "),
+        (["--eval-data", str(shards), "--eval-iters", "0"], "--eval-iters must be >= 1"),
+        (["--eval-data", str(shards), "--eval-interval", "-1"], "--eval-interval must be >= 0"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            main(base + extra)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (extra, err)
     import torch.distributed
 
     assert not torch.distributed.is_initialized()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs train.py in a subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

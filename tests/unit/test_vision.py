@@ -39,7 +39,7 @@ from megatron_navil.models.rope import apply_vision_rope, vision_rope_cos_sin
 from megatron_navil.models.tp import standalone_linear_config
 from megatron_navil.models.vision import VisionEncoder, tp_size_for
 from megatron_navil.ops import patch_positions, vision_kwargs
-from megatron_navil.testing.multiproc import free_port
+from megatron_navil.parallel.spawn import free_port
 
 TOL = 1e-5
 GRIDS = [(8, 12), (4, 4), (2, 6), (6, 4)]  # two images, each with a second (smaller) scale

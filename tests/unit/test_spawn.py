@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from megatron_navil.testing.multiproc import DistributedTestError, run_distributed
+from megatron_navil.parallel.spawn import SpawnError, run_distributed
+
+pytestmark = pytest.mark.slow  # every test spawns ranks
 
 
 def _rank_and_world() -> tuple[int, int, str]:
@@ -32,19 +34,19 @@ def test_results_in_rank_order():
 
 
 def test_child_traceback_is_shown():
-    with pytest.raises(DistributedTestError, match=r"(?s)rank 1.*ValueError: rank one is unhappy"):
+    with pytest.raises(SpawnError, match=r"(?s)rank 1.*ValueError: rank one is unhappy"):
         run_distributed(_fail_on_rank_one, 2, timeout=60)
 
 
 def test_hard_timeout_kills_the_ranks():
     start = time.monotonic()
-    with pytest.raises(DistributedTestError, match="timed out after 3s"):
+    with pytest.raises(SpawnError, match="timed out after 3s"):
         run_distributed(_hang, 2, timeout=3)
     assert time.monotonic() - start < 20
 
 
 def test_a_dead_rank_is_reported():
-    with pytest.raises(DistributedTestError, match="ranks died"):
+    with pytest.raises(SpawnError, match="ranks died"):
         run_distributed(_die, 2, timeout=60)
 
 

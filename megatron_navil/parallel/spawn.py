@@ -1,6 +1,7 @@
 """Run a function in N gloo processes (fresh ones, like torchrun's) from pytest or a script.
 
-Every distributed test goes through :func:`run_distributed`: a free port per group, the
+The HF converters spawn their ranks with :func:`run_distributed`, and so does every
+distributed test: a free port per group, the
 environment torchrun would set, one thread per process, a hard timeout after which every child
 is killed, and on failure the failing rank's own traceback in the raised error.
 
@@ -54,8 +55,9 @@ def _context() -> mp.context.BaseContext:
     return ctx
 
 
-class DistributedTestError(AssertionError):
-    """A child rank raised, died or timed out; the message carries its traceback."""
+class SpawnError(AssertionError):
+    """A child rank raised, died or timed out; the message carries its traceback (an
+    AssertionError, so pytest shows a failing rank as a test failure, not an error)."""
 
 
 def free_port() -> int:
@@ -124,7 +126,7 @@ def run_distributed(
 
     ``fn`` must be importable (module level) and its arguments and result picklable. The
     ranks find each other through the torchrun-style environment; ``fn`` normally starts with
-    ``megatron_navil.parallel.initialize(...)``. Raises :class:`DistributedTestError` with the
+    ``megatron_navil.parallel.initialize(...)``. Raises :class:`SpawnError` with the
     first failing rank's traceback, or when ``timeout`` seconds pass (all ranks are killed).
     """
     ctx = _context()
@@ -145,7 +147,7 @@ def run_distributed(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(world_size)) - outs.keys() - errors.keys())
-                raise DistributedTestError(
+                raise SpawnError(
                     f"{fn.__name__}: timed out after {timeout:.0f}s; ranks {missing} did not "
                     "finish" + "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in errors.items())
                 )
@@ -161,7 +163,7 @@ def run_distributed(
                         (outs if status == "ok" else errors)[rank] = payload
                     if not errors:
                         codes = {r: procs[r].exitcode for r in dead}
-                        raise DistributedTestError(f"{fn.__name__}: ranks died: {codes}") from None
+                        raise SpawnError(f"{fn.__name__}: ranks died: {codes}") from None
                     break
                 continue
             (outs if status == "ok" else errors)[rank] = payload
@@ -178,5 +180,5 @@ def run_distributed(
                 p.join()
     if errors:
         rank = min(errors)
-        raise DistributedTestError(f"{fn.__name__} failed on rank {rank}:\n{errors[rank]}")
+        raise SpawnError(f"{fn.__name__} failed on rank {rank}:\n{errors[rank]}")
     return [outs[r] for r in range(world_size)]

@@ -1,21 +1,13 @@
-"""Checkpoints through megatron-core dist-checkpointing, written atomically, last K kept.
-
-Layout of a save directory::
-
-    <dir>/iter_0000100/            one complete checkpoint (torch_dist shards + metadata)
-          train_state.json         iteration, LR scheduler, data sampler state, anything else
-          navil_config.json        the model config (when the saver passes it)
-          rng/rank_00003.pt        each rank's torch / numpy / python RNG states
-    <dir>/iter_0000200.tmp/        a save in progress (or one that crashed): never loaded
-    <dir>/latest_checkpointed_iteration.txt   Megatron-LM's marker, written last
+"""Saving and loading checkpoints through megatron-core dist-checkpointing, written
+atomically, last K kept (the save directory's layout: ``checkpoint.directory``).
 
 A save goes to ``iter_N.tmp`` and is renamed to ``iter_N`` by rank 0 after every rank has
 written (rename is atomic on POSIX file systems), so a crash at any point leaves either the
 previous complete checkpoint or the new one, never a half-written directory that looks done.
-:func:`latest` picks the highest complete ``iter_N``. Model and optimizer are saved in
-megatron-core's ``fully_reshardable`` form, so a checkpoint loads at another TP/PP/EP/DP layout
-(megatron-core limitation: a MoE optimizer saved at EP > 1 does not load at EP = 1).
-:func:`load_weights` loads the model alone: how a stage starts from the previous stage's result.
+Model and optimizer are saved in megatron-core's ``fully_reshardable`` form, so a checkpoint
+loads at another TP/PP/EP/DP layout (megatron-core limitation: a MoE optimizer saved at EP > 1
+does not load at EP = 1). :func:`load_weights` loads the model alone: how a stage starts from
+the previous stage's result.
 """
 
 from __future__ import annotations
@@ -32,13 +24,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_navil.checkpoint.directory import (
+    MARKER,
+    TRAIN_STATE,
+    complete_iterations,
+    iteration_dir,
+    require_complete,
+)
+from megatron_navil.checkpoint.errors import CheckpointLayoutError
 from megatron_navil.config.io import write_config
 
-MARKER = "latest_checkpointed_iteration.txt"
 SAVE_DELAY_ENV = "MEGATRON_NAVIL_TEST_SAVE_DELAY"
 """Seconds each save sleeps after writing the model and optimizer shards, before the RNG
 states, ``train_state.json`` and the rename (tests kill -9 a run inside that window)."""
-_ITER = re.compile(r"^iter_(\d{7,})$")
 
 
 def sharded_state(chunks: list[Any], optimizer: Any, is_loading: bool) -> dict[str, Any]:
@@ -165,21 +163,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def complete_iterations(directory: str | Path) -> list[int]:
-    """Iterations of the complete checkpoints in ``directory``, ascending."""
-    root = Path(directory)
-    if not root.is_dir():
-        return []
-    found = [_ITER.match(p.name) for p in root.iterdir() if p.is_dir()]
-    return sorted(int(m.group(1)) for m in found if m)
-
-
-def latest(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint directory, or None."""
-    iterations = complete_iterations(directory)
-    return Path(directory) / f"iter_{iterations[-1]:07d}" if iterations else None
-
-
 def save(
     directory: str | Path,
     iteration: int,
@@ -192,13 +175,13 @@ def save(
     """Save model, optimizer, RNG and ``train_state`` (JSON: scheduler, sampler, ...) as
     ``iter_<iteration>``; keep the newest ``keep_last`` complete checkpoints. ``model_config``
     (a NaViLConfig or its dict) goes in as ``navil_config.json``, so that tools can name the
-    checkpoint instead of a config (``config.io.resolve_config``). Collective."""
+    checkpoint instead of a config (``checkpoint.config.resolve_config``). Collective."""
     from megatron.core import dist_checkpointing
 
     rank = torch.distributed.get_rank()
     root = Path(directory)
-    final = root / f"iter_{iteration:07d}"
-    tmp = root / f"iter_{iteration:07d}.tmp"
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # a crashed save of the same iteration
@@ -212,7 +195,7 @@ def save(
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
         payload = {"iteration": iteration, **train_state}
-        (tmp / "train_state.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
+        (tmp / TRAIN_STATE).write_text(json.dumps(payload, indent=2, sort_keys=True))
         if model_config is not None:
             write_config(tmp, model_config)
     torch.distributed.barrier()  # every rank has written its part
@@ -225,7 +208,7 @@ def save(
         os.replace(marker_tmp, root / MARKER)
         if keep_last is not None:
             for old in complete_iterations(root)[:-keep_last]:
-                shutil.rmtree(root / f"iter_{old:07d}")
+                shutil.rmtree(iteration_dir(root, old))
         for stale in root.glob("iter_*.tmp"):  # crashed saves of other iterations
             shutil.rmtree(stale, ignore_errors=True)
     torch.distributed.barrier()
@@ -236,9 +219,7 @@ def load_weights(path: str | Path, chunks: list[Any]) -> None:
     """Load only the model weights of the complete checkpoint ``path`` into ``chunks`` (any
     layout; the optimizer, RNG and ``train_state`` are left alone): how a training stage
     starts from the previous stage's result. Collective."""
-    path = Path(path)
-    if not _ITER.match(path.name) or not (path / "train_state.json").is_file():
-        raise ValueError(f"{path} is not a complete checkpoint (iter_NNNNNNN with train_state)")
+    path = require_complete(path)
     from megatron.core import dist_checkpointing
 
     loaded = dist_checkpointing.load(sharded_state(chunks, None, is_loading=True), str(path))
@@ -252,19 +233,13 @@ _MISSING_OPTIMIZER_KEY = re.compile(
 )
 
 
-class CheckpointLayoutError(ValueError):
-    """A checkpoint that cannot be resumed at this layout (one line, says what to do)."""
-
-
 def load(path: str | Path, chunks: list[Any], optimizer: Any) -> dict[str, Any]:
     """Load a complete checkpoint into ``chunks`` / ``optimizer`` (any layout); restore this
     rank's RNG when the checkpoint has one for it (same world size); return ``train_state``."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-    path = Path(path)
-    if not _ITER.match(path.name) or not (path / "train_state.json").is_file():
-        raise ValueError(f"{path} is not a complete checkpoint (iter_NNNNNNN with train_state)")
+    path = require_complete(path)
     try:
         loaded = dist_checkpointing.load(
             sharded_state(chunks, optimizer, is_loading=True), str(path)
@@ -293,4 +268,4 @@ def load(path: str | Path, chunks: list[Any], optimizer: Any) -> dict[str, Any]:
     saved_ranks = len(list((path / "rng").glob("rank_*.pt")))
     if rng.is_file() and saved_ranks == torch.distributed.get_world_size():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return json.loads((path / "train_state.json").read_text())
+    return json.loads((path / TRAIN_STATE).read_text())
