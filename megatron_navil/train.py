@@ -153,13 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=0, help="save every N steps")
     g.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep")
     g.add_argument(
-        "--load", default=None, help="resume from the newest complete checkpoint here (any layout)"
-    )
+        "--load", default=None,
+        help="resume from the newest complete checkpoint here (any layout). Our own files in a "
+        "checkpoint load without pickle, but torch.distributed.checkpoint reads its .metadata "
+        "file with pickle: load only checkpoints you trust (as with Megatron-LM)",
+    )  # fmt: skip
     g.add_argument(
         "--init", default=None,
         help="start from the model weights of the newest complete checkpoint here (any "
         "layout; e.g. the previous stage's --save): optimizer, LR schedule, data position and "
-        "iteration start afresh; ignored when --load finds a checkpoint to resume",
+        "iteration start afresh; ignored when --load finds a checkpoint to resume; only "
+        "checkpoints you trust (see --load)",
     )  # fmt: skip
     g.add_argument("--log-dir", default=None, help="TensorBoard, progress.txt, loss_curve.png")
     g.add_argument(
