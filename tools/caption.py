@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tokenizer",
-        metavar="FILE",
-        help="tokenizer.json / .model the model was trained with (default: the copy in --data)",
+        metavar="FILE|DIR",
+        help="tokenizer.json / .model the model was trained with, or a directory holding one "
+        "(default: the copy in --data)",
     )
     p.add_argument(
         "--template",

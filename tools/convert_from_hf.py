@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             f"writing {args.output} with {ranks} rank(s) (TP={spec.tp} PP={spec.pp} EP={spec.ep})"
         )
         start = time.perf_counter()
+        # the ranks ignore warnings as this process does: the fork server they come from would
+        # print megatron-core's apex/TE notices on importing it (unless the user set otherwise)
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
         path = I.run_import(spec)
     except (ConversionError, TokenizerError, ValueError) as exc:
         print(f"{PROG}: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)

@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="new (or empty) HF directory")
     p.add_argument(
         "--tokenizer",
-        metavar="FILE",
-        help="the tokenizer.json or sentencepiece .model the model was trained with (gives the "
-        "special token ids and is exported with the chat template)",
+        metavar="FILE|DIR",
+        help="the tokenizer.json or sentencepiece .model the model was trained with, or a "
+        "directory holding one (gives the special token ids and is exported with the chat "
+        "template)",
     )
     p.add_argument(
         "--special-token-ids",
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = resolve_config(checkpoint if args.config is None else args.config)
         except ValueError as exc:
             raise ConversionError(str(exc)) from None
-        if args.tokenizer is not None and not Path(args.tokenizer).is_file():
-            raise ConversionError(f"--tokenizer {args.tokenizer}: no such file")
+        if args.tokenizer is not None and not Path(args.tokenizer).exists():
+            raise ConversionError(f"--tokenizer {args.tokenizer}: no such file or directory")
         total = E.checkpoint_total_bytes(checkpoint)
         start = time.perf_counter()
         with tqdm(total=total, unit="B", unit_scale=True, disable=args.quiet, desc="export") as bar:

@@ -83,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--tokenizer",
         required=True,
-        metavar="FILE",
-        help="an HF tokenizer.json or a sentencepiece .model; the 12 NaViL special tokens and "
-        "the template tokens are added when missing",
+        metavar="FILE|DIR",
+        help="an HF tokenizer.json or a sentencepiece .model, or an HF model directory holding "
+        "one (its tokenizer.json first); the 12 NaViL special tokens and the template tokens "
+        "are added when missing",
     )
     b.add_argument(
         "--template",

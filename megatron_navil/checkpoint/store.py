@@ -40,19 +40,110 @@ states, ``train_state.json`` and the rename (tests kill -9 a run inside that win
 
 
 def sharded_state(chunks: list[Any], optimizer: Any, is_loading: bool) -> dict[str, Any]:
-    """Model chunks (``model`` / ``model0..``) and optimizer as Megatron-LM lays them out."""
+    """Model chunks (``model`` / ``model0..``) and optimizer as Megatron-LM lays them out
+    (the optimizer's state of partly frozen stacked tensors: :func:`optimizer_template`).
+    Collective when there is an optimizer."""
     state: dict[str, Any] = {}
     for i, chunk in enumerate(chunks):
         module = getattr(chunk, "module", chunk)
         state["model" if len(chunks) == 1 else f"model{i}"] = module.sharded_state_dict()
     if optimizer is not None:
-        model_state = dict(state)
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_state,
+            optimizer_template(dict(state)),
             is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": "fully_reshardable"},
         )
     return state
+
+
+def _stacked(sh: Any) -> list[Any]:
+    """The ShardedTensors of a model entry (a factory's built ones) that carry prepended
+    axes: megatron-core's stacked tensors, one global tensor over the experts (and, in its
+    GPT model, the layers), whose prepended offsets are the global expert (layer) index."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if isinstance(sh, ShardedTensorFactory):
+        built = sh.build()
+        tensors = list(nested_values(built)) if isinstance(built, (dict, list)) else [built]
+    elif isinstance(sh, ShardedTensor):
+        tensors = [sh]
+    else:
+        return []
+    return [t for t in tensors if isinstance(t, ShardedTensor) and t.prepend_axis_num > 0]
+
+
+def optimizer_template(model_state: dict[str, Any]) -> dict[str, Any]:
+    """The model's sharded state as the optimizer's template: the same, except for stacked
+    tensors (one global tensor over the experts, each rank writing its experts' slices) whose
+    experts are partly frozen, as the text experts are in stages S1.1 and S1.2. Frozen
+    parameters have no optimizer state, so their slices of the optimizer's copy would never
+    be written (megatron-core refuses the save: "Invalid access pattern"). For such a tensor
+    the optimizer's copy stacks the trainable slices only, in global order: along each
+    prepended axis, index ``g`` becomes ``trainable.index(g)`` of ``len(trainable)`` (NaViL:
+    the visual expert alone, slice 0 of 1), the same at every layout. Tensors whose slices
+    all train (stage S2) are untouched. Collective: which slices train is gathered from every
+    rank (expert parallelism splits them). ValueError when the trainable slices of a tensor
+    do not form a grid (nothing megatron-core can stack)."""
+    from dataclasses import replace
+    from itertools import product
+
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace, nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    local = [
+        (sh.key, t.global_offset[: t.prepend_axis_num], bool(sh.data.requires_grad))
+        for sh in nested_values(model_state)
+        for t in _stacked(sh)
+    ]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    trains: dict[str, set[tuple[int, ...]]] = {}
+    frozen: dict[str, set[tuple[int, ...]]] = {}
+    for key, slot, grad in (x for part in gathered for x in part):
+        (trains if grad else frozen).setdefault(key, set()).add(tuple(slot))
+    axes: dict[str, list[list[int]]] = {}  # per partly frozen key: its trainable indices per axis
+    for key, slots in trains.items():
+        if key not in frozen:
+            continue
+        per_axis = [sorted({s[a] for s in slots}) for a in range(len(next(iter(slots))))]
+        if set(product(*per_axis)) != slots:
+            raise ValueError(f"{key}: its trainable slices {sorted(slots)} are not a grid")
+        axes[key] = per_axis
+    if not axes:
+        return model_state
+
+    def stack_trainable(t: Any, per_axis: list[list[int]]) -> Any:
+        n = len(per_axis)
+        sizes = tuple(len(kept) for kept in per_axis)
+        index = tuple(kept.index(t.global_offset[a]) for a, kept in enumerate(per_axis))
+        return replace(
+            t,
+            global_shape=sizes + t.global_shape[n:],
+            global_offset=index + t.global_offset[n:],
+            axis_fragmentations=sizes + t.axis_fragmentations[n:],
+        )
+
+    def remap(sh: Any) -> Any:
+        per_axis = axes.get(getattr(sh, "key", None))
+        if per_axis is None or not sh.data.requires_grad:
+            return sh
+        if isinstance(sh, ShardedTensor):
+            return stack_trainable(sh, per_axis)
+        if isinstance(sh, ShardedTensorFactory):
+            build = sh.build_fn
+
+            def build_fn(*args: Any, _build: Any = build, _axes: list = per_axis) -> Any:
+                def one(t: Any) -> Any:
+                    stacked = isinstance(t, ShardedTensor) and t.prepend_axis_num > 0
+                    return stack_trainable(t, _axes) if stacked else t
+
+                return dict_list_map_outplace(one, _build(*args))
+
+            return replace(sh, build_fn=build_fn)
+        return sh
+
+    return dict_list_map_outplace(remap, model_state)
 
 
 def _rng_state() -> dict[str, Any]:

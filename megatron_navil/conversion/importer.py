@@ -234,15 +234,15 @@ def tokenizer_special_ids(path: str | Path) -> list[int]:
     without either, ``TextTokenizer``'s rule (``vocab_size + k`` in that order, NaViL-2B's
     92544..92555). ConversionError when there is no tokenizer or a token has no id."""
     from megatron_navil.config.tokens import SPECIAL_TOKENS
-    from megatron_navil.data.tokenizer import TextTokenizer, is_json
+    from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError, is_json, tokenizer_file
 
-    p = Path(path)
-    if p.is_dir():
-        found = [p / n for n in ("tokenizer.json", "tokenizer.model") if (p / n).is_file()]
-        if not found:
-            raise ConversionError(f"{p}: no tokenizer.json or tokenizer.model to take ids from")
-        p = found[0]
-    elif not p.is_file():
+    try:
+        p = tokenizer_file(path)
+    except TokenizerError:
+        raise ConversionError(
+            f"{path}: no tokenizer.json or tokenizer.model to take ids from"
+        ) from None
+    if not p.is_file():
         raise ConversionError(f"{p}: no such tokenizer file")
     added: dict[str, int] = {}
     config = p.parent / "tokenizer_config.json"

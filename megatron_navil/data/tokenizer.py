@@ -94,11 +94,30 @@ class TokenizerError(ValueError):
     """The tokenizer file cannot be used (one-line message)."""
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+"""What an HF model directory holds its tokenizer in, in order of preference."""
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """``path`` itself for a file; for a directory (an HF model directory) the tokenizer file
+    it holds, its ``tokenizer.json`` first, else its ``tokenizer.model``. TokenizerError for
+    a directory holding neither; a missing path is returned as is (reading it fails)."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    for name in TOKENIZER_FILES:
+        if (p / name).is_file():
+            return p / name
+    raise TokenizerError(f"{p}: a directory without a tokenizer.json or tokenizer.model")
+
+
 class TextTokenizer:
-    """A loaded tokenizer with NaViL's special tokens; see the module doc."""
+    """A loaded tokenizer with NaViL's special tokens; see the module doc. ``path``: a
+    ``tokenizer.json`` / sentencepiece model, or a directory holding one
+    (:func:`tokenizer_file`)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = tokenizer_file(path)
         try:
             raw = self.path.read_bytes()
         except OSError as exc:

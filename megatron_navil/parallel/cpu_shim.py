@@ -574,6 +574,78 @@ def _distopt_ckpt(set_: Callable) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# distopt_empty
+# --------------------------------------------------------------------------------------------
+@_patch(
+    "distopt_empty",
+    assumes="DistributedOptimizer.state_dict with torch-native Adam (no apex/TE) takes `step` "
+    "from the per-parameter Adam states and asserts there is exactly one value; an optimizer "
+    "that holds no parameter on this rank has none. megatron-core gives every rank the same "
+    "param groups (empty where a rank has no trainable parameter of the group), so this is "
+    "every save and load of a partly frozen model in which some rank owns no trainable "
+    "parameter of a group: e.g. NaViL's stage S1.1 at EP=2, where the rank holding the text "
+    "expert (frozen) has an empty expert optimizer",
+    where="optimizer/distrib_optimizer.py: DistributedOptimizer.state_dict, "
+    "step_with_ready_grads, load_state_dict, sharded_state_dict",
+    why_safe="the optimizer counts its inner steps (from the step it loaded) and reports "
+    "that count when it has no per-parameter state, which is the `step` every parameter of a "
+    "non-empty optimizer holds: all of a ChainedOptimizer's optimizers step or skip together, "
+    "and rank 0, whose common state the checkpoint keeps, may be the empty one. The state "
+    "dict is otherwise what the original builds; the empty optimizer's empty parameter "
+    "state is left out of the checkpoint (nothing to save or load). An upstream bug that "
+    "bites GPU runs without apex/TE too, hence always applied",
+    always=True,
+)
+def _distopt_empty(set_: Callable) -> None:
+    distrib = _mod("optimizer.distrib_optimizer")
+    dist_opt = distrib.DistributedOptimizer
+    state_dict, step_with_ready_grads = dist_opt.state_dict, dist_opt.step_with_ready_grads
+    load_state_dict = dist_opt.load_state_dict
+    counter = "_navil_inner_steps"
+
+    def state_dict_(self: Any) -> Any:
+        if distrib.HAVE_APEX_OR_TE or any(self.optimizer.state.values()):
+            return state_dict(self)
+        # the original's structure, with the counted step (no parameter holds one)
+        inner = self.optimizer.state_dict()
+        out: dict[str, Any] = {"optimizer": {k: v for k, v in inner.items() if k != "state"}}
+        for group in out["optimizer"]["param_groups"]:
+            del group["params"]
+            group["step"] = float(getattr(self, counter, 0))
+        if self.grad_scaler:
+            out["grad_scaler"] = self.grad_scaler.state_dict()
+        return out
+
+    def step_with_ready_grads_(self: Any) -> bool:
+        done = step_with_ready_grads(self)
+        if done and not self.is_stub_optimizer:
+            setattr(self, counter, getattr(self, counter, 0) + 1)
+        return done
+
+    def load_state_dict_(self: Any, state: Any) -> Any:
+        out = load_state_dict(self, state)
+        steps = {g.get("step") for g in state.get("optimizer", {}).get("param_groups", [])}
+        steps.discard(None)
+        if len(steps) == 1:
+            setattr(self, counter, int(steps.pop()))
+        return out
+
+    def sharded_state_dict_(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = sharded_state_dict(self, *args, **kwargs)
+        if isinstance(out, dict) and out.get("param_state") == {}:
+            # no parameter, no parameter state: an empty dict would be common state that only
+            # this rank has (megatron-core warns at every save that rank 0's differs)
+            del out["param_state"]
+        return out
+
+    sharded_state_dict = dist_opt.sharded_state_dict
+    set_(dist_opt, "state_dict", state_dict_)
+    set_(dist_opt, "step_with_ready_grads", step_with_ready_grads_)
+    set_(dist_opt, "load_state_dict", load_state_dict_)
+    set_(dist_opt, "sharded_state_dict", sharded_state_dict_)
+
+
+# --------------------------------------------------------------------------------------------
 # ckpt_fork_manager
 # --------------------------------------------------------------------------------------------
 @_patch(

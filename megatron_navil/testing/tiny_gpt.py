@@ -12,7 +12,7 @@ Used by the distributed tests and the parallel smoke demo; the NaViL model bring
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -404,14 +404,18 @@ def setup_run(
     optimizer: str | None = None,
     distributed_optimizer: bool = False,
     lr: float = 1e-2,
+    freeze: Callable[[torch.nn.Module], None] | None = None,
 ) -> Run:
-    """(Re)initialise the parallel state for ``layout`` and build the seeded tiny GPT in it."""
+    """(Re)initialise the parallel state for ``layout`` and build the seeded tiny GPT in it;
+    ``freeze`` is called on each model chunk before DDP (to set ``requires_grad``)."""
     from megatron_navil.parallel import initialize
 
     parallel = initialize(**(layout or {}))
     config = transformer_config(spec, parallel)
     chunks = build_model(spec, config)
     set_global_params(chunks, seed)
+    for chunk in chunks if freeze is not None else []:
+        freeze(chunk)
     chunks = wrap_ddp(chunks, config, distributed_optimizer)
     opt = build_optimizer(chunks, optimizer, distributed_optimizer, lr) if optimizer else None
     return Run(spec, chunks, config, opt)

