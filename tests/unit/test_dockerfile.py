@@ -48,7 +48,7 @@ def _args(dockerfile) -> dict[str, str]:
     for word, rest in dockerfile:
         if word == "ARG" and "=" in rest:
             name, value = rest.split("=", 1)
-            found[name] = shlex.split(value)[0]
+            found[name] = (shlex.split(value) or [""])[0]  # "ARG NAME=": empty
     return found
 
 
