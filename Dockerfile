@@ -32,6 +32,8 @@
 #     --build-arg NAVIL_GPU=0 --volume /opt/wheels:/wheels:ro -t megatron-navil:cpu .
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.12-py3
 FROM ${BASE_IMAGE}
+# An ARG declared before FROM is out of scope after it: re-declared so the label below gets it.
+ARG BASE_IMAGE
 
 # 1: the NGC (GPU) path; 0: the CPU path (see above). Anything else fails the build.
 ARG NAVIL_GPU=1

@@ -185,6 +185,17 @@ def test_parser_resolves_gpu_conditionals():
     ]
 
 
+def test_args_used_after_from_are_in_scope(dockerfile):
+    # An ARG declared before FROM is unset after it unless declared again (the image's
+    # navil.base-image label was empty until the CPU build showed it).
+    start = [w for w, _ in dockerfile].index("FROM")
+    declared = {rest.split("=", 1)[0] for w, rest in dockerfile[start:] if w == "ARG"}
+    for word, rest in dockerfile[start + 1 :]:
+        for name in re.findall(r"\$\{(\w+)\}", rest):
+            if word != "RUN" or name in _args(dockerfile):
+                assert name in declared, (word, name)
+
+
 def test_build_args_choose_the_path(dockerfile):
     args = _args(dockerfile)
     assert args["NAVIL_GPU"] == "1"  # the default build is the NGC (GPU) image
