@@ -20,7 +20,10 @@ OUT=${OUT:-runs/tiny}
 STEPS=${STEPS:-540}
 NPROC=${NPROC:-4}
 TP=${TP:-2} PP=${PP:-2} EP=${EP:-2}
-PY=.venv/bin/python
+PY=.venv/bin/python TORCHRUN=.venv/bin/torchrun
+if [ "${NAVIL_SYSTEM_INSTALL:-0}" = 1 ]; then  # the container image: its python3 has the package
+  PY=python3 TORCHRUN=torchrun
+fi
 start=$(date +%s)
 phases="" last=$start
 mark() {  # mark NAME: the seconds since the previous mark go into the closing summary
@@ -70,7 +73,7 @@ rm -rf "$OUT/ckpt" "$OUT/logs"
 # stop and at the end only (each save costs seconds of the 10-minute budget). Held-out loss:
 # the first 3 global batches of the val split (about 170 of its 200 samples) every quarter.
 train() {
-  .venv/bin/torchrun --standalone --nproc-per-node "$NPROC" -m megatron_navil.train \
+  $TORCHRUN --standalone --nproc-per-node "$NPROC" -m megatron_navil.train \
     --config tiny --data "$OUT/shards/train" --tp "$TP" --pp "$PP" --ep "$EP" --etp 1 \
     --steps "$STEPS" --seq-length 2048 --global-batch 2 --stage s2 --lr 2e-3 --min-lr 2e-4 \
     --warmup $((STEPS < 200 ? STEPS / 10 : 20)) --save "$OUT/ckpt" --save-interval $((STEPS / 2)) --log-dir "$OUT/logs" \
