@@ -388,6 +388,7 @@ def test_cli_search_json_recommends_a_fitting_layout():
     rec = out["rows"][0]
     assert rec["fits"] and rec["peak_gib"] + 6 <= 79
     assert "<- recommended" in proc.stderr  # the table goes to stderr with --json -
+    assert "scope: device memory of the model's tensors" in proc.stderr  # what it counts
     times = [r["relative_step_time"] for r in out["rows"] if r["fits"]]
     assert times == sorted(times)
 
