@@ -408,7 +408,7 @@ def setup_run(
     """(Re)initialise the parallel state for ``layout`` and build the seeded tiny GPT in it."""
     from megatron_navil.parallel import initialize
 
-    parallel = initialize(**(layout or {}))
+    parallel = initialize(**(layout or {})).layout
     config = transformer_config(spec, parallel)
     chunks = build_model(spec, config)
     set_global_params(chunks, seed)
