@@ -65,13 +65,13 @@ def _megatron_side(root: str, tokenizer: str, image: str) -> bytes:
     from megatron_navil.testing.hf_cases import tiny_case
 
     warnings.filterwarnings("ignore")
-    initialize()
+    groups = initialize()
     tok = TextTokenizer(tokenizer)
     ids = model_special_ids(tok.special_ids)
     out: dict = {"logits": {}}
     for case in CASES:
         cfg = tiny_case(case)
-        (model,) = build_model(cfg, transformer_config(cfg), special_ids=ids)
+        (model,) = build_model(cfg, transformer_config(cfg), groups, special_ids=ids)
         load(Path(root) / case / "iter_0000001", [model], None)
         model.eval()
         inputs = P.make_inputs(cfg, ids, seed=3)

@@ -31,12 +31,12 @@ def _build(layout: dict, first: int | None, init_seed: int | None):
     from megatron_navil.parallel import initialize
 
     cfg = get_config("tiny")
-    initialize(**layout, seed=3)
+    groups = initialize(**layout, seed=3)
     config = transformer_config(cfg, **layout)
     spec = N.BatchSpec(special_ids=N.special_ids_for(cfg))
-    chunks = build_model(cfg, config, special_ids=spec.special_ids, first_stage_layers=first,
-                         init_seed=init_seed)  # fmt: skip
-    return cfg, config, spec, chunks
+    chunks = build_model(cfg, config, groups, special_ids=spec.special_ids,
+                         first_stage_layers=first, init_seed=init_seed)  # fmt: skip
+    return cfg, config, groups, spec, chunks
 
 
 def _layouts(cases: list) -> dict:
@@ -50,7 +50,7 @@ def _layouts(cases: list) -> dict:
     warnings.filterwarnings("ignore")
     out = {}
     for name, layout, first, init_seed in cases:
-        cfg, config, spec, chunks = _build(layout, first, init_seed)
+        cfg, config, groups, spec, chunks = _build(layout, first, init_seed)
         shards = _to_numpy(T.local_shards(chunks))
         chunks = wrap_ddp(chunks, config, distributed_optimizer=True)
         opt = build_optimizer(chunks, get_stage("s2"), lr=1e-3)
@@ -58,7 +58,7 @@ def _layouts(cases: list) -> dict:
         dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         per = len(batches) // dp
         mine = batches[rank * per : (rank + 1) * per]
-        loss = train_step(chunks, config, opt, None, mine, spec.seq_length).loss
+        loss = train_step(chunks, config, groups, opt, None, mine, spec.seq_length).loss
         out[name] = {"shards": shards, "loss": loss}
     return out
 
