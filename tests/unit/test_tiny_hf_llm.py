@@ -18,6 +18,9 @@ from megatron_navil.config.tokens import SPECIAL_TOKENS
 from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError, tokenizer_file
 
 ROOT = Path(__file__).resolve().parents[2]
+# the tests that write HF models pay transformers' import (~5 s) and the writes: slow lane
+# (docs/testing.md); the directory rule alone is fast
+SLOW = pytest.mark.slow
 TEXTS = ["Describe the image.", "two red squares on the left on a white background."]
 
 
@@ -29,6 +32,7 @@ def llms(tmp_path_factory) -> dict[str, Path]:
     return {arch: write_tiny_llm(root / arch, arch, 600, TEXTS) for arch in ("qwen3", "llama")}
 
 
+@SLOW
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_tokenizer_fills_the_llm_vocabulary_without_navil_tokens(llms, arch):
     from transformers import AutoTokenizer
@@ -65,6 +69,7 @@ def test_tokenizer_file_of_a_directory(tmp_path):
         TextTokenizer(tmp_path / "empty")
 
 
+@SLOW
 def test_llm_import_takes_the_llm_directory_as_tokenizer(llms, capsys):
     """convert_from_hf.py llm --tokenizer DIR (its help says a directory works): the vocabulary
     plan of the LLM's own tokenizer, before any rank starts."""
@@ -81,6 +86,7 @@ def test_llm_import_takes_the_llm_directory_as_tokenizer(llms, capsys):
     assert "vocab 600 -> 768 (12 NaViL tokens at 600..611 were outside" in out
 
 
+@SLOW
 def test_make_tiny_hf_llm_cli(tmp_path):
     spec = importlib.util.spec_from_file_location("mk", ROOT / "tools" / "make_tiny_hf_llm.py")
     tool = importlib.util.module_from_spec(spec)
