@@ -61,10 +61,10 @@ def _write_checkpoint(out: str) -> int:
     from megatron_navil.parallel import initialize
 
     warnings.filterwarnings("ignore")
-    initialize()
+    groups = initialize()
     cfg = bench_config()
     ids = range(cfg.language.vocab - 12, cfg.language.vocab)
-    (model,) = build_model(cfg, transformer_config(cfg), special_ids=ids)
+    (model,) = build_model(cfg, transformer_config(cfg), groups, special_ids=ids)
     save(out, 1, [model], None, {}, model_config=cfg)
     return sum(p.numel() for p in model.parameters())
 

@@ -57,13 +57,12 @@ def _visual_mask(t: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
 
 
 def bench_layer(args: argparse.Namespace) -> dict[str, float]:
-    from megatron.core import parallel_state as ps
-
     from megatron_navil.config.model import LanguageConfig
     from megatron_navil.config.registry import get_config
     from megatron_navil.models.build import transformer_config
     from megatron_navil.models.language import LayerInputs, ModalityDecoderLayer, rope_tables
     from megatron_navil.models.modality import ModalitySplit
+    from megatron_navil.parallel import current_groups
     from megatron_navil.testing import masked_reference as M
 
     lm = LanguageConfig(
@@ -71,9 +70,7 @@ def bench_layer(args: argparse.Namespace) -> dict[str, float]:
         head_dim=args.hidden // args.heads, ffn=args.ffn, vocab=1024, qk_norm=True,
     )  # fmt: skip
     cfg = get_config("tiny").replace(language=lm).validate()
-    layer = ModalityDecoderLayer(
-        transformer_config(cfg), lm, 1, ps.get_tensor_model_parallel_group(), False
-    )
+    layer = ModalityDecoderLayer(transformer_config(cfg), lm, 1, current_groups().tp)
     gen = torch.Generator().manual_seed(0)
     t = args.tokens
     visual = _visual_mask(t, args.visual_fraction, gen)

@@ -153,10 +153,10 @@ def _megatron(ckpt_dir: str | None, steps: int, threads: int, distributed: bool)
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
-    initialize(seed=SEED)
+    groups = initialize(seed=SEED)
     cfg = bench_config()
     config = transformer_config(cfg)
-    (model,) = build_model(cfg, config, special_ids=special_ids(cfg))
+    (model,) = build_model(cfg, config, groups, special_ids=special_ids(cfg))
     params = sum(p.numel() for p in model.parameters())
     if ckpt_dir is not None:
         save(ckpt_dir, 0, [model], None, {}, model_config=cfg)
@@ -171,6 +171,7 @@ def _megatron(ckpt_dir: str | None, steps: int, threads: int, distributed: bool)
         result = train_step(
             chunks,
             config,
+            groups,
             opt,
             sched,
             [data["batch"]],

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Docker image's entry point (see Dockerfile and README "Docker image"):
+# The Docker image's entry point (see Dockerfile and docs/cluster.md):
 #   docker run IMAGE pretrain_navil_2b.sh [ARGS]   runs examples/pretrain_navil_2b.sh ("pretrain_navil_2b"
 #                                                   without .sh works too)
 #   docker run IMAGE python -m megatron_navil.train ...   any other command runs as given

@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export OMP_NUM_THREADS=1
-run() { .venv/bin/torchrun --standalone --nproc-per-node 4 examples/parallel_smoke.py "$@"; }
+torchrun=.venv/bin/torchrun
+[ "${NAVIL_SYSTEM_INSTALL:-0}" = 1 ] && torchrun=torchrun  # the container image
+run() { "$torchrun" --standalone --nproc-per-node 4 examples/parallel_smoke.py "$@"; }
 echo "== dense GPT, TP=2 x PP=2 =="
 run --tp 2 --pp 2 --save checkpoints/parallel_smoke/dense "$@"
 echo "== MoE GPT (4 experts, alltoall), TP=2 x EP=2 =="

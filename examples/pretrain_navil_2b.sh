@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # NaViL-2B: one of the paper's three training stages on H100 nodes (../shared/NAVIL.md,
-# "Training recipe"; README "Training and planning a layout").
+# "Training recipe"; docs/training.md).
 #
 #   STAGE=s1.1 DATA="/data/s1.1" SAVE=/ckpt/2b/s1.1 NNODES=8 bash examples/pretrain_navil_2b.sh
 #   STAGE=s1.2 DATA=... SAVE=/ckpt/2b/s1.2 INIT=/ckpt/2b/s1.1 NNODES=8 bash examples/pretrain_navil_2b.sh

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # NaViL-9B: one of the paper's three training stages on H100 nodes (../shared/NAVIL.md,
-# "Training recipe"; README "Training and planning a layout").
+# "Training recipe"; docs/training.md).
 #
 #   STAGE=s1.1 DATA="/data/s1.1" SAVE=/ckpt/9b/s1.1 NNODES=8 bash examples/pretrain_navil_9b.sh
 #   STAGE=s1.2 DATA=... SAVE=/ckpt/9b/s1.2 INIT=/ckpt/9b/s1.1 NNODES=8 bash examples/pretrain_navil_9b.sh

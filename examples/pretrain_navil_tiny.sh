@@ -20,7 +20,10 @@ OUT=${OUT:-runs/tiny}
 STEPS=${STEPS:-540}
 NPROC=${NPROC:-4}
 TP=${TP:-2} PP=${PP:-2} EP=${EP:-2}
-PY=.venv/bin/python
+PY=.venv/bin/python TORCHRUN=.venv/bin/torchrun
+if [ "${NAVIL_SYSTEM_INSTALL:-0}" = 1 ]; then  # the container image: its python3 has the package
+  PY=python3 TORCHRUN=torchrun
+fi
 start=$(date +%s)
 phases="" last=$start
 mark() {  # mark NAME: the seconds since the previous mark go into the closing summary
@@ -42,9 +45,9 @@ fi
 # One scale per image (--no-multi-scale): NaViL's multi-scale packing adds 3 coarser scales
 # (16 of every sample's 85 LLM tokens carry the 8x8-patch base scale, 17 the others); without
 # them a 1024-token sequence holds 14-15 samples instead of 12 and the vision encoder sees half
-# the patches. In one process over 360 steps that read colours at 0.87 instead of 0.65 (groups
-# 0.87 vs 0.82), each step 25% cheaper. The run's checkpoints record multi_scale=false (taken
-# from the corpus), so steps 4 and 5 prepare images as training did.
+# the patches: each step is cheaper and the colours are learnt faster (docs/tiny_run.md). The
+# run's checkpoints record multi_scale=false (taken from the corpus), so steps 4 and 5 prepare
+# images as training did.
 # --no-system: no system turn in the samples. The released models (and the indexer's default)
 # put InternVL's default system message in every conversation: about 180 tokens of this tiny
 # byte-level tokenizer, 6x a caption sample. The checkpoints record it (the prompt is taken
@@ -65,12 +68,12 @@ mark "corpus + index"
 
 rm -rf "$OUT/ckpt" "$OUT/logs"
 # A step is 4096 tokens (about 58 samples) in 2 micro-batches of 2048: at 4 processes on 2 cores
-# a step's cost is mostly per-micro-batch overhead, so 2 x 2048 takes 0.60-0.73 s where 4 x 1024
-# (the same samples) takes 1.04 s (measured, mean of steps 6-30). Checkpoints at the half-way
+# a step's cost is mostly per-micro-batch overhead, so 2 x 2048 is cheaper than 4 x 1024 of the
+# same samples (docs/tiny_run.md). Checkpoints at the half-way
 # stop and at the end only (each save costs seconds of the 10-minute budget). Held-out loss:
 # the first 3 global batches of the val split (about 170 of its 200 samples) every quarter.
 train() {
-  .venv/bin/torchrun --standalone --nproc-per-node "$NPROC" -m megatron_navil.train \
+  $TORCHRUN --standalone --nproc-per-node "$NPROC" -m megatron_navil.train \
     --config tiny --data "$OUT/shards/train" --tp "$TP" --pp "$PP" --ep "$EP" --etp 1 \
     --steps "$STEPS" --seq-length 2048 --global-batch 2 --stage s2 --lr 2e-3 --min-lr 2e-4 \
     --warmup $((STEPS < 200 ? STEPS / 10 : 20)) --save "$OUT/ckpt" --save-interval $((STEPS / 2)) --log-dir "$OUT/logs" \

@@ -310,6 +310,9 @@ def report(plan: Plan, gpu_mem_gib: float, reserve_gib: float) -> list[str]:
             f"  {r.pp_rank:7d}  {g['weights']:7.1f} {g['grads']:6.1f} {g['optimizer']:10.1f} "
             f"{g['activations']:12.1f} {g['transient']:10.1f} {g['total']:6.1f}"
         )
+    from megatron_navil.planning.memory import SCOPE
+
+    lines.append(f"  ({SCOPE})")
     verdict = "fits" if fits else "DOES NOT FIT"
     lines.append(
         f"peak {peak.total / GiB:.1f} GiB on pp rank {peak.pp_rank} + {reserve_gib:g} GiB "

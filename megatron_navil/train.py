@@ -153,13 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=0, help="save every N steps")
     g.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep")
     g.add_argument(
-        "--load", default=None, help="resume from the newest complete checkpoint here (any layout)"
-    )
+        "--load", default=None,
+        help="resume from the newest complete checkpoint here (any layout). Our own files in a "
+        "checkpoint load without pickle, but torch.distributed.checkpoint reads its .metadata "
+        "file with pickle: load only checkpoints you trust (as with Megatron-LM)",
+    )  # fmt: skip
     g.add_argument(
         "--init", default=None,
         help="start from the model weights of the newest complete checkpoint here (any "
         "layout; e.g. the previous stage's --save): optimizer, LR schedule, data position and "
-        "iteration start afresh; ignored when --load finds a checkpoint to resume",
+        "iteration start afresh; ignored when --load finds a checkpoint to resume; only "
+        "checkpoints you trust (see --load)",
     )  # fmt: skip
     g.add_argument("--log-dir", default=None, help="TensorBoard, progress.txt, loss_curve.png")
     g.add_argument(
@@ -214,15 +218,15 @@ class LoaderSource:
         self._it = None
 
 
-def place_chunks(chunks: list[Any], config: Any, device: torch.device) -> list[Any]:
-    """Move each model chunk to ``device`` and, when ``config.bf16``, wrap it in
+def place_chunks(chunks: list[Any], mcore_config: Any, device: torch.device) -> list[Any]:
+    """Move each model chunk to ``device`` and, when ``mcore_config.bf16``, wrap it in
     megatron-core's Float16Module (bf16 weights; the optimizer keeps fp32 master copies),
     in Megatron-LM's order: device, then precision, then DDP."""
     from megatron.core.transformer.module import Float16Module
 
     placed = [chunk.to(device) for chunk in chunks]
-    if config.bf16:
-        placed = [Float16Module(config, chunk) for chunk in placed]
+    if mcore_config.bf16:
+        placed = [Float16Module(mcore_config, chunk) for chunk in placed]
     return placed
 
 
@@ -275,24 +279,21 @@ def open_eval_data(
 
 
 def eval_sets_of(
-    args: argparse.Namespace, datasets: list[Any], cfg: Any, dp: int, dp_rank: int, device: Any
+    args: argparse.Namespace, datasets: list[Any], cfg: Any, groups: Any, device: Any
 ) -> list[Any]:
     """One ``training.evaluate.EvalSet`` per held-out corpus: its own packed-sequence loader
     (the training's sequence length, patch budget, global batch and loss weighting; seed
-    fixed), this rank's data-parallel share."""
-    from megatron.core import parallel_state as ps
-
+    fixed), this rank's data-parallel share (``groups``: ``parallel.ParallelGroups``)."""
     from megatron_navil.data.loader import build_data_loader
     from megatron_navil.training.evaluate import EvalSet, set_names
 
-    sets = []
+    sets, dp, dp_rank = [], groups.dp_size, groups.dp_rank
     for name, d in zip(set_names([str(d.root) for d in datasets]), datasets, strict=True):
         loader = build_data_loader(
             [d], seq_length=args.seq_length, global_batch=args.global_batch,
             max_patches=args.max_patches, seed=args.seed, dp_rank=dp_rank, dp_size=dp,
             loss_weighting=args.loss_weighting,
-            pixels=ps.is_pipeline_first_stage(ignore_virtual=True),
-            vision_window_size=cfg.vision.window_size,
+            pixels=groups.is_first_stage(), vision_window_size=cfg.vision.window_size,
         )  # fmt: skip
         sets.append(EvalSet(name, LoaderSource(loader, args.global_batch // dp, device)))
     return sets
@@ -453,8 +454,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.ArgumentParser) -> int:
-    from megatron.core import parallel_state as ps
-
     from megatron_navil.checkpoint.directory import latest
     from megatron_navil.checkpoint.errors import CheckpointLayoutError
     from megatron_navil.checkpoint.model import model_special_ids
@@ -498,25 +497,26 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
 
     layout = dict(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp)
     try:
-        initialize(**layout, seed=args.seed)
+        groups = initialize(**layout, seed=args.seed)
     except ValueError as exc:  # a layout that does not fit the world size
         parser.error(str(exc))
     cuda = torch.cuda.is_available()
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, dp_rank = groups.dp_size, groups.dp_rank
     if args.global_batch % dp:
         parser.error(f"--global-batch {args.global_batch} is not a multiple of DP={dp}")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
-    config = transformer_config(cfg, **layout, dtype=torch.bfloat16 if bf16 else torch.float32)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    mcore_config = transformer_config(cfg, **layout, dtype=dtype)
     from megatron_navil.config.model import Recompute
 
     recompute = Recompute(llm=args.recompute_llm, vision=args.recompute_vision)
     chunks = build_model(
-        cfg, config, special_ids=special, first_stage_layers=args.first_stage_layers,
+        cfg, mcore_config, groups, special_ids=special, first_stage_layers=args.first_stage_layers,
         recompute=recompute, init_seed=args.seed,
     )  # fmt: skip
     frozen = apply_freezing(chunks, recipe)
-    chunks = place_chunks(chunks, config, device)
+    chunks = place_chunks(chunks, mcore_config, device)
     rank0 = torch.distributed.get_rank() == 0
     if rank0 and vocab_note:
         print(vocab_note, flush=True)
@@ -534,7 +534,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     if args.dry_run:
         return 0
     init_weights(args, chunks, rank0)
-    chunks = wrap_ddp(chunks, config, distributed_optimizer=True)
+    chunks = wrap_ddp(chunks, mcore_config, distributed_optimizer=True)
     optimizer = build_optimizer(chunks, recipe, lr=args.lr, min_lr=args.min_lr,
                                 clip_grad=args.clip_grad, bf16=bf16)  # fmt: skip
     scheduler = build_scheduler(optimizer, recipe, args.steps, lr=args.lr,
@@ -545,12 +545,12 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         dp_rank=dp_rank, dp_size=dp, loss_weighting=args.loss_weighting,
         num_workers=args.num_workers,
         # only the first pipeline stage runs the vision encoder; the others skip decoding
-        pixels=ps.is_pipeline_first_stage(ignore_virtual=True),
+        pixels=groups.is_first_stage(),
         vision_window_size=cfg.vision.window_size,
     )  # fmt: skip
     peak = mfu_peak_flops(args)
     source = LoaderSource(loader, args.global_batch // dp, device)
-    eval_sets = eval_sets_of(args, eval_datasets, cfg, dp, dp_rank, device)
+    eval_sets = eval_sets_of(args, eval_datasets, cfg, groups, device)
     source.flops_of = functools.partial(batch_flops, cfg) if peak else None
     loop = LoopConfig(
         steps=args.steps, exit_after=args.exit_after, seq_length=args.seq_length,
@@ -563,7 +563,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         eval_sets=eval_sets, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
     )  # fmt: skip
     try:
-        results = train(chunks, config, optimizer, scheduler, source, loop)
+        results = train(chunks, mcore_config, groups, optimizer, scheduler, source, loop)
     except CheckpointLayoutError as exc:
         parser.error(str(exc))
     if rank0 and results:

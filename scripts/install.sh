@@ -6,9 +6,14 @@
 # Usage: bash scripts/install.sh [VENV_DIR]   (default .venv; skipped when nothing changed)
 #        bash scripts/install.sh --system     (the Dockerfile: into the current python3, keeping
 #                                              its CUDA torch; no venv, no torch pin, no stamp)
+# In the container image (NAVIL_SYSTEM_INSTALL=1, set by the Dockerfile) the package was installed
+# into the image's python3 at build time: the venv mode is then a no-op (nothing to make).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 system=0
+if [ "${1:-}" != "--system" ] && [ "${NAVIL_SYSTEM_INSTALL:-0}" = 1 ]; then
+  exit 0
+fi
 if [ "${1:-}" = "--system" ]; then
   system=1
   py=${PYTHON:-python3}

@@ -14,9 +14,11 @@ if [ "${1:-}" = "--fast" ]; then
   select=(-m "not slow")
 fi
 bash scripts/install.sh "$venv"
+py=$venv/bin/python
+[ "${NAVIL_SYSTEM_INSTALL:-0}" = 1 ] && py=python3  # the container image (see install.sh)
 export OMP_NUM_THREADS=1
 status=0
-"$venv/bin/python" -m pytest -q --durations=15 "${select[@]}" "${@:-tests}" || status=$?
+"$py" -m pytest -q --durations=15 "${select[@]}" "${@:-tests}" || status=$?
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests: that is a failure" >&2
 fi

@@ -34,6 +34,7 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -200,7 +201,7 @@ def _no_nan(metrics: dict) -> dict:
     }
 
 
-def _init_one_rank() -> None:
+def _init_one_rank() -> Any:
     """A 1-rank process group in this process on a free port, megatron's parallel state."""
     from megatron_navil.parallel import initialize
     from megatron_navil.parallel.spawn import free_port
@@ -209,7 +210,7 @@ def _init_one_rank() -> None:
         os.environ.pop(key, None)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
-    initialize()
+    return initialize()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,9 +248,9 @@ def main(argv: list[str] | None = None) -> int:
             total += n
             sources.append(dataset_inputs(dataset, tokenizer, n))
 
-        _init_one_rank()
+        groups = _init_one_rank()
         start = time.perf_counter()
-        model = load_model(cfg, checkpoint, tokenizer.special_ids)
+        model = load_model(cfg, checkpoint, tokenizer.special_ids, groups)
         captioner = Captioner(model, tokenizer, args.max_new_tokens)
         print(f"loaded {checkpoint} ({cfg.name}) in {time.perf_counter() - start:.1f} s")
 

@@ -47,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_navil.parallel.spawn import free_port
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    initialize()  # one process: megatron-core's layers need its parallel state
+    groups = initialize()  # one process: megatron-core's layers need its parallel state
     results = {}
     print(f"{'config':10s}" + "".join(f"{p:>16s}" for p in PARTS))
     for name in args.configs:
         cfg = get_config(name)
-        counts = meta_parameter_counts(cfg)
+        counts = meta_parameter_counts(cfg, groups)
         analytic = param_counts(cfg)
         results[name] = counts
         print(f"{name:10s}" + "".join(f"{counts[p]:16,d}" for p in PARTS))

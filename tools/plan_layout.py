@@ -152,6 +152,9 @@ def _one(cfg, layout, args) -> dict:
             f"{_gib(r.optimizer)} {_gib(r.activations)} ({r.in_flight:4.0f})      "
             f"{_gib(r.transient)} {_gib(r.total)}{mark}"
         )
+    from megatron_navil.planning.memory import SCOPE
+
+    print(SCOPE)
     print(
         f"FLOPs per sequence: LLM {flops.llm_per_sequence:.3e} + vision/connector "
         f"{flops.vision_per_sequence:.3e} = {flops.per_sequence:.3e}; per step "
@@ -197,6 +200,9 @@ def _search(cfg, base, args) -> dict:
             f"{_gib(m.grads)} {_gib(m.optimizer)} {_gib(m.activations)} {_gib(m.transient)} "
             f"{_gib(m.total)} {'yes ' if r.fits else 'no  '} {r.step_time:5.3f}{mark}"
         )
+    from megatron_navil.planning.memory import SCOPE
+
+    print(SCOPE)
     if not fitting:
         print("no layout fits: more GPUs, a smaller --patches budget or --seq-length")
     return {

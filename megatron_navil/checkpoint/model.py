@@ -67,21 +67,17 @@ def check_checkpoint(cfg: NaViLConfig, checkpoint: str | Path) -> None:
             )
 
 
-def load_model(cfg: NaViLConfig, checkpoint: str | Path, special_ids: Mapping[str, int]) -> Any:
+def load_model(
+    cfg: NaViLConfig, checkpoint: str | Path, special_ids: Mapping[str, int], groups: Any
+) -> Any:
     """The whole model (one stage, TP = PP = EP = 1) with the weights of ``checkpoint`` (a
     complete ``iter_*`` directory, saved in any layout), in eval mode; ``special_ids``: the
-    tokenizer's token -> id map (:func:`model_special_ids`). Needs a 1-rank parallel state
-    (``megatron_navil.parallel.initialize()``). CheckpointError for a tokenizer or checkpoint
-    that does not fit ``cfg``."""
-    from megatron.core import parallel_state as ps
-
+    tokenizer's token -> id map (:func:`model_special_ids`); ``groups``: those of a 1-rank
+    parallel state (``megatron_navil.parallel.initialize()``). CheckpointError for a tokenizer
+    or checkpoint that does not fit ``cfg``."""
     from megatron_navil.models.build import build_model, transformer_config
 
-    sizes = (
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_pipeline_model_parallel_world_size(),
-        ps.get_expert_model_parallel_world_size(),
-    )
+    sizes = (groups.tp.size(), groups.pp_size, groups.ep.size())
     if sizes != (1, 1, 1):
         raise RuntimeError(f"inference runs at TP=PP=EP=1, the parallel state has {sizes}")
     ids = model_special_ids(special_ids)
@@ -90,7 +86,7 @@ def load_model(cfg: NaViLConfig, checkpoint: str | Path, special_ids: Mapping[st
             f"tokenizer special ids up to {max(ids)} do not fit {cfg.name}'s vocabulary "
             f"of {cfg.language.vocab} (import or train with a vocabulary padded to hold them)"
         )
-    (model,) = build_model(cfg, transformer_config(cfg), special_ids=ids)
+    (model,) = build_model(cfg, transformer_config(cfg), groups, special_ids=ids)
     try:
         load(checkpoint, [model], None)
     except Exception as exc:  # megatron-core reports shape/key mismatches in many ways

@@ -31,7 +31,7 @@ from megatron_navil.checkpoint.directory import (
     iteration_dir,
     require_complete,
 )
-from megatron_navil.checkpoint.errors import CheckpointLayoutError
+from megatron_navil.checkpoint.errors import CheckpointError, CheckpointLayoutError
 from megatron_navil.config.io import write_config
 
 SAVE_DELAY_ENV = "MEGATRON_NAVIL_TEST_SAVE_DELAY"
@@ -147,20 +147,44 @@ def optimizer_template(model_state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors, numbers and strings only, so that it is saved and
+    loaded without pickle (``torch.load(weights_only=True)``): numpy's and Python's states are
+    tuples of ints, written out as int64 tensors."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
+    }  # fmt: skip
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["internal"]), py["gauss_next"]))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_rng(path: Path) -> dict[str, Any]:
+    """A rank's RNG file, loaded without running any code from it (``weights_only=True``: only
+    tensors and plain containers); anything else (a pickled object, as in files written before
+    this format, or planted) is a CheckpointError."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError / RuntimeError variants
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: not a plain-tensor RNG state ({first[:200]}); refusing to unpickle it "
+            "(a checkpoint from before this format: start from its weights with --init)"
+        ) from None
 
 
 def save(
@@ -267,5 +291,5 @@ def load(path: str | Path, chunks: list[Any], optimizer: Any) -> dict[str, Any]:
     rng = path / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt"
     saved_ranks = len(list((path / "rng").glob("rank_*.pt")))
     if rng.is_file() and saved_ranks == torch.distributed.get_world_size():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(_load_rng(rng))
     return json.loads((path / TRAIN_STATE).read_text())

@@ -299,12 +299,12 @@ def write_rank(spec: ImportSpec) -> int:
 
     warnings.filterwarnings("ignore")
     cfg = config_from_dict(spec.cfg)
-    initialize(tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp, seed=spec.seed)
-    config = transformer_config(cfg, tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp)
+    groups = initialize(tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp, seed=spec.seed)
+    mcore_config = transformer_config(cfg, tp=spec.tp, pp=spec.pp, ep=spec.ep, etp=spec.etp)
     # an LLM import keeps the fresh vision tower and connector of the build: drawn by name, so
     # they are the same at every import layout (models/init.py)
     chunks = build_model(
-        cfg, config, special_ids=spec.special_token_ids,
+        cfg, mcore_config, groups, special_ids=spec.special_token_ids,
         first_stage_layers=spec.first_stage_layers,
         init_seed=spec.seed if spec.kind == "llm" else None,
     )  # fmt: skip

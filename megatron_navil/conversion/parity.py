@@ -110,9 +110,9 @@ def megatron_logits_rank(
     from megatron_navil.parallel import initialize
 
     warnings.filterwarnings("ignore")
-    initialize()
+    groups = initialize()
     cfg = config_from_dict(cfg_dict)
-    (model,) = build_model(cfg, transformer_config(cfg), special_ids=special_ids)
+    (model,) = build_model(cfg, transformer_config(cfg), groups, special_ids=special_ids)
     load(checkpoint, [model], None)
     model.eval()
     packed = pickle.loads(inputs)

@@ -3,8 +3,8 @@
 Generation (:class:`Captioner`): greedy (argmax), several samples per forward packed as
 training packs them (``cu_seqlens`` per sample, positions ``0..t-1`` each), the whole sequences
 recomputed every step (no KV cache: the tiny model makes this cheap), until ``<|im_end|>`` or
-``max_new_tokens``. Packing 16 samples per forward captioned 200 held-out images 4.0x faster
-than one per forward on 2 cores (17.6 s vs 70.9 s), with the same 200 captions. The image-block
+``max_new_tokens``; packing several samples per forward gives the same captions as one at a
+time, several times faster (docs/performance.md, "Captioning"). The image-block
 tokens (``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ``<IMG_LINE_BREAK>``, ``<IMG_FRAME_BREAK>``)
 are never generated: an ``<IMG_CONTEXT>`` without its patches cannot be fed back into the
 model; ids beyond the tokenizer's vocabulary neither.

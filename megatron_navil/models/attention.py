@@ -10,12 +10,11 @@ installed (imported lazily, never required); otherwise
 ``torch.nn.functional.scaled_dot_product_attention`` on the segments gathered into padded
 batches, one batch per length bucket (the CPU path). Written by hand because PyTorch has no
 varlen attention on CPU: a block-diagonal ``t x t`` mask does ``t^2`` work, and one call per
-segment pays a call and an autograd node per segment (on a micro-batch of the tiny run, fwd+bwd:
-the mask 7.3x slower for the LLM's 13 segments and 12x for the vision encoder's 48, the loop
-1.5x and 3.8x; ``benchmarks/bench_varlen_attention.py``). Buckets hold segments whose lengths
-are within a factor sqrt(2), so padding at most doubles a bucket's attention FLOPs. A padded
-slot is masked (keys) or dropped (queries), so a segment's result never depends on another
-segment's values.
+segment pays a call and an autograd node per segment (both measured slower by
+``benchmarks/bench_varlen_attention.py``, numbers in docs/performance.md). Buckets hold
+segments whose lengths are within a factor sqrt(2), so padding at most doubles a bucket's
+attention FLOPs. A padded slot is masked (keys) or dropped (queries), so a segment's result
+never depends on another segment's values.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """From a :class:`NaViLConfig` and a parallel layout to megatron-core's TransformerConfig and
-this rank's model chunks (one per virtual pipeline stage).
+this rank's model chunks (one per virtual pipeline stage), in the process groups
+``megatron_navil.parallel.initialize()`` returned.
 
 Pipeline layout: virtual stage ``v = chunk * pp + pp_rank`` (megatron-core's interleaved
 order); stage 0 holds the vision encoder, connector and embeddings, and may be given fewer LLM
@@ -16,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_navil.config.model import NaViLConfig, Recompute
+from megatron_navil.parallel.groups import ParallelGroups, vision_groups
+
+TRANSFORMER_IMPLS = ("local", "te")
 
 
 def stage_layer_ranges(
@@ -168,93 +172,80 @@ def special_token_ids(cfg: NaViLConfig, ids: Sequence[int] | None = None) -> tup
     return ids
 
 
-def vision_tp_groups(cfg: NaViLConfig) -> tuple[Any, Any]:
-    """``(tp_group, replica_group)`` of the vision tower: the LLM's TP group when the vision
-    heads and MLP split over it (replica group None), else a group of this rank alone with the
-    LLM's TP group as the replica group (the tower is then replicated over TP: navil-2b has 23
-    vision heads). Collective: every rank must call it (``new_group`` for each singleton)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_navil.models.vision import tp_size_for
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    if tp_size_for(cfg.vision, group.size()) == group.size():
-        return group, None
-    mine = None
-    for rank in range(dist.get_world_size()):
-        single = dist.new_group([rank])
-        if rank == dist.get_rank():
-            mine = single
-    return mine, group
-
-
 def build_model(
     cfg: NaViLConfig,
-    config: Any,
+    mcore_config: Any,
+    groups: ParallelGroups,
     *,
     special_ids: Sequence[int] | None = None,
     first_stage_layers: int | None = None,
-    use_te: bool = False,
     recompute: Recompute | None = None,
     init_seed: int | None = None,
+    transformer_impl: str = "local",
 ) -> list[Any]:
     """This rank's NaViLModel chunks, one per virtual pipeline stage (a list of one without
-    interleaving), for the parallel state megatron_navil.parallel.initialize set up.
+    interleaving), for the layout of ``groups`` (``megatron_navil.parallel.initialize()``).
     ``recompute``: activation recompute of the LLM layers / vision blocks (None: none).
     ``init_seed``: every matrix's initial value a function of (seed, its name) only, the same
     in every layout (``models.init.init_by_name``); None keeps megatron-core's draw, which
-    depends on the layout (for models whose weights are loaded right after)."""
-    from megatron.core import parallel_state as ps
-
+    depends on the layout (for models whose weights are loaded right after).
+    ``transformer_impl``: megatron-core's implementation of the MoE experts, ``local`` (its
+    torch modules) or ``te`` (TransformerEngine with grouped GEMM, GPU clusters); the one
+    place it is chosen (the RMSNorms take TransformerEngine's fused norm by themselves when it
+    is importable on a GPU, ``language.norm_class``)."""
     from megatron_navil.models.navil import NaViLModel
+    from megatron_navil.models.vision import tp_size_for
 
-    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got "
+                         f"{transformer_impl!r}")  # fmt: skip
+    pp, pp_rank, vpp = groups.pp_size, groups.pp_rank, groups.vpp_size
     ranges = stage_layer_ranges(cfg.language.layers, pp * vpp, first_stage_layers)
     ids = special_token_ids(cfg, special_ids)
-    vision_group, vision_replicas = vision_tp_groups(cfg)
+    tp = groups.tp.size()
+    vision_group, vision_replicas = vision_groups(groups, tp_size_for(cfg.vision, tp) == tp)
     chunks = []
     for chunk in range(vpp):
         stage = chunk * pp + pp_rank
         chunks.append(
             NaViLModel(
                 cfg,
-                config,
+                mcore_config,
                 ranges[stage],
                 pre_process=stage == 0,
                 post_process=stage == pp * vpp - 1,
                 special_token_ids=ids,
+                tp_group=groups.tp,
                 vision_tp_group=vision_group,
                 vision_replica_group=vision_replicas,
-                use_te=use_te,
+                transformer_impl=transformer_impl,
                 recompute=recompute,
             )
         )
     if init_seed is not None:
         from megatron_navil.models.init import init_by_name
 
-        init_by_name(chunks, cfg, config, init_seed)
+        init_by_name(chunks, cfg, mcore_config, init_seed)
     return chunks
 
 
-def meta_parameter_counts(cfg: NaViLConfig) -> dict[str, int]:
+def meta_parameter_counts(cfg: NaViLConfig, groups: ParallelGroups) -> dict[str, int]:
     """Parameters of the whole model (one stage, TP=EP=1) built on the meta device, so no
     memory is allocated: ``total``, ``activated`` (what one token's forward uses: its
     modality's attention projections and ``topk`` of its group's FFN experts, plus everything
-    shared, the vision tower and connector included) and per part. Needs the parallel state
-    (``megatron_navil.parallel.initialize()`` in one process is enough)."""
+    shared, the vision tower and connector included) and per part. ``groups``: those of a
+    1-rank parallel state (``megatron_navil.parallel.initialize()`` in one process)."""
     from megatron_navil.models.navil import NaViLModel
 
-    config = transformer_config(cfg, perform_initialization=False)
+    mcore_config = transformer_config(cfg, perform_initialization=False)
     top = cfg.language.vocab
     ids = special_token_ids(
         cfg, range(top, top + 12) if cfg.special_token_first_id is None else None
     )
     with torch.device("meta"):
         model = NaViLModel(
-            cfg, config, range(cfg.language.layers), pre_process=True, post_process=True,
-            special_token_ids=ids,
+            cfg, mcore_config, range(cfg.language.layers), pre_process=True,
+            post_process=True, special_token_ids=ids, tp_group=groups.tp,
         )  # fmt: skip
     allocated = {p.device.type for p in model.parameters()} - {"meta"}
     if allocated:

@@ -50,7 +50,7 @@ class Connector(ShardedModule):
     Args:
         vision_width: W, the encoder's output width.
         hidden: H, the LLM hidden size; must be divisible by the TP group's size.
-        config: the model's megatron-core TransformerConfig (a copy without sequence
+        mcore_config: the model's megatron-core TransformerConfig (a copy without sequence
             parallelism builds the linears).
         tp_group: the group the hidden units are split over (required; size 1: replicated).
         merge: patches per side of a merge unit (ConnectorConfig.merge).
@@ -62,7 +62,7 @@ class Connector(ShardedModule):
         self,
         vision_width: int,
         hidden: int,
-        config: Any,
+        mcore_config: Any,
         tp_group: ProcessGroup,
         *,
         merge: int = 2,
@@ -72,15 +72,17 @@ class Connector(ShardedModule):
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         from megatron.core.utils import init_method_normal
 
-        super().__init__(config, tp_group, replica_group)
+        super().__init__(mcore_config, tp_group, replica_group)
         tp = self.tp_size
         if hidden % tp:
             raise ValueError(f"Connector: hidden={hidden} does not split over {tp} TP ranks")
         self.merge = merge
         width = merge * merge * vision_width
-        lin_cfg = linear_config(config)
-        init = init_method_normal(config.init_method_std)
-        self.add_module("0", torch.nn.LayerNorm(width, eps=norm_eps, dtype=config.params_dtype))
+        lin_cfg = linear_config(mcore_config)
+        init = init_method_normal(mcore_config.init_method_std)
+        self.add_module(
+            "0", torch.nn.LayerNorm(width, eps=norm_eps, dtype=mcore_config.params_dtype)
+        )
         self.add_module(
             "1",
             ColumnParallelLinear(

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
 
 from megatron_navil.config.model import LanguageConfig
 from megatron_navil.models.attention import varlen_attention
@@ -85,19 +86,13 @@ def norm_class() -> Any:
     return WrappedTorchNorm
 
 
-def _megatron_module() -> type:
-    from megatron.core.transformer.module import MegatronModule
-
-    return MegatronModule
-
-
-class _Pair(_megatron_module()):  # type: ignore[misc]
+class _Pair(MegatronModule):
     """Two modules of the same shape, ``text`` and ``visual`` (parameter names
     ``<name>.text.*`` / ``<name>.visual.*``); a MegatronModule so checkpoint sharding recurses
     into the megatron-core linears."""
 
-    def __init__(self, config: Any, make: Any) -> None:
-        super().__init__(config)
+    def __init__(self, mcore_config: Any, make: Any) -> None:
+        super().__init__(mcore_config)
         self.text = make()
         self.visual = make()
 
@@ -119,7 +114,7 @@ class HeadRMSNorm(torch.nn.Module):
         return (x32 * self.weight.float()).to(x.dtype)
 
 
-class ModalityAttention(_megatron_module()):  # type: ignore[misc]
+class ModalityAttention(MegatronModule):
     """Joint causal self-attention with per-modality q/k/v/o (see module docstring).
 
     Parameters (this rank's TP shard): ``linear_qkv.{text,visual}.weight``
@@ -131,9 +126,9 @@ class ModalityAttention(_megatron_module()):  # type: ignore[misc]
     """
 
     def __init__(
-        self, config: Any, lm: LanguageConfig, tp_group: Any, *, selective: bool = False
+        self, mcore_config: Any, lm: LanguageConfig, tp_group: Any, *, selective: bool = False
     ) -> None:
-        super().__init__(config)
+        super().__init__(mcore_config)
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         tp = tp_group.size()
@@ -143,34 +138,34 @@ class ModalityAttention(_megatron_module()):  # type: ignore[misc]
         self.lm = lm
         self.tp_group = tp_group
         self.selective = selective  # recompute the q/k norms in the backward (Recompute)
-        self.sequence_parallel = bool(config.sequence_parallel)
+        self.sequence_parallel = bool(mcore_config.sequence_parallel)
         self.heads_local = lm.heads // tp
         self.kv_heads_local = lm.kv_heads // tp
         qkv_out = (lm.heads + 2 * lm.kv_heads) * lm.head_dim
 
         def qkv() -> Any:
             return ColumnParallelLinear(
-                lm.hidden, qkv_out, config=config, init_method=config.init_method,
+                lm.hidden, qkv_out, config=mcore_config, init_method=mcore_config.init_method,
                 bias=False, gather_output=False, tp_group=tp_group,
             )  # fmt: skip
 
         def proj() -> Any:
             return RowParallelLinear(
-                lm.heads * lm.head_dim, lm.hidden, config=config,
-                init_method=config.output_layer_init_method, bias=False,
+                lm.heads * lm.head_dim, lm.hidden, config=mcore_config,
+                init_method=mcore_config.output_layer_init_method, bias=False,
                 input_is_parallel=True, skip_bias_add=True, tp_group=tp_group,
             )  # fmt: skip
 
-        self.linear_qkv = _Pair(config, qkv)
-        self.linear_proj = _Pair(config, proj)
+        self.linear_qkv = _Pair(mcore_config, qkv)
+        self.linear_proj = _Pair(mcore_config, proj)
         if lm.qk_norm:
-            dtype = config.params_dtype
+            dtype = mcore_config.params_dtype
 
             def head_norm() -> HeadRMSNorm:
                 return HeadRMSNorm(lm.head_dim, lm.norm_eps, dtype)
 
-            self.q_layernorm = _Pair(config, head_norm)
-            self.k_layernorm = _Pair(config, head_norm)
+            self.q_layernorm = _Pair(mcore_config, head_norm)
+            self.k_layernorm = _Pair(mcore_config, head_norm)
         if lm.wo_then_wo_ve and lm.heads * lm.head_dim != lm.hidden:
             raise ValueError(
                 "LanguageConfig.wo_then_wo_ve needs heads * head_dim == hidden "
@@ -248,19 +243,22 @@ class ModalityAttention(_megatron_module()):  # type: ignore[misc]
         return torch.cat([text_part, F.linear(local, wo_ve)])
 
 
-def moe_spec(use_te: bool) -> Any:
+def moe_spec(transformer_impl: str) -> Any:
     """megatron-core MoE spec with :class:`ModalityMoELayer` and :class:`ModalityRouter`; the
-    non-grouped experts are :class:`ModalitySequentialMLP` (SequentialMLP + ``moe_act``)."""
+    non-grouped experts are :class:`ModalitySequentialMLP` (SequentialMLP + ``moe_act``).
+    ``transformer_impl``: ``local`` (megatron-core's torch modules) or ``te``
+    (TransformerEngine, grouped GEMM); ``build.build_model`` chooses it."""
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 
-    if use_te:
+    te = transformer_impl == "te"
+    if te:
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
         backend: Any = TESpecProvider()
     else:
         backend = LocalSpecProvider()
-    spec = get_moe_module_spec_for_backend(backend, num_experts=2, moe_grouped_gemm=use_te)
+    spec = get_moe_module_spec_for_backend(backend, num_experts=2, moe_grouped_gemm=te)
     spec.module = ModalityMoELayer
     spec.submodules.router = ModalityRouter
     spec.submodules.shared_experts = None
@@ -271,7 +269,7 @@ def moe_spec(use_te: bool) -> Any:
     return spec
 
 
-class ModalityDecoderLayer(_megatron_module()):  # type: ignore[misc]
+class ModalityDecoderLayer(MegatronModule):
     """``x + attn(input_layernorm(x))``, then ``+ mlp(post_attention_layernorm(.))``; norms
     shared by the experts.
 
@@ -282,24 +280,29 @@ class ModalityDecoderLayer(_megatron_module()):  # type: ignore[misc]
 
     def __init__(
         self,
-        config: Any,
+        mcore_config: Any,
         lm: LanguageConfig,
         layer_number: int,
         tp_group: Any,
-        use_te: bool,
+        transformer_impl: str = "local",
         recompute: str = "none",
     ) -> None:
-        super().__init__(config)
+        super().__init__(mcore_config)
         from megatron.core.transformer.spec_utils import build_module
 
         norm = norm_class()
         self.selective = recompute == "selective"
         self.layer_number = layer_number  # 1-based, global (megatron-core's convention)
-        self.input_layernorm = norm(config=config, hidden_size=lm.hidden, eps=lm.norm_eps)
-        self.self_attention = ModalityAttention(config, lm, tp_group, selective=self.selective)
-        self.post_attention_layernorm = norm(config=config, hidden_size=lm.hidden, eps=lm.norm_eps)
+        hidden, eps = lm.hidden, lm.norm_eps
+        self.input_layernorm = norm(config=mcore_config, hidden_size=hidden, eps=eps)
+        self.self_attention = ModalityAttention(
+            mcore_config, lm, tp_group, selective=self.selective
+        )
+        self.post_attention_layernorm = norm(config=mcore_config, hidden_size=hidden, eps=eps)
         self.mlp = build_module(
-            moe_spec(use_te), config=moe_config(config, recompute), layer_number=layer_number
+            moe_spec(transformer_impl),
+            config=moe_config(mcore_config, recompute),
+            layer_number=layer_number,
         )
         self.mlp.set_layer_number(layer_number)
 

@@ -26,13 +26,13 @@ class _OneRank:
 
 def meta_param_counts(cfg: NaViLConfig) -> dict[str, int]:
     """``{"vision": ..., "connector": ...}`` of the unsplit modules built on the meta device."""
-    config = standalone_linear_config(perform_initialization=False)
+    mcore_config = standalone_linear_config(perform_initialization=False)
     with torch.device("meta"):
-        vision = VisionEncoder(cfg.vision, config, _OneRank())
+        vision = VisionEncoder(cfg.vision, mcore_config, _OneRank())
         connector = Connector(
             cfg.vision.width,
             cfg.language.hidden,
-            config,
+            mcore_config,
             _OneRank(),
             merge=cfg.connector.merge,
             norm_eps=cfg.connector.norm_eps,

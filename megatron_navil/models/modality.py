@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.router import TopKRouter
 
 TEXT, VISUAL = 0, 1
 
@@ -79,13 +81,7 @@ class ModalitySplit:
         return torch.cat([text(x_text), visual(x_visual)])
 
 
-def _router_base() -> type:
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    return TopKRouter
-
-
-class ModalityRouter(_router_base()):  # type: ignore[misc]
+class ModalityRouter(TopKRouter):
     """megatron-core (top-k) router whose routing is decided by the token's modality.
 
     Experts ``[0, E)`` are the text group, ``[E, 2E)`` the visual group (``E`` =
@@ -200,13 +196,7 @@ class ModalityRouter(_router_base()):  # type: ignore[misc]
         return probs
 
 
-def _moe_layer_base() -> type:
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
-    return MoELayer
-
-
-class ModalityMoELayer(_moe_layer_base()):  # type: ignore[misc]
+class ModalityMoELayer(MoELayer):
     """megatron-core ``MoELayer`` taking the visual mask, for :class:`ModalityRouter`."""
 
     def forward(  # type: ignore[override]

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from megatron.core.transformer.module import MegatronModule
 
 from megatron_navil.config.model import NaViLConfig, Recompute
 from megatron_navil.config.tokens import IGNORE_INDEX, SPECIAL_TOKENS, VISUAL_TOKENS
@@ -40,59 +41,54 @@ from megatron_navil.models.modality import ModalitySplit
 from megatron_navil.models.recompute import check_megatron_flags, checkpoint_full
 
 
-def _megatron_module() -> type:
-    from megatron.core.transformer.module import MegatronModule
-
-    return MegatronModule
-
-
-class LayerStack(_megatron_module()):  # type: ignore[misc]
+class LayerStack(MegatronModule):
     """This stage's decoder layers as children named by their *global* index, so parameter
     names and checkpoint keys (``layers.<i>.``) are the same in every pipeline layout. A
     MegatronModule (unlike ``nn.ModuleDict``) so checkpoint sharding recurses into the layers
     instead of treating their tensor-parallel shards as replicated tensors."""
 
-    def __init__(self, config: Any, layers: dict[int, torch.nn.Module]) -> None:
-        super().__init__(config)
+    def __init__(self, mcore_config: Any, layers: dict[int, torch.nn.Module]) -> None:
+        super().__init__(mcore_config)
         for index, layer in layers.items():
             self.add_module(str(index), layer)
 
 
-class NaViLModel(_megatron_module()):  # type: ignore[misc]
+class NaViLModel(MegatronModule):
     """One (virtual) pipeline stage of NaViL; build all of a rank's with :func:`build_model`.
 
     Args:
         cfg: the model config.
-        config: megatron-core TransformerConfig of the LLM (``build.transformer_config``).
+        mcore_config: megatron-core TransformerConfig of the LLM (``build.transformer_config``).
         layers: global indices of this stage's LLM layers.
         pre_process / post_process: first / last pipeline stage.
         special_token_ids: ids of the 12 special tokens (``build.special_token_ids``).
-        tp_group: the LLM's tensor-parallel group; ``vision_tp_group``: the vision tower's
-            (the same group, or a group of one rank when the vision heads do not split, with
-            ``vision_replica_group`` = the LLM's TP group; see ``build.vision_tp_groups``).
-        use_te: TransformerEngine/grouped-GEMM experts (GPU clusters).
+        tp_group: the LLM's tensor-parallel group (``ParallelGroups.tp``);
+            ``vision_tp_group``: the vision tower's (None: ``tp_group``; or a group of one rank
+            when the vision heads do not split, with ``vision_replica_group`` = the LLM's TP
+            group; see ``parallel.groups.vision_groups``).
+        transformer_impl: megatron-core's implementation of the MoE experts, ``local`` or
+            ``te`` (chosen by ``build.build_model``).
         recompute: activation recompute of the LLM layers and vision blocks
             (``config.Recompute``; None: none). megatron-core's own recompute flags in
-            ``config`` must stay unset (ValueError).
+            ``mcore_config`` must stay unset (ValueError).
     """
 
     def __init__(
         self,
         cfg: NaViLConfig,
-        config: Any,
+        mcore_config: Any,
         layers: Sequence[int],
         *,
         pre_process: bool,
         post_process: bool,
         special_token_ids: Sequence[int],
-        tp_group: Any = None,
+        tp_group: Any,
         vision_tp_group: Any = None,
         vision_replica_group: Any = None,
-        use_te: bool = False,
+        transformer_impl: str = "local",
         recompute: Recompute | None = None,
     ) -> None:
-        super().__init__(config)
-        from megatron.core import parallel_state
+        super().__init__(mcore_config)
         from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
         from megatron.core.transformer.enums import ModelType
 
@@ -108,10 +104,10 @@ class NaViLModel(_megatron_module()):  # type: ignore[misc]
         lm = cfg.language
         self.cfg = cfg
         self.recompute = (recompute or Recompute()).validate()
-        check_megatron_flags(config)
-        self.tp_group = tp_group or parallel_state.get_tensor_model_parallel_group()
+        check_megatron_flags(mcore_config)
+        self.tp_group = tp_group
         self.pre_process, self.post_process = pre_process, post_process
-        self.sequence_parallel = bool(config.sequence_parallel)
+        self.sequence_parallel = bool(mcore_config.sequence_parallel)
         if len(special_token_ids) != len(SPECIAL_TOKENS):
             raise ValueError(f"special_token_ids needs {len(SPECIAL_TOKENS)} ids")
         ids = [int(i) for i in special_token_ids]
@@ -127,37 +123,42 @@ class NaViLModel(_megatron_module()):  # type: ignore[misc]
 
             vision_group = vision_tp_group or self.tp_group
             self.vision_model = VisionEncoder(
-                cfg.vision, config, vision_group, replica_group=vision_replica_group,
+                cfg.vision, mcore_config, vision_group, replica_group=vision_replica_group,
                 recompute=self.recompute.vision,
             )  # fmt: skip
             self.mlp1 = Connector(
-                cfg.vision.width, lm.hidden, config, vision_group,
+                cfg.vision.width, lm.hidden, mcore_config, vision_group,
                 merge=cfg.connector.merge, norm_eps=cfg.connector.norm_eps,
                 replica_group=vision_replica_group,
             )  # fmt: skip
             self.embedding = VocabParallelEmbedding(
-                lm.vocab, lm.hidden, init_method=config.init_method, config=config,
+                lm.vocab, lm.hidden, init_method=mcore_config.init_method, config=mcore_config,
                 reduce_scatter_embeddings=False, tp_group=self.tp_group,
             )  # fmt: skip
-            table = torch.empty(len(SPECIAL_TOKENS), lm.hidden, dtype=config.params_dtype)
-            if config.perform_initialization:
-                config.init_method(table)
+            table = torch.empty(len(SPECIAL_TOKENS), lm.hidden, dtype=mcore_config.params_dtype)
+            if mcore_config.perform_initialization:
+                mcore_config.init_method(table)
             self.special_token_embedding = torch.nn.Parameter(table)
         self.layers = LayerStack(
-            config,
+            mcore_config,
             {
                 i: ModalityDecoderLayer(
-                    config, lm, i + 1, self.tp_group, use_te, recompute=self.recompute.llm
+                    mcore_config,
+                    lm,
+                    i + 1,
+                    self.tp_group,
+                    transformer_impl,
+                    recompute=self.recompute.llm,
                 )
                 for i in layers
             },
         )
         if post_process:
             self.final_layernorm = norm_class()(
-                config=config, hidden_size=lm.hidden, eps=lm.norm_eps
+                config=mcore_config, hidden_size=lm.hidden, eps=lm.norm_eps
             )
             self.output_layer = ColumnParallelLinear(
-                lm.hidden, lm.vocab, config=config, init_method=config.init_method,
+                lm.hidden, lm.vocab, config=mcore_config, init_method=mcore_config.init_method,
                 bias=False, gather_output=False, tp_group=self.tp_group,
             )  # fmt: skip
 

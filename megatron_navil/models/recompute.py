@@ -41,15 +41,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_navil.config.model import Recompute
 
 
-def check_megatron_flags(config: Any) -> None:
+def check_megatron_flags(mcore_config: Any) -> None:
     """ValueError when the TransformerConfig asks for megatron-core's own recompute: NaViL's
     layers are not megatron-core TransformerLayers, and its MoE layer would checkpoint itself
     inside a fully recomputed layer. Use ``Recompute`` (``build_model(recompute=...)``)."""
-    granularity = getattr(config, "recompute_granularity", None)
+    granularity = getattr(mcore_config, "recompute_granularity", None)
     if granularity is not None:
         raise ValueError(
             f"TransformerConfig.recompute_granularity={granularity!r}: NaViL's recompute is set "
@@ -58,13 +60,13 @@ def check_megatron_flags(config: Any) -> None:
         )
 
 
-def moe_config(config: Any, mode: str) -> Any:
-    """The MoE layer's config: ``config`` itself, or under ``selective`` a shallow copy with
+def moe_config(mcore_config: Any, mode: str) -> Any:
+    """The MoE layer's config: ``mcore_config`` itself, or under ``selective`` a shallow copy with
     megatron-core's ``moe_act`` expert-activation recompute (and nothing else: no ``moe``,
     which would checkpoint the whole MoE layer)."""
     if mode != "selective":
-        return config
-    out = copy.copy(config)
+        return mcore_config
+    out = copy.copy(mcore_config)
     out.recompute_granularity = "selective"
     out.recompute_modules = ["moe_act"]
     return out
@@ -119,19 +121,7 @@ class DropOutput:
             self._checkpoint = None
 
 
-def _mlp_base() -> type:
-    from megatron.core.transformer.mlp import MLP
-
-    return MLP
-
-
-def _sequential_mlp_base() -> type:
-    from megatron.core.transformer.moe.experts import SequentialMLP
-
-    return SequentialMLP
-
-
-class ActRecomputeMLP(_mlp_base()):  # type: ignore[misc]
+class ActRecomputeMLP(MLP):
     """A megatron-core expert ``MLP`` whose activation (GLU, scaled by the routing
     probability) keeps only the fc1 output and is recomputed before fc2's backward: what
     TEGroupedMLP's ``moe_act`` recompute does, for the unfused path (the only one on CPU).
@@ -169,7 +159,7 @@ class ActRecomputeMLP(_mlp_base()):  # type: ignore[misc]
         return out, out_bias
 
 
-class ModalitySequentialMLP(_sequential_mlp_base()):  # type: ignore[misc]
+class ModalitySequentialMLP(SequentialMLP):
     """megatron-core's SequentialMLP (one MLP per local expert, the non-grouped-GEMM experts)
     honouring ``moe_act`` in ``recompute_modules`` as its grouped siblings do."""
 

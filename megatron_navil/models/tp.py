@@ -50,10 +50,10 @@ def check_group(group: ProcessGroup | None, name: str, where: str) -> None:
         )
 
 
-def linear_config(config: Any) -> Any:
+def linear_config(mcore_config: Any) -> Any:
     """A shallow copy of an mcore TransformerConfig for the vision side's linears: no
     sequence parallelism (inputs and outputs are replicated over the TP group)."""
-    out = copy.copy(config)
+    out = copy.copy(mcore_config)
     out.sequence_parallel = False
     return out
 
@@ -106,10 +106,10 @@ class ShardedModule(MegatronModule):
     """MegatronModule whose ``sharded_state_dict`` follows the TP attributes of its params."""
 
     def __init__(
-        self, config: Any, tp_group: ProcessGroup, replica_group: ProcessGroup | None
+        self, mcore_config: Any, tp_group: ProcessGroup, replica_group: ProcessGroup | None
     ) -> None:
         check_group(tp_group, "tp_group", type(self).__name__)
-        super().__init__(config)
+        super().__init__(mcore_config)
         self.tp_group = tp_group
         self.replica_group = replica_group
 

@@ -67,19 +67,19 @@ from megatron_navil.models.tp import (
 )
 
 
-def _linears(config: Any) -> tuple[type, type, Any]:
+def _linears(mcore_config: Any) -> tuple[type, type, Any]:
     """mcore's ColumnParallelLinear, RowParallelLinear and the config to build them with."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    return ColumnParallelLinear, RowParallelLinear, linear_config(config)
+    return ColumnParallelLinear, RowParallelLinear, linear_config(mcore_config)
 
 
-def _init_methods(config: Any, depth: int) -> tuple[Any, Any]:
+def _init_methods(mcore_config: Any, depth: int) -> tuple[Any, Any]:
     """N(0, std) for input projections, N(0, std / sqrt(2 * depth)) for output projections
     (megatron's scheme with the encoder's own depth)."""
     from megatron.core.utils import init_method_normal, scaled_init_method_normal
 
-    std = config.init_method_std
+    std = mcore_config.init_method_std
     return init_method_normal(std), scaled_init_method_normal(std, depth)
 
 
@@ -95,13 +95,13 @@ class VisionAttention(ShardedModule):
     def __init__(
         self,
         cfg: VisionConfig,
-        config: Any,
+        mcore_config: Any,
         tp_group: ProcessGroup,
         replica_group: ProcessGroup | None = None,
         *,
         selective: bool = False,
     ) -> None:
-        super().__init__(config, tp_group, replica_group)
+        super().__init__(mcore_config, tp_group, replica_group)
         self.selective = selective  # recompute q_norm / k_norm in the backward
         tp = self.tp_size
         if cfg.heads % tp:
@@ -112,13 +112,13 @@ class VisionAttention(ShardedModule):
         w, self.head_dim = cfg.width, cfg.head_dim
         self.local_heads = cfg.heads // tp
         local_w = self.local_heads * self.head_dim
-        column, row, lin_cfg = _linears(config)
-        init_in, init_out = _init_methods(config, cfg.depth)
+        column, row, lin_cfg = _linears(mcore_config)
+        init_in, init_out = _init_methods(mcore_config, cfg.depth)
         self.qkv = column(
             w, 3 * w, config=lin_cfg, init_method=init_in, bias=False, gather_output=False,
             tp_group=tp_group,
         )  # fmt: skip
-        norm = dict(full_width=w, group=tp_group, dtype=config.params_dtype)
+        norm = dict(full_width=w, group=tp_group, dtype=mcore_config.params_dtype)
         self.q_norm = RMSNorm(local_w, cfg.norm_eps, **norm)
         self.k_norm = RMSNorm(local_w, cfg.norm_eps, **norm)
         self.proj = row(
@@ -156,19 +156,19 @@ class VisionMLP(ShardedModule):
     def __init__(
         self,
         cfg: VisionConfig,
-        config: Any,
+        mcore_config: Any,
         tp_group: ProcessGroup,
         replica_group: ProcessGroup | None = None,
         *,
         selective: bool = False,
     ) -> None:
-        super().__init__(config, tp_group, replica_group)
+        super().__init__(mcore_config, tp_group, replica_group)
         self.selective = selective  # recompute the GELU in the backward
         tp = self.tp_size
         if cfg.mlp % tp:
             raise ValueError(f"VisionMLP: mlp={cfg.mlp} does not split over {tp} TP ranks")
-        column, row, lin_cfg = _linears(config)
-        init_in, init_out = _init_methods(config, cfg.depth)
+        column, row, lin_cfg = _linears(mcore_config)
+        init_in, init_out = _init_methods(mcore_config, cfg.depth)
         self.fc1 = column(
             cfg.width, cfg.mlp, config=lin_cfg, init_method=init_in, bias=True,
             gather_output=False, tp_group=tp_group,
@@ -199,20 +199,20 @@ class VisionBlock(ShardedModule):
     def __init__(
         self,
         cfg: VisionConfig,
-        config: Any,
+        mcore_config: Any,
         tp_group: ProcessGroup,
         replica_group: ProcessGroup | None = None,
         *,
         selective: bool = False,
     ) -> None:
-        super().__init__(config, tp_group, replica_group)
-        dtype, w = config.params_dtype, cfg.width
+        super().__init__(mcore_config, tp_group, replica_group)
+        dtype, w = mcore_config.params_dtype, cfg.width
         self.selective = selective
         self.norm1 = RMSNorm(w, cfg.norm_eps, dtype=dtype)
-        self.attn = VisionAttention(cfg, config, tp_group, replica_group, selective=selective)
+        self.attn = VisionAttention(cfg, mcore_config, tp_group, replica_group, selective=selective)
         self.ls1 = torch.nn.Parameter(torch.full((w,), cfg.layer_scale_init, dtype=dtype))
         self.norm2 = RMSNorm(w, cfg.norm_eps, dtype=dtype)
-        self.mlp = VisionMLP(cfg, config, tp_group, replica_group, selective=selective)
+        self.mlp = VisionMLP(cfg, mcore_config, tp_group, replica_group, selective=selective)
         self.ls2 = torch.nn.Parameter(torch.full((w,), cfg.layer_scale_init, dtype=dtype))
         for p in (self.norm1.weight, self.norm2.weight, self.ls1, self.ls2):
             mark_tensor_parallel(p, None)
@@ -236,17 +236,17 @@ class VisionEmbeddings(ShardedModule):
     def __init__(
         self,
         cfg: VisionConfig,
-        config: Any,
+        mcore_config: Any,
         tp_group: ProcessGroup,
         replica_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(config, tp_group, replica_group)
+        super().__init__(mcore_config, tp_group, replica_group)
         self.patch_embedding = torch.nn.Linear(
-            cfg.channels * cfg.patch**2, cfg.width, dtype=config.params_dtype
+            cfg.channels * cfg.patch**2, cfg.width, dtype=mcore_config.params_dtype
         )
-        if config.perform_initialization:
+        if mcore_config.perform_initialization:
             with torch.no_grad():
-                config.init_method(self.patch_embedding.weight)
+                mcore_config.init_method(self.patch_embedding.weight)
                 self.patch_embedding.bias.zero_()
         for p in self.patch_embedding.parameters():
             mark_tensor_parallel(p, None)
@@ -263,7 +263,7 @@ class VisionEncoder(ShardedModule):
 
     Args:
         cfg: sizes (validated).
-        config: the model's megatron-core TransformerConfig (dtype, initialisation, CPU init);
+        mcore_config: the model's megatron-core TransformerConfig (dtype, initialisation, CPU init);
             a copy without sequence parallelism builds the linears.
         tp_group: heads are split over it; its size must divide ``cfg.heads`` and
             ``cfg.mlp``. Required (a group of size 1 for a replicated encoder).
@@ -277,7 +277,7 @@ class VisionEncoder(ShardedModule):
     def __init__(
         self,
         cfg: VisionConfig,
-        config: Any,
+        mcore_config: Any,
         tp_group: ProcessGroup,
         *,
         replica_group: ProcessGroup | None = None,
@@ -285,13 +285,13 @@ class VisionEncoder(ShardedModule):
     ) -> None:
         cfg.validate()
         Recompute(vision=recompute).validate()
-        super().__init__(config, tp_group, replica_group)
+        super().__init__(mcore_config, tp_group, replica_group)
         self.cfg = cfg
         self.full_recompute = recompute == "full"
-        self.embeddings = VisionEmbeddings(cfg, config, tp_group, replica_group)
+        self.embeddings = VisionEmbeddings(cfg, mcore_config, tp_group, replica_group)
         selective = recompute == "selective"
         layers = [
-            VisionBlock(cfg, config, tp_group, replica_group, selective=selective)
+            VisionBlock(cfg, mcore_config, tp_group, replica_group, selective=selective)
             for _ in range(cfg.depth)
         ]
         self.encoder = torch.nn.ModuleDict({"layers": torch.nn.ModuleList(layers)})

@@ -1,5 +1,6 @@
 """Process groups: torch.distributed from the launcher's environment, megatron-core's
-model-parallel state (TP, PP, virtual PP, EP, expert-TP, DP) and seeded RNG, in one call.
+model-parallel state (TP, PP, virtual PP, EP, expert-TP, DP) and seeded RNG, in one call that
+returns this rank's groups (:mod:`.groups`).
 
 Launchers: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or SLURM
 (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR/MASTER_PORT exported by the job script).
@@ -8,16 +9,21 @@ nccl when CUDA is available, gloo otherwise; on CPU the shim in :mod:`.cpu_shim`
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from megatron_navil.parallel import cpu_shim
+
+if TYPE_CHECKING:
+    from megatron_navil.parallel.groups import ParallelGroups
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,10 @@ def initialize(
     backend: str | None = None,
     timeout_minutes: int = 10,
     shim_disable: Iterable[str] = (),
-) -> ParallelLayout:
-    """Initialise torch.distributed (if not yet) and megatron-core's parallel state.
+) -> ParallelGroups:
+    """Initialise torch.distributed (if not yet) and megatron-core's parallel state; returns
+    this rank's :class:`~megatron_navil.parallel.groups.ParallelGroups` (what the model and
+    the training step take).
 
     Re-callable: an existing model-parallel state is destroyed first, so one process group can
     try several layouts in a row (the distributed tests do). Seeds Python, numpy, torch and
@@ -148,7 +156,9 @@ def initialize(
     )
     seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return layout
+    from megatron_navil.parallel.groups import current_groups
+
+    return dataclasses.replace(current_groups(), layout=layout)
 
 
 def seed_everything(seed: int) -> None:

@@ -180,6 +180,7 @@ class Run:
     spec: BatchSpec
     chunks: list[Any]
     config: Any
+    groups: Any
     optimizer: Any = None
 
     def step(self, batch_seed: int, *, full_batch: bool = False, update: bool = True) -> float:
@@ -216,12 +217,12 @@ def setup_run(
     from megatron_navil.parallel import initialize
 
     layout = dict(layout or {})
-    initialize(**layout)
+    groups = initialize(**layout)
     layout.pop("seed", None)
     config = transformer_config(cfg, **layout)
     spec = spec or BatchSpec(special_ids=special_ids_for(cfg))
     chunks = build_model(
-        cfg, config, special_ids=spec.special_ids, first_stage_layers=first_stage_layers,
+        cfg, config, groups, special_ids=spec.special_ids, first_stage_layers=first_stage_layers,
         recompute=recompute,
     )  # fmt: skip
     T.set_global_params(chunks, seed)
@@ -231,7 +232,7 @@ def setup_run(
         apply_freezing(chunks, get_stage(stage))
     chunks = T.wrap_ddp(chunks, config, distributed_optimizer)
     opt = T.build_optimizer(chunks, optimizer, distributed_optimizer, lr) if optimizer else None
-    return Run(cfg, spec, chunks, config, opt)
+    return Run(cfg, spec, chunks, config, groups, opt)
 
 
 def saved_activation_bytes(

@@ -521,10 +521,10 @@ def pipeline_logits_rank(
     from megatron_navil.parallel import initialize
 
     warnings.filterwarnings("ignore")
-    initialize()
+    groups = initialize()
     cfg = resolve_config(checkpoint)
     tok = TextTokenizer(tokenizer)
-    model = load_model(cfg, checkpoint, tok.special_ids)
+    model = load_model(cfg, checkpoint, tok.special_ids, groups)
     window = cfg.vision.window_units(cfg.connector.merge)
     out = []
     for inp in image_inputs(images, tok, indexer_settings(cfg), question):

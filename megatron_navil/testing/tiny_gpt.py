@@ -410,7 +410,7 @@ def setup_run(
     ``freeze`` is called on each model chunk before DDP (to set ``requires_grad``)."""
     from megatron_navil.parallel import initialize
 
-    parallel = initialize(**(layout or {}))
+    parallel = initialize(**(layout or {})).layout
     config = transformer_config(spec, parallel)
     chunks = build_model(spec, config)
     set_global_params(chunks, seed)

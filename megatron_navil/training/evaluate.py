@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from megatron_navil.config.tokens import IGNORE_INDEX
+from megatron_navil.parallel.groups import ParallelGroups
 from megatron_navil.training.step import (
     collective_device,
     loss_weights,
@@ -67,12 +68,15 @@ class EvalResult:
 
 
 def eval_sums(
-    chunks: list[Any], config: Any, micro_batches: Sequence[dict[str, Any]], seq_length: int
+    chunks: list[Any],
+    mcore_config: Any,
+    groups: ParallelGroups,
+    micro_batches: Sequence[dict[str, Any]],
+    seq_length: int,
 ) -> tuple[float, float, int]:
     """``(sum(w * l), sum(w), loss tokens)`` of one global batch (this rank's
     ``micro_batches``), summed over the pipeline and data-parallel groups. Collective over the
     whole world; no gradient is computed."""
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
@@ -100,19 +104,24 @@ def eval_sums(
         )
     device = collective_device()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
+    if groups.is_last_stage():
         for r in reports:
             sums[:2] += r["sums"].to(device)
     # every stage holds the labels: count the loss tokens on the first, so the PP sum is once
-    if ps.is_pipeline_first_stage(ignore_virtual=True):
+    if groups.is_first_stage():
         sums[2] = float(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches))
-    torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
-    torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
+    torch.distributed.all_reduce(sums, group=groups.pp)
+    torch.distributed.all_reduce(sums, group=groups.dp)
     return float(sums[0]), float(sums[1]), int(sums[2])
 
 
 def evaluate(
-    chunks: list[Any], config: Any, sets: Sequence[EvalSet], iters: int, seq_length: int
+    chunks: list[Any],
+    mcore_config: Any,
+    groups: ParallelGroups,
+    sets: Sequence[EvalSet],
+    iters: int,
+    seq_length: int,
 ) -> EvalResult:
     """The held-out loss of the first ``iters`` global batches of every set (module doc).
     Collective over the whole world; the model is put back in training mode after."""
@@ -126,7 +135,7 @@ def evaluate(
             s.rewind()
             wl = w = 0.0
             for _ in range(iters):
-                a, b, n = eval_sums(chunks, config, s.source.next_step(), seq_length)
+                a, b, n = eval_sums(chunks, mcore_config, groups, s.source.next_step(), seq_length)
                 wl, w, tokens = wl + a, w + b, tokens + n
             losses[s.name] = wl / w if w > 0 else float("nan")
             total_wl, total_w = total_wl + wl, total_w + w

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from megatron_navil.checkpoint import directory, store
+from megatron_navil.parallel.groups import ParallelGroups
 from megatron_navil.training.evaluate import evaluate
 from megatron_navil.training.step import StepResult, train_step
 
@@ -256,7 +257,8 @@ def plot_loss(
 
 def train(
     chunks: list[Any],
-    config: Any,
+    mcore_config: Any,
+    groups: ParallelGroups,
     optimizer: Any,
     scheduler: Any,
     source: BatchSource,
@@ -297,13 +299,14 @@ def train(
             began = time.perf_counter()
             micro = source.next_step()
             result = train_step(
-                chunks, config, optimizer, scheduler, micro, cfg.seq_length, cfg.nan_policy, step
-            )
+                chunks, mcore_config, groups, optimizer, scheduler, micro, cfg.seq_length,
+                cfg.nan_policy, step,
+            )  # fmt: skip
             results.append(result)
             logger.log(step, result, time.perf_counter() - began, world)
             if cfg.eval_due(step):
-                logger.log_eval(step, evaluate(chunks, config, cfg.eval_sets, cfg.eval_iters,
-                                               cfg.seq_length))  # fmt: skip
+                logger.log_eval(step, evaluate(chunks, mcore_config, groups, cfg.eval_sets,
+                                               cfg.eval_iters, cfg.seq_length))  # fmt: skip
             if (signum := stop.agreed()) is not None and step != last:
                 last = step  # the save below writes this step's checkpoint
                 if torch.distributed.get_rank() == 0:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from megatron_navil.config.tokens import IGNORE_INDEX
+from megatron_navil.parallel.groups import ParallelGroups
 
 
 class TrainingDivergedError(RuntimeError):
@@ -76,7 +77,8 @@ def collective_device() -> torch.device:
 
 def train_step(
     chunks: list[Any],
-    config: Any,
+    mcore_config: Any,
+    groups: ParallelGroups,
     optimizer: Any,
     scheduler: Any,
     micro_batches: Sequence[dict[str, Any]],
@@ -87,15 +89,15 @@ def train_step(
     """Forward/backward over this rank's ``micro_batches`` (dicts of the model's keyword
     arguments plus optional ``loss_weights [t]``, ``num_real_tokens``, ``num_patches`` and
     ``model_flops``, the latter three for the logs), then an optimizer
-    step. Collective over the whole world. ``nan_policy`` for a non-finite loss: ``stop``
+    step. ``groups``: this rank's process groups (``parallel.initialize()``). Collective over
+    the whole world. ``nan_policy`` for a non-finite loss: ``stop``
     raises :class:`TrainingDivergedError`, ``skip`` drops the update and goes on (a finite loss
     with a non-finite gradient norm always stops)."""
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if nan_policy not in ("stop", "skip"):
         raise ValueError(f"nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
-    dp_group = ps.get_data_parallel_group()
+    dp_group = groups.dp
     device = collective_device()
     dp, num_micro = dp_group.size(), len(micro_batches)
     counts = torch.tensor(
@@ -140,9 +142,9 @@ def train_step(
         forward_only=False,
     )
     loss = torch.zeros(1, dtype=torch.float64, device=device)
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
+    if groups.is_last_stage():
         loss += sum(float(r["loss"]) for r in reports)
-    torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
+    torch.distributed.all_reduce(loss, group=groups.pp)
     torch.distributed.all_reduce(loss, group=dp_group)
     value = float(loss)
     lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else 0.0

@@ -25,16 +25,16 @@ def _setup(layout: dict, steps: int = 4):
 
     warnings.filterwarnings("ignore")
     cfg = get_config("tiny")
-    initialize(**layout, seed=11)
+    groups = initialize(**layout, seed=11)
     config = transformer_config(cfg, **layout)
     spec = N.BatchSpec(special_ids=N.special_ids_for(cfg))
-    chunks = build_model(cfg, config, special_ids=spec.special_ids)
+    chunks = build_model(cfg, config, groups, special_ids=spec.special_ids)
     T.set_global_params(chunks, 7)
     chunks = wrap_ddp(chunks, config, distributed_optimizer=True)
     recipe = get_stage("s2")
     opt = build_optimizer(chunks, recipe, lr=3e-3)
     sched = build_scheduler(opt, recipe, steps, lr=3e-3, warmup_steps=1)
-    return cfg, spec, chunks, config, opt, sched
+    return cfg, spec, chunks, config, groups, opt, sched
 
 
 def _eval_sets(cfg, spec):
@@ -52,16 +52,16 @@ def _layouts(layouts: list) -> dict:
 
     out = {}
     for name, layout in layouts:
-        cfg, spec, chunks, config, opt, sched = _setup(layout)
+        cfg, spec, chunks, config, groups, opt, sched = _setup(layout)
         sets = _eval_sets(cfg, spec)
         before = [p.detach().clone() for c in chunks for p in c.parameters()]
-        first = evaluate(chunks, config, sets, 2, spec.seq_length)
-        again = evaluate(chunks, config, sets, 2, spec.seq_length)
+        first = evaluate(chunks, config, groups, sets, 2, spec.seq_length)
+        again = evaluate(chunks, config, groups, sets, 2, spec.seq_length)
         after = [p.detach() for c in chunks for p in c.parameters()]
-        one = evaluate(chunks, config, sets[:1], 1, spec.seq_length)
+        one = evaluate(chunks, config, groups, sets[:1], 1, spec.seq_length)
         # the training objective on set a's first batch, before the update
         sets[0].rewind()
-        trained = train_step(chunks, config, opt, sched, sets[0].source.next_step(),
+        trained = train_step(chunks, config, groups, opt, sched, sets[0].source.next_step(),
                              spec.seq_length).loss  # fmt: skip
         out[name] = {
             "first": (first.loss, first.losses, first.loss_tokens),
@@ -99,14 +99,14 @@ def test_held_out_loss_equal_across_layouts_and_is_the_objective():
 def _loop(save: str, log: str, with_eval: bool, exit_after: int | None, load: bool) -> list:
     from megatron_navil.training.loop import LoopConfig, train
 
-    cfg, spec, chunks, config, opt, sched = _setup(dict(tp=2, pp=2), steps=4)
+    cfg, spec, chunks, config, groups, opt, sched = _setup(dict(tp=2, pp=2), steps=4)
     source = N.SyntheticSource(cfg, spec, seed=3, repeat=False)
     loop = LoopConfig(
         steps=4, exit_after=exit_after, seq_length=spec.seq_length, save_dir=save,
         load_dir=save if load else None, log_dir=log, progress_bar=False,
         eval_sets=_eval_sets(cfg, spec) if with_eval else [], eval_interval=2, eval_iters=1,
     )  # fmt: skip
-    return [r.loss for r in train(chunks, config, opt, sched, source, loop)]
+    return [r.loss for r in train(chunks, config, groups, opt, sched, source, loop)]
 
 
 def _evals(log) -> dict:

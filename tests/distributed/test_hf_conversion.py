@@ -65,13 +65,13 @@ def _megatron_side(root: str, tokenizer: str, image: str) -> bytes:
     from megatron_navil.testing.hf_cases import tiny_case
 
     warnings.filterwarnings("ignore")
-    initialize()
+    groups = initialize()
     tok = TextTokenizer(tokenizer)
     ids = model_special_ids(tok.special_ids)
     out: dict = {"logits": {}}
     for case in CASES:
         cfg = tiny_case(case)
-        (model,) = build_model(cfg, transformer_config(cfg), special_ids=ids)
+        (model,) = build_model(cfg, transformer_config(cfg), groups, special_ids=ids)
         load(Path(root) / case / "iter_0000001", [model], None)
         model.eval()
         inputs = P.make_inputs(cfg, ids, seed=3)
@@ -206,7 +206,9 @@ def test_round_trips_bit_exact_across_layouts(world):
     for key in a.shapes:
         assert torch.equal(a.read(key), b.read(key)), key
     # HF -> megatron -> HF: every tensor and the config
-    cfg = CIO.resolve_config(back)
+    from megatron_navil.checkpoint.config import resolve_config
+
+    cfg = resolve_config(back)
     assert cfg.language.wo_then_wo_ve
     export(back, root / "hf2", cfg, tokenizer=world["tokenizer"], template="qwen3-chat",
            dtype="float32", max_shard_bytes=300_000)  # fmt: skip

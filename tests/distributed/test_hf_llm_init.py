@@ -97,12 +97,12 @@ def _megatron_logits(checkpoints: list[str], ids: bytes) -> bytes:
     from megatron_navil.parallel import initialize
 
     warnings.filterwarnings("ignore")
-    initialize()
+    groups = initialize()
     samples = pickle.loads(ids)
     out = []
     for path in checkpoints:
         cfg = config_from_dict(json.loads((Path(path) / CONFIG_FILE).read_text()))
-        (model,) = build_model(cfg, transformer_config(cfg), special_ids=SPECIAL)
+        (model,) = build_model(cfg, transformer_config(cfg), groups, special_ids=SPECIAL)
         load(path, [model], None)
         model.eval()
         lengths = [len(s) for s in samples]

@@ -15,18 +15,28 @@ pytestmark = pytest.mark.distributed
 SEED = 77
 
 
+def _to_numpy(shards: dict) -> dict:
+    """Shards by value: tensors sent back through the spawner's queue travel as shared-memory
+    file descriptors, which vanish when the rank exits before the caller reads them."""
+    return {k: [(g, sl, t.numpy()) for g, sl, t in v] for k, v in shards.items()}
+
+
+def _to_torch(shards: dict) -> dict:
+    return {k: [(g, sl, torch.from_numpy(a)) for g, sl, a in v] for k, v in shards.items()}
+
+
 def _build(layout: dict, first: int | None, init_seed: int | None):
     from megatron_navil.config.registry import get_config
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
 
     cfg = get_config("tiny")
-    initialize(**layout, seed=3)
+    groups = initialize(**layout, seed=3)
     config = transformer_config(cfg, **layout)
     spec = N.BatchSpec(special_ids=N.special_ids_for(cfg))
-    chunks = build_model(cfg, config, special_ids=spec.special_ids, first_stage_layers=first,
-                         init_seed=init_seed)  # fmt: skip
-    return cfg, config, spec, chunks
+    chunks = build_model(cfg, config, groups, special_ids=spec.special_ids,
+                         first_stage_layers=first, init_seed=init_seed)  # fmt: skip
+    return cfg, config, groups, spec, chunks
 
 
 def _layouts(cases: list) -> dict:
@@ -40,15 +50,15 @@ def _layouts(cases: list) -> dict:
     warnings.filterwarnings("ignore")
     out = {}
     for name, layout, first, init_seed in cases:
-        cfg, config, spec, chunks = _build(layout, first, init_seed)
-        shards = T.local_shards(chunks)
+        cfg, config, groups, spec, chunks = _build(layout, first, init_seed)
+        shards = _to_numpy(T.local_shards(chunks))
         chunks = wrap_ddp(chunks, config, distributed_optimizer=True)
         opt = build_optimizer(chunks, get_stage("s2"), lr=1e-3)
         batches = N.make_batches(cfg, spec, seed=0)
         dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         per = len(batches) // dp
         mine = batches[rank * per : (rank + 1) * per]
-        loss = train_step(chunks, config, opt, None, mine, spec.seq_length).loss
+        loss = train_step(chunks, config, groups, opt, None, mine, spec.seq_length).loss
         out[name] = {"shards": shards, "loss": loss}
     return out
 
@@ -67,12 +77,12 @@ def test_initial_weights_and_step_one_loss_equal_across_layouts():
         ("pp2_megatron_draw", dict(pp=2), None, None),  # the draw before: layout-dependent
     ]
     ranks = run_distributed(_layouts, 4, cases, timeout=900)
-    ref = T.full_tensors(ranks[0]["one"]["shards"])
+    ref = T.full_tensors(_to_torch(ranks[0]["one"]["shards"]))
     ref_loss = ranks[0]["one"]["loss"]
     for name, *_ in cases:
         shards = {}
         for r in ranks:
-            for key, pieces in r[name]["shards"].items():
+            for key, pieces in _to_torch(r[name]["shards"]).items():
                 shards.setdefault(key, []).extend(pieces)
         assert set(shards) == set(ref), name
         diff = [
@@ -98,7 +108,7 @@ def _distribution() -> dict:
     out = {}
     for name, init_seed in (("megatron", None), ("by_name", SEED)):
         *_, chunks = _build({}, None, init_seed)
-        out[name] = T.full_tensors(T.local_shards(chunks))
+        out[name] = {k: v.numpy() for k, v in T.full_tensors(T.local_shards(chunks)).items()}
     return out
 
 
@@ -108,7 +118,8 @@ def test_each_matrix_keeps_the_models_own_init_distribution():
     constructors draw: per matrix of >= 2048 values, the standard deviations agree within 10%
     (sampling error of a std over n values is ~1/sqrt(2n), < 2% here); constants are kept."""
     got = run_distributed(_distribution, 1)[0]
-    before, after = got["megatron"], got["by_name"]
+    before = {k: torch.from_numpy(v) for k, v in got["megatron"].items()}
+    after = {k: torch.from_numpy(v) for k, v in got["by_name"].items()}
     checked = 0
     for key, old in before.items():
         new = after[key]

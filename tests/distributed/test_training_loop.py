@@ -27,10 +27,10 @@ def _run(save_dir: str, log_dir: str, steps: int, load: bool, non_repeating: boo
 
     warnings.filterwarnings("ignore")
     cfg = get_config("tiny")
-    initialize(**LAYOUT, seed=11)
+    groups = initialize(**LAYOUT, seed=11)
     config = transformer_config(cfg, **LAYOUT)
     spec = N.BatchSpec(special_ids=N.special_ids_for(cfg))
-    chunks = build_model(cfg, config, special_ids=spec.special_ids)
+    chunks = build_model(cfg, config, groups, special_ids=spec.special_ids)
     T.set_global_params(chunks, 7)
     chunks = wrap_ddp(chunks, config, distributed_optimizer=True)
     recipe = get_stage("s2")
@@ -41,7 +41,7 @@ def _run(save_dir: str, log_dir: str, steps: int, load: bool, non_repeating: boo
         steps=steps, seq_length=spec.seq_length, save_dir=save_dir, save_interval=2,
         load_dir=save_dir if load else None, log_dir=log_dir, progress_bar=False,
     )  # fmt: skip
-    return [r.loss for r in train(chunks, config, opt, sched, source, loop)]
+    return [r.loss for r in train(chunks, config, groups, opt, sched, source, loop)]
 
 
 def test_resume_continues_bit_exactly(tmp_path):

@@ -26,16 +26,16 @@ def _setup(layout: dict):
     from megatron_navil.training.recipes import get_stage
 
     cfg = get_config("tiny")
-    initialize(**layout)
+    groups = initialize(**layout)
     config = transformer_config(cfg, **layout)
     spec = N.BatchSpec(special_ids=N.special_ids_for(cfg))
-    chunks = build_model(cfg, config, special_ids=spec.special_ids)
+    chunks = build_model(cfg, config, groups, special_ids=spec.special_ids)
     T.set_global_params(chunks, 7)
     chunks = wrap_ddp(chunks, config, distributed_optimizer=True)
     recipe = get_stage("s2")
     opt = build_optimizer(chunks, recipe, lr=3e-3, clip_grad=1.0)
     sched = build_scheduler(opt, recipe, STEPS, lr=3e-3, warmup_steps=2)
-    return cfg, spec, chunks, config, opt, sched
+    return cfg, spec, chunks, config, groups, opt, sched
 
 
 def _my_batches(cfg, spec, weighting: str = "token"):
@@ -68,10 +68,10 @@ def _curves(layouts: list) -> dict:
     warnings.filterwarnings("ignore")
     out = {}
     for name, layout in layouts:
-        cfg, spec, chunks, config, opt, sched = _setup(layout)
+        cfg, spec, chunks, config, groups, opt, sched = _setup(layout)
         mine, _ = _my_batches(cfg, spec)
         out[name] = [
-            train_step(chunks, config, opt, sched, mine, spec.seq_length, step=i).loss
+            train_step(chunks, config, groups, opt, sched, mine, spec.seq_length, step=i).loss
             for i in range(STEPS)
         ]
     return out
@@ -95,7 +95,7 @@ def _normalisation(modes: list[str]) -> dict:
     warnings.filterwarnings("ignore")
     out = {}
     for mode in modes:
-        cfg, spec, chunks, config, opt, _ = _setup(dict(tp=1))  # DP = world size
+        cfg, spec, chunks, config, groups, opt, _ = _setup(dict(tp=1))  # DP = world size
         mine, everything = _my_batches(cfg, spec, mode)
         # Reference: the same (pre-step) model in this one process over the whole batch.
         num = den = 0.0
@@ -104,7 +104,7 @@ def _normalisation(modes: list[str]) -> dict:
                 w = b["loss_weights"]
                 num += float((chunks[0].module(**model_kwargs(b)) * w).sum())
                 den += float(w.sum())
-        got = train_step(chunks, config, opt, None, mine, spec.seq_length).loss
+        got = train_step(chunks, config, groups, opt, None, mine, spec.seq_length).loss
         out[mode] = (got, num / den)
     return out
 
@@ -123,13 +123,15 @@ def _nan(policies: list[str]) -> dict:
     warnings.filterwarnings("ignore")
     out = {}
     for policy in policies:
-        cfg, spec, chunks, config, opt, sched = _setup({})
+        cfg, spec, chunks, config, groups, opt, sched = _setup({})
         mine, _ = _my_batches(cfg, spec)
         for b in mine:
             b["loss_weights"] = b["loss_weights"] * float("nan")
         before = [p.detach().clone() for c in chunks for p in c.parameters()]
         try:
-            result = train_step(chunks, config, opt, sched, mine, spec.seq_length, policy, 7)
+            result = train_step(
+                chunks, config, groups, opt, sched, mine, spec.seq_length, policy, 7
+            )
             outcome = f"skipped={result.skipped}"
         except TrainingDivergedError as exc:
             outcome = str(exc)

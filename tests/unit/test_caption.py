@@ -305,16 +305,16 @@ def _real_model_run(root: str) -> dict:
     from megatron_navil.parallel import initialize
 
     warnings.filterwarnings("ignore")
-    initialize(seed=3)
+    groups = initialize(seed=3)
     root_p = Path(root)
     cfg = get_config("tiny")
     tok = TextTokenizer(root_p / "val" / "tokenizer.json")
     (model,) = build_model(
-        cfg, transformer_config(cfg), special_ids=model_special_ids(tok.special_ids)
+        cfg, transformer_config(cfg), groups, special_ids=model_special_ids(tok.special_ids)
     )
     save(root_p / "ckpt", 5, [model], None, {})
     path = resolve_checkpoint(root_p / "ckpt")
-    loaded = load_model(cfg, path, tok.special_ids)
+    loaded = load_model(cfg, path, tok.special_ids, groups)
     want, got = model.state_dict(), loaded.state_dict()
     tensors = [k for k, v in want.items() if isinstance(v, torch.Tensor)]
     same = bool(tensors) and all(torch.equal(want[k], got[k]) for k in tensors)

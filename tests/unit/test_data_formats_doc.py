@@ -1,7 +1,7 @@
-"""The README's "Data" examples index as documented: one file per input format, written here
-verbatim as in the README, run through tools/index_corpus.py (the README's commands, with the
-synthetic corpus's tokenizer), then inspected with --verify. When README.md has the "## Data"
-section, every example must appear in it word for word (so the two cannot drift apart)."""
+"""docs/data.md's examples index as documented: one file per input format, written here
+verbatim as in the doc, run through tools/index_corpus.py (the doc's commands, with the
+synthetic corpus's tokenizer), then inspected with --verify; every example must appear in the
+doc word for word (so the two cannot drift apart)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from megatron_navil.testing.synthetic_corpus import train_tokenizer, vocabulary_
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# path (relative to the directory the commands run in) -> exact file text, as in the README
+# path (relative to the directory the commands run in) -> exact file text, as in docs/data.md
 EXAMPLES = {
     "mydata/conversations.jsonl": (
         '{"id": "0", "image": "images/cat.jpg", "conversations": [{"from": "human", "value": '
@@ -154,15 +154,12 @@ def test_slurm_array_then_finalize(docdir, monkeypatch, capsys):
     assert inspect_shards.main(["out/array", "--verify"]) == 0
 
 
-def test_examples_match_readme():
-    text = (ROOT / "README.md").read_text()
-    if "\n## Data" not in text:
-        pytest.skip("README.md has no '## Data' section yet")
-    section = text.split("\n## Data", 1)[1].split("\n## ", 1)[0]
+def test_examples_match_the_data_doc():
+    section = (ROOT / "docs" / "data.md").read_text()
     for rel, example in EXAMPLES.items():
         for line in example.splitlines():
-            assert line in section, f"{rel}: README lacks the line {line!r}"
+            assert line in section, f"{rel}: docs/data.md lacks the line {line!r}"
     for name, content in TAR_MEMBERS:
-        assert name in section, f"README lacks the tar member {name}"
+        assert name in section, f"docs/data.md lacks the tar member {name}"
         if not name.endswith((".jpg", ".png")):
-            assert content in section, f"README lacks {name}'s content {content!r}"
+            assert content in section, f"docs/data.md lacks {name}'s content {content!r}"

@@ -291,9 +291,9 @@ def _model_loss(batch: PackedBatch, special_ids: tuple[int, ...]) -> dict:
     from megatron_navil.parallel import initialize
 
     warnings.filterwarnings("ignore")
-    initialize(seed=0)
+    groups = initialize(seed=0)
     cfg = get_config("tiny")
-    (model,) = build_model(cfg, transformer_config(cfg), special_ids=special_ids)
+    (model,) = build_model(cfg, transformer_config(cfg), groups, special_ids=special_ids)
     per_token = model(**batch.as_model_kwargs())
     w = batch.loss_weights
     loss = (per_token * w).sum() / w.sum()

@@ -48,7 +48,7 @@ def _args(dockerfile) -> dict[str, str]:
     for word, rest in dockerfile:
         if word == "ARG" and "=" in rest:
             name, value = rest.split("=", 1)
-            found[name] = shlex.split(value)[0]
+            found[name] = (shlex.split(value) or [""])[0]  # "ARG NAME=": empty
     return found
 
 
@@ -112,7 +112,7 @@ def test_pinned_versions_agree(dockerfile):
     assert args["MCORE_VERSION"] == megatron_navil.MCORE_VERSION
     # setup.py installs exactly the version megatron_navil/__init__.py pins.
     assert "megatron-core=={_const('MCORE_VERSION')}" in (ROOT / "setup.py").read_text()
-    base = args["BASE_IMAGE"]
+    base = args["BASE_IMAGE"]  # the GPU path's (and default) base
     assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", base), base
     # The TransformerEngine the base tag carries must be one megatron-core declares support for.
     te_range = env.transformer_engine_range()
@@ -128,7 +128,10 @@ def test_install_is_the_ci_install(dockerfile):
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^bash scripts/install\.sh ", ci, re.M), "CI no longer installs this way"
     runs = [rest for word, rest in dockerfile if word == "RUN"]
-    assert any(r.startswith("bash scripts/install.sh --system") for r in runs), runs
+    # on both paths, as a command of its own (after the CPU path's torch)
+    for gpu in ("0", "1"):
+        commands = [c.strip() for r in runs for c in re.split(r";|&&", on_path(r, gpu))]
+        assert "bash scripts/install.sh --system" in commands, (gpu, runs)
     script = (ROOT / "scripts" / "install.sh").read_text()
     # One pip line installs the package in both modes (venv for CI, --system for the image).
     assert len(re.findall(r'pip_install --no-build-isolation -e "\.\[dev\]"', script)) == 1
@@ -138,14 +141,141 @@ def test_install_is_the_ci_install(dockerfile):
         assert needed in copied, needed
 
 
+def on_path(run: str, gpu: str) -> str:
+    """The shell text of a RUN as the build with NAVIL_GPU=gpu executes it: each
+    `if [ "${NAVIL_GPU}" = X ]; then A; [else B;] fi` replaced by the branch taken."""
+    pattern = re.compile(
+        r'if \[ "\$\{NAVIL_GPU\}" = ([01]) \]; then (.*?)(?:else (.*?))?\bfi\b(?=;|$| )'
+    )
+
+    def taken(match: re.Match) -> str:
+        value, then, other = match.group(1), match.group(2), match.group(3) or ""
+        return then if value == gpu else other
+
+    out = pattern.sub(taken, run)
+    assert 'NAVIL_GPU}" =' not in out, out  # every conditional on the path was resolved
+    return out
+
+
+def _required(text: str) -> list[str]:
+    """The CHECK names of the one `python -m megatron_navil.env --require ...` in text."""
+    (found,) = re.findall(r"python -m megatron_navil\.env --require ([a-z_ ]+)", text)
+    return found.split()
+
+
+def _torch_installs(text: str) -> list[str]:
+    """Every `pip install ... torch...` requirement in a shell text (quotes dropped)."""
+    found = []
+    for command in re.split(r";|&&|\|\|", text):
+        words = [w.strip("\"'") for w in command.split()]
+        if "pip" in " ".join(words[:4]) and "install" in words:
+            found += [w for w in words if re.match(r"torch([=<>~!]|$)", w)]
+    return found
+
+
+def test_parser_resolves_gpu_conditionals():
+    run = (
+        'a; if [ "${NAVIL_GPU}" = 0 ]; then b; c; fi; d; '
+        'if [ "${NAVIL_GPU}" = 1 ]; then e; else f; fi'
+    )
+    assert on_path(run, "0") == "a; b; c; ; d; f; "
+    assert on_path(run, "1") == "a; ; d; e; "
+    assert _torch_installs('pip install -q "torch==1+cpu"; python3 -m pip install x') == [
+        "torch==1+cpu"
+    ]
+
+
+def test_args_used_after_from_are_in_scope(dockerfile):
+    # An ARG declared before FROM is unset after it unless declared again (the image's
+    # navil.base-image label was empty until the CPU build showed it).
+    start = [w for w, _ in dockerfile].index("FROM")
+    declared = {rest.split("=", 1)[0] for w, rest in dockerfile[start:] if w == "ARG"}
+    for word, rest in dockerfile[start + 1 :]:
+        for name in re.findall(r"\$\{(\w+)\}", rest):
+            if word != "RUN" or name in _args(dockerfile):
+                assert name in declared, (word, name)
+
+
+def test_build_args_choose_the_path(dockerfile):
+    args = _args(dockerfile)
+    assert args["NAVIL_GPU"] == "1"  # the default build is the NGC (GPU) image
+    runs = [rest for word, rest in dockerfile if word == "RUN"]
+    install = next(r for r in runs if "bash scripts/install.sh --system" in r)
+    assert 'case "${NAVIL_GPU}" in 0|1) ;; *)' in install  # a typo'd value fails the build
+    env_lines = " ".join(rest for word, rest in dockerfile if word == "ENV")
+    assert "NAVIL_SYSTEM_INSTALL=1" in env_lines
+
+
 def test_build_end_check(dockerfile):
     runs = [rest for word, rest in dockerfile if word == "RUN"]
     final = runs[-1]  # after the install, as the image's user
     assert final.startswith("python -m megatron_navil.env --json > image_env.json && ")
-    assert "python -m megatron_navil.env --require " in final
-    required = final.split("--require", 1)[1].split()
-    assert set(required) <= set(env.REQUIREMENTS), set(required) - set(env.REQUIREMENTS)
-    assert {"native_ext", "cuda_ext", "megatron_core_matches_pin"} <= set(required)
+    gpu, cpu = _required(on_path(final, "1")), _required(on_path(final, "0"))
+    unknown = (set(gpu) | set(cpu)) - set(env.REQUIREMENTS)
+    assert not unknown, unknown
+    # The GPU image fails its build unless the whole GPU stack is there.
+    assert gpu == ["native_ext", "cuda_ext", "megatron_core_matches_pin",
+                   "transformer_engine_in_range", "flash_attn", "apex"]  # fmt: skip
+    # The CPU image requires what a CPU build can have, and nothing GPU-only.
+    assert cpu == ["native_ext", "megatron_core_matches_pin"]
+
+
+def _install_script_pin() -> str:
+    script = (ROOT / "scripts" / "install.sh").read_text()
+    (pin,) = re.findall(r"^\s*pip_install torch==(\S+)$", script, re.M)
+    return pin
+
+
+def test_gpu_path_never_installs_torch(dockerfile, tmp_path):
+    runs = [on_path(rest, "1") for word, rest in dockerfile if word == "RUN"]
+    for run in runs:
+        assert _torch_installs(run) == [], run
+        assert "apt-get" not in run and "PIP_CONSTRAINT" not in run, run
+    assert any("bash scripts/install.sh --system" in r for r in runs)
+    # ... and scripts/install.sh --system itself installs no torch: run it with a stand-in python
+    # that records its arguments.
+    log = tmp_path / "calls"
+    fake = tmp_path / "python3"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    import subprocess
+
+    script = str(ROOT / "scripts" / "install.sh")
+    fake_env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake)}
+    subprocess.run(["bash", script, "--system"], check=True, env=fake_env, capture_output=True)
+    calls = log.read_text().splitlines()
+    installs = [c for c in calls if c.startswith("-m pip install")]
+    assert any("-e .[dev]" in c for c in installs), calls
+    assert _torch_installs("; ".join("pip " + c for c in installs)) == [], installs
+
+
+def test_cpu_path_installs_exactly_the_ci_torch(dockerfile):
+    args = _args(dockerfile)
+    # The CPU image's torch is the one CI installs (scripts/install.sh), the +cpu build only.
+    assert args["TORCH_VERSION"] == _install_script_pin() == "2.13.0"
+    runs = [on_path(rest, "0") for word, rest in dockerfile if word == "RUN"]
+    installs = [t for r in runs for t in _torch_installs(r)]
+    assert installs == ["torch==${TORCH_VERSION}+cpu"], installs
+    (install,) = [r for r in runs if "bash scripts/install.sh --system" in r]
+    # pinned for the package install that follows, so nothing can swap in another torch ...
+    assert re.search(r'echo "torch==\$\{TORCH_VERSION\}\+cpu" > (\S+);.*export PIP_CONSTRAINT=\1;'
+                     r".*bash scripts/install\.sh --system", install)  # fmt: skip
+    # ... checked after it, and the compiler is gone before the step's layer is written.
+    after = install.split("bash scripts/install.sh --system", 1)[1]
+    assert "torch.version.cuda is None" in after
+    assert re.search(r"apt-get purge [^;]*g\+\+", after) and "rm -rf /var/lib/apt/lists/*" in after
+    assert "rm -rf build /root/.cache" in after
+
+
+def test_system_install_skips_the_venv(tmp_path):
+    import os
+    import subprocess
+
+    venv = tmp_path / "venv"
+    env_vars = dict(os.environ, NAVIL_SYSTEM_INSTALL="1")
+    subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), str(venv)], check=True,
+                   env=env_vars, timeout=30)  # fmt: skip
+    assert not venv.exists()
 
 
 def test_user_workdir_entrypoint(dockerfile):

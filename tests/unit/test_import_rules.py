@@ -36,6 +36,10 @@ ALLOWED: dict[str, set[str]] = {
 }
 ENTRY_POINTS = {"train", "launch", "env", "cli", "__init__", "__main__"}
 """Top-level modules: they may import any part but testing/."""
+GROUPS_AS_ARGUMENTS = {"models", "training"}
+"""Parts that take their process groups as arguments (``parallel.ParallelGroups``, from
+``parallel.initialize()``): they never import megatron-core's global ``parallel_state``."""
+PARALLEL_STATE = "megatron.core.parallel_state"
 
 
 def part_of(path: Path, package: Path = PACKAGE) -> str:
@@ -73,6 +77,22 @@ def imported_parts(source: str, path: Path, package: Path = PACKAGE) -> set[str]
     return out
 
 
+def imports_parallel_state(source: str) -> bool:
+    """Whether ``source`` imports megatron-core's ``parallel_state`` (in any spelling)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            if any(a.name == PARALLEL_STATE or a.name.startswith(PARALLEL_STATE + ".")
+                   for a in node.names):  # fmt: skip
+                return True
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            if node.module == PARALLEL_STATE or node.module.startswith(PARALLEL_STATE + "."):
+                return True
+            full = {f"{node.module}.{a.name}" for a in node.names}
+            if PARALLEL_STATE in full:
+                return True
+    return False
+
+
 def violations(package: Path = PACKAGE) -> list[str]:
     """Every import that breaks a rule, as ``file: imports part``."""
     out = []
@@ -88,6 +108,11 @@ def violations(package: Path = PACKAGE) -> list[str]:
         else:
             bad = {f"(no rule for part {part!r}: add it to ALLOWED and docs/architecture.md)"}
         out += [f"{path.relative_to(package.parent)}: imports {b}" for b in sorted(bad)]
+        if part in GROUPS_AS_ARGUMENTS and imports_parallel_state(path.read_text()):
+            out.append(
+                f"{path.relative_to(package.parent)}: imports {PARALLEL_STATE} (take the "
+                "groups as an argument: parallel.ParallelGroups)"
+            )
     return out
 
 
@@ -103,6 +128,9 @@ def test_the_package_keeps_its_import_rules():
         ("training", "import megatron_navil.testing.synthetic_corpus\n"),
         ("config", "from ..data import tokenizer\n"),
         ("hf", "from megatron_navil.config import model\n"),
+        ("models", "from megatron.core import parallel_state\n"),
+        ("models", "def f():\n    from megatron.core.parallel_state import *\n"),
+        ("training", "def f():\n    import megatron.core.parallel_state as ps\n"),
     ],
 )
 def test_a_planted_violation_fails(tmp_path, part, planted):

@@ -19,12 +19,11 @@ TOL = 1e-5
 
 
 def _layer(lm_overrides: dict, experts: int = 1):
-    from megatron.core import parallel_state as ps
-
     from megatron_navil.config.model import ExpertsConfig
     from megatron_navil.config.registry import get_config
     from megatron_navil.models.build import transformer_config
     from megatron_navil.models.language import ModalityDecoderLayer
+    from megatron_navil.parallel import current_groups
 
     cfg = get_config("tiny")
     cfg = cfg.replace(
@@ -32,8 +31,7 @@ def _layer(lm_overrides: dict, experts: int = 1):
         experts=ExpertsConfig(per_modality=experts, topk=1, aux_loss_coeff=0.01 * (experts > 1)),
     ).validate()
     config = transformer_config(cfg)
-    group = ps.get_tensor_model_parallel_group()
-    layer = ModalityDecoderLayer(config, cfg.language, 1, group, False)
+    layer = ModalityDecoderLayer(config, cfg.language, 1, current_groups().tp)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in layer.parameters():

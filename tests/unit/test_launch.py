@@ -55,6 +55,7 @@ def test_2b_dry_run_on_cpu():
     assert "recompute LLM selective / vision full" in _line(out, "layout:")
     # The planner's memory of this layout at S2 (README: 67 GiB), and it fits an 80 GB H100.
     assert _line(out, "peak ") == "peak 67.2 GiB on pp rank 0 + 6 GiB reserve fits in 79.6 GiB"
+    assert "host-side buffers" in _line(out, "  (scope: device memory")  # what it does not count
     # The paper's S2: 30k steps, LR 2e-5 cosine, WD 0.01; 2,234 samples ~ 147 sequences -> 128.
     # 128 sequences are ~1,944 samples, 13% fewer than the paper's 2,234: 34,475 steps instead
     # of 30,000, so the stage still sees the paper's 67,020,000 samples

@@ -36,10 +36,10 @@ def _cases() -> dict:
     from megatron_navil.testing import tiny_gpt as T
 
     warnings.filterwarnings("ignore")
-    initialize(seed=0)
+    groups = initialize(seed=0)
     cfg = get_config("tiny")
     spec = N.BatchSpec(special_ids=N.special_ids_for(cfg))
-    (model,) = build_model(cfg, transformer_config(cfg), special_ids=spec.special_ids)
+    (model,) = build_model(cfg, transformer_config(cfg), groups, special_ids=spec.special_ids)
     T.set_global_params([model], seed=1)
     model.eval()
     batch = N.pack(N.MIXED, spec, cfg, torch.Generator().manual_seed(0))
@@ -87,7 +87,9 @@ def _cases() -> dict:
     silent = dict(batch, labels=torch.full_like(batch["labels"], IGNORE_INDEX))
     out["silent"] = _per_token(model, silent)
 
-    out["counts"] = {n: meta_parameter_counts(get_config(n)) for n in ("navil-2b", "navil-9b")}
+    out["counts"] = {
+        n: meta_parameter_counts(get_config(n), groups) for n in ("navil-2b", "navil-9b")
+    }
     initialize(tp=1, seed=0)
     out["err_config"] = _error(lambda: get_config("navil-7b"))
     from megatron_navil.models.build import stage_layer_ranges

@@ -26,6 +26,7 @@ import pytest
 
 from megatron_navil.config.params import part_params
 from megatron_navil.config.registry import get_config
+from megatron_navil.parallel import current_groups
 from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.planning.activations import stage_activations
 from megatron_navil.planning.flops import llm_flops, vision_flops
@@ -92,7 +93,7 @@ def _meta_stages(name: str, layout: dict) -> list[dict[str, int]]:
         with torch.device("meta"):
             model = NaViLModel(
                 cfg, config, layers, pre_process=stage == 0, post_process=stage == stages - 1,
-                special_token_ids=ids,
+                special_token_ids=ids, tp_group=current_groups().tp,
             )  # fmt: skip
         out.append(_group_counts(model))
     return out
@@ -108,11 +109,11 @@ def _sharded(name: str, layout: dict, meta: bool) -> list[dict[str, int]]:
     from megatron_navil.parallel import initialize
 
     cfg = get_config(name)
-    initialize(**layout)
+    groups = initialize(**layout)
     config = transformer_config(cfg, perform_initialization=False, **layout)
     top = cfg.language.vocab
     with torch.device("meta") if meta else contextlib.nullcontext():
-        chunks = build_model(cfg, config, special_ids=range(top - 12, top))
+        chunks = build_model(cfg, config, groups, special_ids=range(top - 12, top))
     return [_group_counts(c) for c in chunks]
 
 
@@ -126,7 +127,9 @@ def _saved_and_flops() -> dict:
 
     cfg = get_config("tiny")
     spec, batch = _tiny_batch(4096, 8)
-    (model,) = build_model(cfg, transformer_config(cfg), special_ids=spec.special_ids)
+    (model,) = build_model(
+        cfg, transformer_config(cfg), current_groups(), special_ids=spec.special_ids
+    )
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -388,6 +391,7 @@ def test_cli_search_json_recommends_a_fitting_layout():
     rec = out["rows"][0]
     assert rec["fits"] and rec["peak_gib"] + 6 <= 79
     assert "<- recommended" in proc.stderr  # the table goes to stderr with --json -
+    assert "scope: device memory of the model's tensors" in proc.stderr  # what it counts
     times = [r["relative_step_time"] for r in out["rows"] if r["fits"]]
     assert times == sorted(times)
 

@@ -34,6 +34,7 @@ import pytest
 import torch
 
 from megatron_navil.config.model import Recompute
+from megatron_navil.parallel import current_groups
 from megatron_navil.parallel.spawn import run_distributed
 
 pytestmark = pytest.mark.slow  # a forked rank (run_distributed) runs every mode
@@ -150,10 +151,13 @@ def _cases() -> dict:
 
     # megatron-core's own recompute flags would double-checkpoint the MoE layer: rejected.
     config = transformer_config(cfg, recompute_granularity="selective", recompute_modules=["moe"])
-    out["err_flags"] = _error(lambda: build_model(cfg, config, special_ids=ref.spec.special_ids))
+    groups = current_groups()
+    out["err_flags"] = _error(
+        lambda: build_model(cfg, config, groups, special_ids=ref.spec.special_ids)
+    )
     out["err_mode"] = _error(
         lambda: build_model(
-            cfg, transformer_config(cfg), special_ids=ref.spec.special_ids,
+            cfg, transformer_config(cfg), groups, special_ids=ref.spec.special_ids,
             recompute=Recompute(llm="partial"),
         )
     )  # fmt: skip
