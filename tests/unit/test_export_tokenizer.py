@@ -395,7 +395,9 @@ def test_bad_tokenizer_file_is_one_line_conversion_error(tmp_path, content, matc
 
 
 def test_directory_is_not_a_tokenizer(tmp_path):
-    with pytest.raises(ConversionError, match="cannot read tokenizer") as exc:
+    """A directory is taken as an HF model directory (its tokenizer.json, else tokenizer.model);
+    one holding neither is a one-line error saying so."""
+    with pytest.raises(ConversionError, match=r"a directory without a tokenizer\.json or") as exc:
         write_tokenizer(tmp_path, tmp_path / "out", "internlm2-chat")
     assert "\n" not in str(exc.value)
 
