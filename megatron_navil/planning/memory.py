@@ -32,8 +32,8 @@ SCOPE = (
     "scope: device memory of the model's tensors (weights, gradients, optimizer state, the "
     "schedule's kept activations, the largest transient); not counted: the CUDA context and "
     "NCCL buffers (what the reserve is for) and, in CPU runs, the framework's host-side "
-    "buffers (measured 1.5-2.5 GiB more per process in bf16 at short sequences; fp32 within "
-    "5-10%)"
+    "buffers (issue 23 measured 1.5-2.5 GiB more per process in bf16 at short sequences; "
+    "fp32 within 5-10%)"
 )
 """What the memory numbers cover, printed under every table (tools/plan_layout.py, the launch
 dry run)."""
