@@ -147,6 +147,7 @@ def _megatron(ckpt_dir: str | None, steps: int, threads: int, distributed: bool)
     from megatron_navil.checkpoint.store import save
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
+    from megatron_navil.training.microbatch import MicroBatch
     from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
     from megatron_navil.training.recipes import get_stage
     from megatron_navil.training.step import train_step
@@ -174,7 +175,7 @@ def _megatron(ckpt_dir: str | None, steps: int, threads: int, distributed: bool)
             groups,
             opt,
             sched,
-            [data["batch"]],
+            [MicroBatch.of(data["batch"])],
             data["batch"]["input_ids"].numel(),
             step=i + 1,
         )

@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Shared by pretrain_navil_2b.sh and pretrain_navil_9b.sh (sourced, not run): one NaViL training
-# stage on GPU nodes. The model script sets MODEL and its layout defaults (TP, PP, ...); this
+# stage on GPU nodes. The model script sets MODEL (its layout is the paper recipe's, in
+# megatron_navil/training/paper.py, unless TP, PP, ... are set); this
 # file reads the job from the environment, takes the rendezvous from SLURM when the job runs
 # under it, and hands everything to `python -m megatron_navil.launch`, which resolves the
 # paper's recipe for the stage, checks the GPUs and execs torchrun (or, with --dry-run or
@@ -19,7 +20,8 @@
 #   NNODES           nodes [$SLURM_NNODES or 1];  GPUS_PER_NODE  GPUs per node [8]
 #   NODE_RANK        [$SLURM_NODEID or 0];  MASTER_ADDR  [first host of $SLURM_JOB_NODELIST
 #                    (scontrol), else 127.0.0.1];  MASTER_PORT  [29500]
-#   TP PP VPP EP FIRST_STAGE_LAYERS RECOMPUTE_LLM RECOMPUTE_VISION   the layout [the model's]
+#   TP PP VPP EP FIRST_STAGE_LAYERS RECOMPUTE_LLM RECOMPUTE_VISION   the layout [the paper
+#                    recipe's: megatron_navil/training/paper.py]
 #   STEPS GLOBAL_BATCH SAMPLE_TOKENS SEQ_LENGTH SAVE_INTERVAL   [the paper's / derived; 1000]
 #   DRY_RUN=1        same as --dry-run;  PYTHON  interpreter [.venv/bin/python, else python3]
 # Arguments: --dry-run; --force (launch a layout the planner says does not fit in GPU memory,
@@ -79,10 +81,14 @@ args=(
   --config "$MODEL" --stage "$STAGE"
   --nnodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE"
   --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
-  --tp "$TP" --pp "$PP" --vpp "${VPP:-1}" --ep "${EP:-1}"
-  --recompute-llm "$RECOMPUTE_LLM" --recompute-vision "$RECOMPUTE_VISION"
   --save-interval "${SAVE_INTERVAL:-1000}"
 )
+[ -z "${TP:-}" ] || args+=(--tp "$TP")
+[ -z "${PP:-}" ] || args+=(--pp "$PP")
+[ -z "${VPP:-}" ] || args+=(--vpp "$VPP")
+[ -z "${EP:-}" ] || args+=(--ep "$EP")
+[ -z "${RECOMPUTE_LLM:-}" ] || args+=(--recompute-llm "$RECOMPUTE_LLM")
+[ -z "${RECOMPUTE_VISION:-}" ] || args+=(--recompute-vision "$RECOMPUTE_VISION")
 [ -z "${FIRST_STAGE_LAYERS:-}" ] || args+=(--first-stage-layers "$FIRST_STAGE_LAYERS")
 [ -z "${STEPS:-}" ] || args+=(--steps "$STEPS")
 [ -z "${GLOBAL_BATCH:-}" ] || args+=(--global-batch "$GLOBAL_BATCH")

@@ -8,7 +8,8 @@ resolved configuration, the layout, the parameter counts and the planner's memor
 (``megatron_navil.planning``), and exits 0: it needs no GPU, no data and no process group.
 
 What comes from where:
-* steps and batch per stage and model: the paper's table (:data:`PAPER_SCHEDULE`); LR, warm-up,
+* steps, batch and layout per stage and model: the paper recipes (``training.paper``:
+  ``navil_2b(stage)``, ``navil_9b(stage)``; every flag overrides); LR, warm-up,
   schedule and weight decay: the stage recipe (``training.recipes``, ``train.py``'s defaults);
 * the paper's batch counts *samples*, the loader's ``--global-batch`` packed sequences of
   ``--seq-length`` tokens: the launcher converts with the mean tokens per sample
@@ -38,21 +39,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_navil.cli import OneLineParser
+from megatron_navil.training.paper import (
+    PAPER_TOTAL_TOKENS,
+    SEQ_LENGTH,
+    paper_sample_tokens,
+    paper_stage,
+)
 
-# The paper's (steps, samples per step) of each stage (NAVIL.md, "Training recipe").
-PAPER_SCHEDULE: dict[str, dict[str, tuple[int, int]]] = {
-    "navil-2b": {"s1.1": (70_000, 7_000), "s1.2": (40_000, 4_614), "s2": (30_000, 2_234)},
-    "navil-9b": {"s1.1": (50_000, 10_300), "s1.2": (33_000, 1_792), "s2": (6_000, 3_520)},
-}
-PAPER_TOTAL_TOKENS = {"navil-2b": 800e9, "navil-9b": 450e9}  # "~800B (2B), ~450B (9B)"
-SEQ_LENGTH = 16_384  # "packed sequences of 16,384 tokens"
 H100_GIB = 79.6  # an 80 GB H100's memory in GiB (what torch reports)
-
-
-def paper_sample_tokens(model: str) -> float:
-    """Mean tokens per sample implied by the paper: total tokens over total samples."""
-    samples = sum(steps * batch for steps, batch in PAPER_SCHEDULE[model].values())
-    return PAPER_TOTAL_TOKENS[model] / samples
+# train options a launch always writes out (the plan decides them), even at train's defaults
+PLAN_FIELDS = ("config", "stage", "tp", "pp", "ep", "recompute_llm", "recompute_vision",
+               "seq_length", "max_patches", "global_batch", "steps")  # fmt: skip
+LAYOUT_FALLBACK = dict(tp=1, pp=1, vpp=1, ep=1, recompute_llm="selective", recompute_vision="full")
 
 
 @dataclass(frozen=True)
@@ -127,20 +125,21 @@ class Plan:
             dtype="bf16", stage=self.stage, micro_batches=self.micro_batches,
         )  # fmt: skip
 
-    def train_args(self) -> list[str]:
-        """``megatron_navil.train`` arguments of the plan (data and checkpoint paths apart)."""
-        args = [
-            "--config", self.config, "--stage", self.stage,
-            "--tp", str(self.tp), "--pp", str(self.pp), "--ep", str(self.ep),
-            "--recompute-llm", self.recompute_llm, "--recompute-vision", self.recompute_vision,
-            "--seq-length", str(self.seq_length), "--max-patches", str(self.patches),
-            "--global-batch", str(self.global_batch), "--steps", str(self.steps),
-        ]  # fmt: skip
-        if self.vpp > 1:
-            args += ["--vpp", str(self.vpp)]
-        if self.first_stage_layers is not None:
-            args += ["--first-stage-layers", str(self.first_stage_layers)]
-        return args
+    def train_config(self) -> Any:
+        """The ``megatron_navil.train`` options of the plan (data and checkpoint paths apart):
+        a ``training.options.TrainConfig``, whose ``to_argv()`` is the command line."""
+        from megatron_navil.training.options import TrainConfig
+
+        tc = TrainConfig()
+        lay, data, optim = tc.layout, tc.data, tc.optim
+        lay.config, optim.stage, optim.steps = self.config, self.stage, self.steps
+        lay.tp, lay.pp, lay.ep = self.tp, self.pp, self.ep
+        lay.vpp = self.vpp if self.vpp > 1 else None
+        lay.first_stage_layers = self.first_stage_layers
+        lay.recompute_llm, lay.recompute_vision = self.recompute_llm, self.recompute_vision
+        data.seq_length, data.max_patches = self.seq_length, self.patches
+        data.global_batch = self.global_batch
+        return tc
 
 
 BATCH_ROUNDING = ("nearest", "down", "up")
@@ -211,22 +210,30 @@ def resolve(args: argparse.Namespace) -> Plan:
     cfg = get_config(args.config)
     if args.stage not in STAGE_MAX_PATCHES:
         raise ValueError(f"--stage {args.stage!r}: one of {', '.join(STAGE_MAX_PATCHES)}")
-    for name in ("nnodes", "gpus_per_node", "tp", "pp", "vpp", "ep", "seq_length"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    paper = paper_stage(args.config, args.stage)
+    # the layout: a flag, else the paper recipe's (training.paper), else LAYOUT_FALLBACK
+    layout = {
+        name: getattr(args, name) if getattr(args, name) is not None
+        else getattr(paper, name) if paper else fallback
+        for name, fallback in LAYOUT_FALLBACK.items()
+    }  # fmt: skip
+    for name in ("nnodes", "gpus_per_node", "seq_length", "tp", "pp", "vpp", "ep"):
+        value = layout[name] if name in layout else getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    tp, pp = layout["tp"], layout["pp"]
     gpus = args.nnodes * args.gpus_per_node
-    if gpus % (args.tp * args.pp):
+    if gpus % (tp * pp):
         raise ValueError(
             f"{gpus} GPUs (--nnodes {args.nnodes} x --gpus-per-node {args.gpus_per_node}) are "
-            f"not a multiple of TP x PP = {args.tp * args.pp}"
+            f"not a multiple of TP x PP = {tp * pp}"
         )
-    dp = gpus // (args.tp * args.pp)
-    schedule = PAPER_SCHEDULE.get(args.config, {}).get(args.stage)
-    steps = args.steps or (schedule[0] if schedule else None)
-    samples = args.samples_per_step or (schedule[1] if schedule else None)
+    dp = gpus // (tp * pp)
+    steps = args.steps or (paper.steps if paper else None)
+    samples = args.samples_per_step or (paper.samples_per_step if paper else None)
     if steps is None or (samples is None and args.global_batch is None):
         raise ValueError(
-            f"no paper schedule for {args.config}: give --steps and --global-batch "
+            f"no paper recipe for {args.config}: give --steps and --global-batch "
             "(or --samples-per-step)"
         )
     if steps < 1:
@@ -254,9 +261,8 @@ def resolve(args: argparse.Namespace) -> Plan:
     patches = args.max_patches or default_patches(args.stage, args.seq_length, merge)
     plan = Plan(
         config=args.config, stage=args.stage, nnodes=args.nnodes,
-        gpus_per_node=args.gpus_per_node, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
-        dp=dp, first_stage_layers=args.first_stage_layers, recompute_llm=args.recompute_llm,
-        recompute_vision=args.recompute_vision, seq_length=args.seq_length, steps=steps,
+        gpus_per_node=args.gpus_per_node, **layout, dp=dp,
+        first_stage_layers=args.first_stage_layers, seq_length=args.seq_length, steps=steps,
         paper_steps=paper_steps,
         samples_per_step=samples or round(global_batch * args.seq_length / sample_tokens),
         sample_tokens=sample_tokens or 0.0, global_batch=global_batch, patches=patches,
@@ -328,20 +334,19 @@ def report(plan: Plan, gpu_mem_gib: float, reserve_gib: float) -> list[str]:
 def torchrun_command(plan: Plan, args: argparse.Namespace) -> list[str]:
     """``python -m torch.distributed.run`` (torchrun) with a static rendezvous, then the
     training entry and its arguments."""
+    tc = plan.train_config()
+    tc.data.data = list(args.data or [])
+    ck = tc.checkpoint
+    ck.save, ck.load, ck.init, tc.log.log_dir = args.save, args.load, args.init, args.log_dir
+    if args.save:
+        ck.save_interval = args.save_interval
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", str(plan.nnodes), "--nproc-per-node", str(plan.gpus_per_node),
         "--node-rank", str(args.node_rank), "--master-addr", args.master_addr,
         "--master-port", str(args.master_port),
-        "-m", "megatron_navil.train", *plan.train_args(),
+        "-m", "megatron_navil.train", *tc.to_argv(always=PLAN_FIELDS),
     ]  # fmt: skip
-    cmd += ["--data", *args.data] if args.data else []
-    for flag in ("save", "load", "init", "log_dir"):
-        value = getattr(args, flag)
-        if value:
-            cmd += [f"--{flag.replace('_', '-')}", value]
-    if args.save:
-        cmd += ["--save-interval", str(args.save_interval)]
     return cmd + list(args.extra)
 
 
@@ -387,14 +392,27 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("nodes and layout")
     g.add_argument("--nnodes", type=int, default=1, help="nodes in the job")
     g.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (processes) per node")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    g.add_argument("--vpp", type=int, default=1, help="virtual stages per pipeline rank")
-    g.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    recipe = " (default: the paper recipe's, training/paper.py; else %(fallback)s)"
+
+    def layout_help(text: str, name: str) -> str:
+        return text + recipe % {"fallback": LAYOUT_FALLBACK[name]}
+
+    g.add_argument("--tp", type=int, default=None, help=layout_help("tensor-parallel size", "tp"))
+    g.add_argument("--pp", type=int, default=None, help=layout_help("pipeline-parallel size", "pp"))
+    g.add_argument(
+        "--vpp", type=int, default=None, help=layout_help("virtual stages per pipeline rank", "vpp")
+    )
+    g.add_argument("--ep", type=int, default=None, help=layout_help("expert-parallel size", "ep"))
     g.add_argument("--first-stage-layers", type=int, default=None, help="LLM layers of stage 0")
     choices = ("none", "selective", "full")
-    g.add_argument("--recompute-llm", choices=choices, default="selective", help="LLM recompute")
-    g.add_argument("--recompute-vision", choices=choices, default="full", help="vision recompute")
+    g.add_argument(
+        "--recompute-llm", choices=choices, default=None,
+        help=layout_help("LLM recompute", "recompute_llm"),
+    )  # fmt: skip
+    g.add_argument(
+        "--recompute-vision", choices=choices, default=None,
+        help=layout_help("vision recompute", "recompute_vision"),
+    )  # fmt: skip
     g.add_argument(
         "--gpu-mem", type=float, default=H100_GIB, help="GiB per GPU for the memory check"
     )

@@ -18,6 +18,7 @@ import torch
 from megatron_navil.config.model import NaViLConfig, Recompute
 from megatron_navil.config.tokens import IGNORE_INDEX, SPECIAL_TOKENS
 from megatron_navil.testing import tiny_gpt as T
+from megatron_navil.training.microbatch import MicroBatch
 
 Grid = tuple[int, int]
 
@@ -303,7 +304,7 @@ class SyntheticSource:
         self.cfg, self.spec, self.seed, self.repeat = cfg, spec, seed, repeat
         self.consumed = 0
 
-    def next_step(self) -> list[dict[str, torch.Tensor]]:
+    def next_step(self) -> list[MicroBatch]:
         from megatron.core import parallel_state as ps
 
         seed = self.seed if self.repeat else self.seed + self.consumed
@@ -311,7 +312,7 @@ class SyntheticSource:
         dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         per = len(batches) // dp
         self.consumed += 1
-        return batches[rank * per : (rank + 1) * per]
+        return [MicroBatch.of(b) for b in batches[rank * per : (rank + 1) * per]]
 
     def state_dict(self) -> dict[str, int]:
         return {"consumed": self.consumed}

@@ -27,13 +27,9 @@ from typing import Any
 
 import torch
 
-from megatron_navil.config.tokens import IGNORE_INDEX
 from megatron_navil.parallel.groups import ParallelGroups
-from megatron_navil.training.step import (
-    collective_device,
-    loss_weights,
-    model_kwargs,
-)
+from megatron_navil.training.microbatch import MicroBatch
+from megatron_navil.training.step import collective_device
 
 
 @dataclass
@@ -71,7 +67,7 @@ def eval_sums(
     chunks: list[Any],
     mcore_config: Any,
     groups: ParallelGroups,
-    micro_batches: Sequence[dict[str, Any]],
+    micro_batches: Sequence[MicroBatch],
     seq_length: int,
 ) -> tuple[float, float, int]:
     """``(sum(w * l), sum(w), loss tokens)`` of one global batch (this rank's
@@ -81,8 +77,8 @@ def eval_sums(
 
     def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
-        weights = loss_weights(batch)
-        out = model(**model_kwargs(batch))
+        weights = batch.loss_weights.to(torch.float64)
+        out = model(**batch.inputs)
 
         def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             weighted = (per_token.double() * weights.to(per_token.device)).sum()
@@ -109,7 +105,7 @@ def eval_sums(
             sums[:2] += r["sums"].to(device)
     # every stage holds the labels: count the loss tokens on the first, so the PP sum is once
     if groups.is_first_stage():
-        sums[2] = float(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches))
+        sums[2] = float(sum(mb.loss_tokens for mb in micro_batches))
     torch.distributed.all_reduce(sums, group=groups.pp)
     torch.distributed.all_reduce(sums, group=groups.dp)
     return float(sums[0]), float(sums[1]), int(sums[2])

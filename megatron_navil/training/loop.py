@@ -26,13 +26,14 @@ import torch
 from megatron_navil.checkpoint import directory, store
 from megatron_navil.parallel.groups import ParallelGroups
 from megatron_navil.training.evaluate import evaluate
+from megatron_navil.training.microbatch import MicroBatch
 from megatron_navil.training.step import StepResult, train_step
 
 
 class BatchSource(Protocol):
     """Where a rank's micro-batches come from."""
 
-    def next_step(self) -> list[dict[str, Any]]:
+    def next_step(self) -> list[MicroBatch]:
         """This rank's micro-batches of the next global step."""
         ...
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from megatron_navil.config.tokens import IGNORE_INDEX
 from megatron_navil.parallel.groups import ParallelGroups
+from megatron_navil.training.microbatch import MicroBatch
 
 
 class TrainingDivergedError(RuntimeError):
@@ -42,32 +42,6 @@ class StepResult:
     model_flops: float = 0.0  # the micro-batches' ``model_flops`` summed over the global batch
 
 
-def loss_weights(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A micro-batch's per-token loss weights (float64): its ``loss_weights``, else 1 for every
-    token with a label."""
-    if "loss_weights" in batch:
-        return batch["loss_weights"].to(torch.float64)
-    return (batch["labels"] != IGNORE_INDEX).to(torch.float64)
-
-
-def model_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The model's keyword arguments of a micro-batch (drops the loss weights and counts)."""
-    drop = {"loss_weights", "num_real_tokens", "num_patches", "model_flops"}
-    return {k: v for k, v in batch.items() if k not in drop}
-
-
-def _patches(batch: dict[str, Any]) -> int:
-    if "num_patches" in batch:  # a stage that did not load pixels still counts them
-        return int(batch["num_patches"])
-    return int(batch["patches"].shape[0]) if "patches" in batch else 0
-
-
-def _real_tokens(batch: dict[str, Any]) -> int:
-    if "num_real_tokens" in batch:
-        return int(batch["num_real_tokens"])
-    return int(batch["input_ids"].numel())
-
-
 def collective_device() -> torch.device:
     """Where the step's small all-reduces run: the current GPU under NCCL, else the CPU."""
     if torch.distributed.get_backend() == "nccl":
@@ -81,18 +55,16 @@ def train_step(
     groups: ParallelGroups,
     optimizer: Any,
     scheduler: Any,
-    micro_batches: Sequence[dict[str, Any]],
+    micro_batches: Sequence[MicroBatch],
     seq_length: int,
     nan_policy: str = "stop",
     step: int = 0,
 ) -> StepResult:
-    """Forward/backward over this rank's ``micro_batches`` (dicts of the model's keyword
-    arguments plus optional ``loss_weights [t]``, ``num_real_tokens``, ``num_patches`` and
-    ``model_flops``, the latter three for the logs), then an optimizer
-    step. ``groups``: this rank's process groups (``parallel.initialize()``). Collective over
-    the whole world. ``nan_policy`` for a non-finite loss: ``stop``
-    raises :class:`TrainingDivergedError`, ``skip`` drops the update and goes on (a finite loss
-    with a non-finite gradient norm always stops)."""
+    """Forward/backward over this rank's ``micro_batches`` (their counts go to the logs),
+    then an optimizer step. ``groups``: this rank's process groups (``parallel.initialize()``).
+    Collective over the whole world. ``nan_policy`` for a non-finite loss: ``stop`` raises
+    :class:`TrainingDivergedError`, ``skip`` drops the update and goes on (a finite loss with
+    a non-finite gradient norm always stops)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if nan_policy not in ("stop", "skip"):
@@ -102,11 +74,11 @@ def train_step(
     dp, num_micro = dp_group.size(), len(micro_batches)
     counts = torch.tensor(
         [
-            sum(float(loss_weights(mb).sum()) for mb in micro_batches),
-            sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches),
-            sum(_real_tokens(mb) for mb in micro_batches),
-            sum(_patches(mb) for mb in micro_batches),
-            sum(float(mb.get("model_flops", 0.0)) for mb in micro_batches),
+            sum(float(mb.loss_weights.to(torch.float64).sum()) for mb in micro_batches),
+            sum(mb.loss_tokens for mb in micro_batches),
+            sum(mb.num_real_tokens for mb in micro_batches),
+            sum(mb.num_patches for mb in micro_batches),
+            sum(mb.model_flops for mb in micro_batches),
         ],
         dtype=torch.float64,
         device=device,
@@ -117,8 +89,8 @@ def train_step(
 
     def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
-        weights = loss_weights(batch).to(torch.float32)
-        out = model(**model_kwargs(batch))
+        weights = batch.loss_weights.to(torch.float32)
+        out = model(**batch.inputs)
 
         def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             weighted = (per_token.float() * weights).sum()

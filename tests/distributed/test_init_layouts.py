@@ -10,6 +10,7 @@ import torch
 
 from megatron_navil.parallel.spawn import run_distributed
 from megatron_navil.testing import navil_run as N
+from megatron_navil.training.microbatch import MicroBatch
 
 pytestmark = pytest.mark.distributed
 SEED = 77
@@ -57,7 +58,7 @@ def _layouts(cases: list) -> dict:
         batches = N.make_batches(cfg, spec, seed=0)
         dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         per = len(batches) // dp
-        mine = batches[rank * per : (rank + 1) * per]
+        mine = [MicroBatch.of(b) for b in batches[rank * per : (rank + 1) * per]]
         loss = train_step(chunks, config, groups, opt, None, mine, spec.seq_length).loss
         out[name] = {"shards": shards, "loss": loss}
     return out

@@ -41,9 +41,9 @@ def _setup(layout: dict):
 def _my_batches(cfg, spec, weighting: str = "token"):
     from megatron.core import parallel_state as ps
 
-    batches = N.make_batches(cfg, spec, seed=0)
-    for b in batches:
-        b["loss_weights"] = _weights(b, weighting)
+    from megatron_navil.training.microbatch import MicroBatch
+
+    batches = [MicroBatch.of(b, _weights(b, weighting)) for b in N.make_batches(cfg, spec, 0)]
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per = len(batches) // dp
     return batches[rank * per : (rank + 1) * per], batches
@@ -90,7 +90,7 @@ def test_loss_curves_equal_across_layouts_and_decrease():
 
 
 def _normalisation(modes: list[str]) -> dict:
-    from megatron_navil.training.step import model_kwargs, train_step
+    from megatron_navil.training.step import train_step
 
     warnings.filterwarnings("ignore")
     out = {}
@@ -101,8 +101,8 @@ def _normalisation(modes: list[str]) -> dict:
         num = den = 0.0
         with torch.no_grad():
             for b in everything:
-                w = b["loss_weights"]
-                num += float((chunks[0].module(**model_kwargs(b)) * w).sum())
+                w = b.loss_weights
+                num += float((chunks[0].module(**b.inputs) * w).sum())
                 den += float(w.sum())
         got = train_step(chunks, config, groups, opt, None, mine, spec.seq_length).loss
         out[mode] = (got, num / den)
@@ -126,7 +126,7 @@ def _nan(policies: list[str]) -> dict:
         cfg, spec, chunks, config, groups, opt, sched = _setup({})
         mine, _ = _my_batches(cfg, spec)
         for b in mine:
-            b["loss_weights"] = b["loss_weights"] * float("nan")
+            b.loss_weights = b.loss_weights * float("nan")
         before = [p.detach().clone() for c in chunks for p in c.parameters()]
         try:
             result = train_step(

@@ -4,7 +4,6 @@ a checkpoint carries."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -79,16 +78,16 @@ def test_train_takes_the_checkpoints_config_unless_told(tmp_path):
     _checkpoint(tmp_path / "load", 3, tiny)
 
     def args(config=None, load=None, init=None):
-        return argparse.Namespace(config=config, load=load, init=init)
+        return (config, load, init)
 
-    assert _model_config(args()) == tiny
-    assert _model_config(args(init=str(tmp_path / "init"))) == odd
+    assert _model_config(*args()) == tiny
+    assert _model_config(*args(init=str(tmp_path / "init"))) == odd
     # --load (the run's own save directory) wins over --init (its starting point)
-    assert _model_config(args(load=str(tmp_path / "load"), init=str(tmp_path / "init"))) == tiny
-    assert _model_config(args(load=str(tmp_path / "empty"), init=str(tmp_path / "init"))) == odd
-    assert _model_config(args(config="tiny", load=str(tmp_path / "load"))) == tiny
+    assert _model_config(*args(load=str(tmp_path / "load"), init=str(tmp_path / "init"))) == tiny
+    assert _model_config(*args(load=str(tmp_path / "empty"), init=str(tmp_path / "init"))) == odd
+    assert _model_config(*args(config="tiny", load=str(tmp_path / "load"))) == tiny
     with pytest.raises(ValueError, match=r"differs from the --init checkpoint's model.*layers"):
-        _model_config(args(config="tiny", init=str(tmp_path / "init")))
+        _model_config(*args(config="tiny", init=str(tmp_path / "init")))
 
 
 def test_configs_written_before_the_token_order_read_as_raster(tmp_path):

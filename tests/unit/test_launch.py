@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from megatron_navil import launch as L
+from megatron_navil.training.paper import paper_sample_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "examples"
@@ -132,7 +133,7 @@ def _args(**kw):
 
 def test_batch_conversion_and_layout_errors():
     # 2B: 800B tokens / (70k x 7000 + 40k x 4614 + 30k x 2234) samples = 1,078.8 tokens each.
-    assert L.paper_sample_tokens("navil-2b") == pytest.approx(800e9 / 741_580_000)
+    assert paper_sample_tokens("navil-2b") == pytest.approx(800e9 / 741_580_000)
     plan = L.resolve(_args(nnodes=8))
     assert (plan.dp, plan.paper_steps, plan.samples_per_step) == (64, 70_000, 7_000)
     # 7000 x 1078.8 / 16384 = 460.9 sequences -> the nearest multiple of DP=64.

@@ -20,14 +20,14 @@ from megatron_navil.train import corpus_image_config, main
         (["--data", "x", "--steps", "5"], "--warmup 200 (the stage's default) must be in"),
         (["--data", "x", "--steps", "5", "--stage", "s3"], "unknown stage 's3'"),
         (["--data", "x", "--steps", "5", "--config", "navil-7b"], "unknown config 'navil-7b'"),
-        (["--data", "x", "--steps", "0"], "--steps must be >= 1"),
+        (["--data", "x", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
         (
             ["--data", "x", "--steps", "5", "--warmup", "1", "--init", "/nonexistent"],
             "--init /nonexistent: no complete checkpoint",
         ),
         (
             ["--data", "x", "--steps", "5", "--warmup", "1", "--peak-tflops", "0"],
-            "--peak-tflops must be > 0",
+            "argument --peak-tflops: must be a finite number > 0",
         ),
     ],
 )
@@ -146,8 +146,8 @@ def test_eval_data_is_checked_before_any_process_group(tmp_path, capsys):
         (["--eval-data", str(other)], f"--eval-data {other}: corpora {shards} and {other} were "
          "indexed with different tokenizers"),
         (["--eval-data", str(tmp_path / "none")], "--eval-data: "),
-        (["--eval-data", str(shards), "--eval-iters", "0"], "--eval-iters must be >= 1"),
-        (["--eval-data", str(shards), "--eval-interval", "-1"], "--eval-interval must be >= 0"),
+        (["--eval-data", str(shards), "--eval-iters", "0"], "argument --eval-iters: must be >= 1"),
+        (["--eval-data", str(shards), "--eval-interval", "-1"], "argument --eval-interval: must be >= 0"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as exit_:
             main(base + extra)

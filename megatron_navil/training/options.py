@@ -1,0 +1,248 @@
+"""``TrainConfig``: every option of ``python -m megatron_navil.train``, typed and grouped.
+
+The trainer's command line is generated from these dataclasses (``cli.add_options``): a field
+is a flag (``--field-name``), its type, default, help text and bounds are the field's, and a
+group of fields is an argument group of ``--help``. ``launch.py`` writes a stage's command line
+from a ``TrainConfig`` too (:meth:`TrainConfig.to_argv`), so the two cannot drift apart.
+
+Field metadata (see :func:`option`): ``help``; ``min`` (an inclusive lower bound, checked by the
+parser with the flag's name in the message); ``positive`` (a float that must be > 0);
+``choices``; ``metavar``; ``required`` (the CLI insists; the dataclass default stands for
+"not given" so that a partial config, e.g. the launcher's, can exist).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_navil.config.vocab import DEFAULT_DIVISIBLE_BY
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def option(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field that is also a command-line option (module doc: the metadata)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class LayoutOptions:
+    """The model and how it is laid out over the processes."""
+
+    config: str | None = option(
+        None,
+        "model config: a registered name (tiny, navil-2b, navil-9b), a navil_config.json, or "
+        "a checkpoint carrying one (every checkpoint saved by training or by "
+        "tools/convert_from_hf.py does); default: the config of the --load checkpoint, else "
+        "of --init, else tiny",
+        metavar="NAME|PATH",
+    )
+    make_vocab_size_divisible_by: int = option(
+        DEFAULT_DIVISIBLE_BY,
+        "when the corpus tokenizer (its ids and its 12 NaViL ids) does not fit the config's "
+        "vocabulary, the model's vocabulary becomes the tokenizer's size padded up to a "
+        "multiple of N x --tp (Megatron-LM's rule; default 128); a vocabulary that fits is "
+        "kept, and a --load/--init checkpoint's vocabulary is never changed",
+        metavar="N",
+        min=1,
+    )
+    tp: int = option(1, "tensor-parallel size", min=1)
+    pp: int = option(1, "pipeline-parallel size", min=1)
+    vpp: int | None = option(None, "virtual stages per pipeline rank", min=1)
+    ep: int = option(1, "expert-parallel size (modality experts)", min=1)
+    etp: int | None = option(None, "expert tensor-parallel size (=tp)", min=1)
+    recompute_llm: str = option(
+        "none", "activation recompute of the LLM decoder layers", choices=RECOMPUTE_MODES
+    )
+    recompute_vision: str = option(
+        "none", "activation recompute of the vision encoder blocks", choices=RECOMPUTE_MODES
+    )
+    precision: str = option(
+        "auto",
+        "bf16: bf16 weights and activations, fp32 master weights and gradient reduction; "
+        "auto: bf16 on GPU, fp32 on CPU",
+        choices=("auto", "fp32", "bf16"),
+    )
+    first_stage_layers: int | None = option(
+        None, "LLM layers on pipeline stage 0 (it also holds the vision encoder)", min=1
+    )
+
+    def as_layout(self) -> dict[str, int | None]:
+        """The ``parallel.initialize`` / ``transformer_config`` keyword arguments."""
+        return dict(tp=self.tp, pp=self.pp, vpp=self.vpp, ep=self.ep, etp=self.etp)
+
+
+@dataclass
+class DataOptions:
+    """What the run trains on and how it is packed."""
+
+    data: list[str] = option(
+        [], "indexed corpus directories (tools/index_corpus.py output)", required=True
+    )
+    data_weights: list[float] | None = option(
+        None, "blending weight per --data corpus (default: by size)"
+    )
+    seq_length: int = option(1024, "packed sequence length", min=1)
+    max_patches: int | None = option(
+        None, "vision patches per packed sequence (default: no limit)", min=1
+    )
+    global_batch: int = option(
+        8, "packed sequences per optimizer step, over all data-parallel ranks", min=1
+    )
+    loss_weighting: str = option(
+        "token",
+        "per-token weights: 1, 1/n or 1/sqrt(n) for a sample of n loss tokens",
+        choices=("token", "sample", "square"),
+    )
+    num_workers: int = option(0, "data-loader worker processes", min=0)
+
+
+@dataclass
+class EvalOptions:
+    """Held-out evaluation during training."""
+
+    eval_data: list[str] | None = option(
+        None,
+        "held-out indexed corpora (same tokenizer as --data): their loss, each and pooled, "
+        "under the training's packing and loss weighting, logged to TensorBoard (eval/loss), "
+        "progress.txt and the progress bar",
+        metavar="DIR",
+    )
+    eval_interval: int = option(
+        0,
+        "evaluate every N steps and after the last step (default 0: after the last step "
+        "only); the steps are the same in a resumed run",
+        metavar="N",
+        min=0,
+    )
+    eval_iters: int = option(
+        10,
+        "global batches (--global-batch packed sequences each) of every held-out corpus per "
+        "evaluation; always its first N, so every evaluation sees the same data",
+        metavar="N",
+        min=1,
+    )
+
+
+@dataclass
+class OptimOptions:
+    """The stage recipe, schedule and optimizer."""
+
+    stage: str = option("s2", "training stage recipe: s1.1, s1.2 or s2")
+    steps: int = option(0, "total optimizer steps", min=1, required=True)
+    exit_after: int | None = option(
+        None,
+        "stop after this many steps of this run (saving a checkpoint); a later run with "
+        "--load continues the same schedule",
+        min=1,
+    )
+    lr: float | None = option(None, "peak LR (default: the stage's)", positive=True)
+    min_lr: float = option(0.0, "cosine floor", min=0)
+    warmup: int | None = option(None, "warm-up steps (default: the stage's)", min=0)
+    clip_grad: float = option(1.0, "gradient-norm clip (0: off)", min=0)
+    nan_policy: str = option("stop", "what a non-finite loss does", choices=("stop", "skip"))
+    seed: int = option(1234, "model init and data order seed")
+
+
+@dataclass
+class CheckpointOptions:
+    """Where checkpoints go and come from."""
+
+    save: str | None = option(None, "checkpoint directory")
+    save_interval: int = option(0, "save every N steps", min=0)
+    keep_last: int = option(2, "complete checkpoints to keep", min=1)
+    load: str | None = option(
+        None,
+        "resume from the newest complete checkpoint here (any layout). Our own files in a "
+        "checkpoint load without pickle, but torch.distributed.checkpoint reads its .metadata "
+        "file with pickle: load only checkpoints you trust (as with Megatron-LM)",
+    )
+    init: str | None = option(
+        None,
+        "start from the model weights of the newest complete checkpoint here (any layout; "
+        "e.g. the previous stage's --save): optimizer, LR schedule, data position and "
+        "iteration start afresh; ignored when --load finds a checkpoint to resume; only "
+        "checkpoints you trust (see --load)",
+    )
+
+
+@dataclass
+class LogOptions:
+    """Logs and what the run reports."""
+
+    log_dir: str | None = option(None, "TensorBoard, progress.txt, loss_curve.png")
+    peak_tflops: float | None = option(
+        None,
+        "peak TFLOP/s per GPU for the MFU log (default: the detected GPU's dense bf16 peak, "
+        "989 for H100/H200, 312 for A100; none on CPU, so no MFU unless given)",
+        positive=True,
+    )
+    no_progress: bool = option(False, "no progress bar")
+    dry_run: bool = option(False, "print the resolved setup (layout, counts) and exit")
+
+
+def _title(text: str) -> dict[str, str]:
+    return {"title": text}
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run, by group (each group is a section of ``--help``)."""
+
+    layout: LayoutOptions = field(
+        default_factory=LayoutOptions, metadata=_title("model and layout")
+    )
+    data: DataOptions = field(default_factory=DataOptions, metadata=_title("data"))
+    eval: EvalOptions = field(default_factory=EvalOptions, metadata=_title("held-out evaluation"))
+    optim: OptimOptions = field(default_factory=OptimOptions, metadata=_title("optimisation"))
+    checkpoint: CheckpointOptions = field(
+        default_factory=CheckpointOptions, metadata=_title("checkpoints")
+    )
+    log: LogOptions = field(default_factory=LogOptions, metadata=_title("logs"))
+
+    def to_argv(self, always: Collection[str] = ()) -> list[str]:
+        """The command line that parses back into this config: every field that differs
+        from its default or is named in ``always`` (and is not None), in declaration order
+        (``launch.py`` execs it, naming what it decided so the command says it)."""
+        argv: list[str] = []
+        for group, _, f in option_fields(type(self)):
+            value = getattr(getattr(self, group), f.name)
+            default = getattr(getattr(type(self)(), group), f.name)
+            if value is None or (value == default and f.name not in always):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                argv += [flag] if value else []
+            elif isinstance(value, list):
+                argv += [flag, *map(str, value)]
+            else:
+                argv += [flag, str(value)]
+        return argv
+
+
+def option_fields(cls: type = TrainConfig) -> list[tuple[str, str, dataclasses.Field]]:
+    """``(group attribute, group title, field)`` of every option of ``cls``, in order."""
+    out = []
+    for group in dataclasses.fields(cls):
+        for f in dataclasses.fields(group.default_factory):  # type: ignore[misc]
+            out.append((group.name, group.metadata["title"], f))
+    return out
+
+
+def option_type(cls: type, f: dataclasses.Field) -> tuple[type, bool, bool]:
+    """``(element type, is a list, may be None)`` of option ``f`` of dataclass ``cls``."""
+    hint = typing.get_type_hints(cls)[f.name]
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True, optional
+    return hint, False, optional
