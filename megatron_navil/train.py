@@ -137,7 +137,7 @@ def corpus_image_config(cfg: Any, images: list[dict[str, Any]]) -> tuple[Any, di
     field on which a blend's corpora disagree keeps ``cfg``'s value. The patch size and merge
     are the model's: a corpus with others is a ValueError."""
     from megatron_navil.config.model import ImageConfig
-    from megatron_navil.data.indexer.settings import ImageSettings
+    from megatron_navil.ops.geometry import ImageGeometry
 
     for image in images:
         for key, want in (("patch", cfg.vision.patch), ("merge", cfg.connector.merge)):
@@ -146,13 +146,13 @@ def corpus_image_config(cfg: Any, images: list[dict[str, Any]]) -> tuple[Any, di
                     f"the corpus was indexed with {key} {image[key]}, the model's {key} is "
                     f"{want} (re-index with --config {cfg.name})"
                 )
-    # what the indexer records (ImageSettings) that is also the config's image preprocessing
-    recorded = [f.name for f in dataclasses.fields(ImageSettings)]
+    # what the manifest records (ops.ImageGeometry) that is the config's image preprocessing
+    geometries = [ImageGeometry.from_manifest(image) for image in images]
     changes = {}
-    for name in (n for n in recorded if n in ImageConfig.__dataclass_fields__):
-        values = {image.get(name) for image in images}
-        if len(values) == 1 and None not in values:
-            value = type(getattr(cfg.image, name))(values.pop())
+    for name in ImageConfig.__dataclass_fields__:
+        values = {getattr(g, name) for g in geometries}
+        if len(values) == 1:
+            value = values.pop()
             if value != getattr(cfg.image, name):
                 changes[name] = value
     if not changes:

@@ -23,6 +23,7 @@ sample), 1 an unexpected failure (a worker process died).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -42,13 +43,13 @@ from megatron_navil.data.indexer.plan import make_plan, prepare_output
 from megatron_navil.data.indexer.settings import (
     MAX_EXAMPLES,
     SKIP_REASONS,
-    ImageSettings,
     IndexFatal,
     Settings,
 )
 from megatron_navil.data.indexer.units import run_units, unit_done, unit_marker
 from megatron_navil.data.templates import TEMPLATES
 from megatron_navil.data.tokenizer import TextTokenizer, TokenizerError
+from megatron_navil.ops.geometry import ImageGeometry
 
 
 class UsageError(Exception):
@@ -210,16 +211,12 @@ def _settings(args: argparse.Namespace) -> Settings:
         cfg = resolve_config(args.config)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    im = cfg.image
-    image = ImageSettings(
-        patch=cfg.vision.patch,
-        merge=cfg.connector.merge,
-        min_patches=args.min_patches or im.min_patches,
-        max_patches=args.max_patches or im.max_patches,
-        max_aspect=im.max_aspect,
-        multi_scale=im.multi_scale and not args.no_multi_scale,
-        scale_ratio=im.scale_ratio,
-        config=cfg.name,
+    model = ImageGeometry.of_config(cfg)
+    image = dataclasses.replace(
+        model,
+        min_patches=args.min_patches or model.min_patches,
+        max_patches=args.max_patches or model.max_patches,
+        multi_scale=model.multi_scale and not args.no_multi_scale,
     )
     if image.min_patches > image.max_patches:
         raise UsageError(f"--min-patches {image.min_patches} > --max-patches {image.max_patches}")
@@ -234,6 +231,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         samples_per_shard=args.samples_per_shard,
         shard_size_mb=args.shard_size_mb,
         image=image,
+        model_config=cfg.name,
     )
 
 

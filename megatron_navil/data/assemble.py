@@ -41,10 +41,7 @@ from megatron_navil.data.shards.corpus import ShardDataset
 from megatron_navil.data.shards.format import ShardError
 from megatron_navil.data.shards.samples import ImageEntry, expand_image_blocks
 from megatron_navil.data.tokenizer import fingerprints
-from megatron_navil.ops import patchify_batch, vision_kwargs
-
-NAVIL_MEAN = (0.5, 0.5, 0.5)
-NAVIL_STD = (0.5, 0.5, 0.5)
+from megatron_navil.ops import ImageGeometry, patchify_batch, vision_kwargs
 
 
 def _pixels(img: Image.Image) -> torch.Tensor:
@@ -79,8 +76,9 @@ def load_image_scales(entry: ImageEntry, draft: bool = False) -> list[torch.Tens
 
 def check_compatible(datasets: Sequence[ShardDataset]) -> None:
     """ValueError unless ``datasets`` were indexed with one tokenizer, patch size, merge,
-    image rule and placeholder id (what one model can train on together)."""
+    normalisation, image rule and placeholder id (what one model can train on together)."""
     first = datasets[0].manifest
+    norm = ImageGeometry.from_manifest(first["image"])
     for ds in datasets[1:]:
         m = ds.manifest
         if not fingerprints(first["tokenizer"]) & fingerprints(m["tokenizer"]):
@@ -92,6 +90,8 @@ def check_compatible(datasets: Sequence[ShardDataset]) -> None:
             ("image patch", first["image"]["patch"], m["image"]["patch"]),
             ("image merge", first["image"]["merge"], m["image"]["merge"]),
             ("image rule", first["image"].get("rule"), m["image"].get("rule")),
+            ("image mean", norm.mean, ImageGeometry.from_manifest(m["image"]).mean),
+            ("image std", norm.std, ImageGeometry.from_manifest(m["image"]).std),
             ("placeholder id", first["placeholder_id"], m["placeholder_id"]),
         ):
             if a != b:
@@ -111,7 +111,8 @@ class PackedSequenceBuilder:
         pad_id: token id of the padding segment (default 0; must not be a visual token).
         pad: pad every sequence to ``seq_length`` (False: only the samples' tokens).
         patch_dtype: ``torch.float32`` or ``torch.bfloat16`` patches.
-        mean, std: per-channel normalisation (NaViL: 0.5, 0.5).
+        mean, std: per-channel normalisation (default: the corpora's, which their manifest
+            records from the model's ``ImageConfig``; NaViL's is 0.5, 0.5).
         draft: JPEG draft-mode decoding when downscaling (opt-in: faster for large JPEGs, but
             not the pixels of the released code's full decode; default False).
         pixels: decode and patchify the images (False: ``patches`` is ``[0, 3 * patch *
@@ -130,8 +131,8 @@ class PackedSequenceBuilder:
         pad_id: int = 0,
         pad: bool = True,
         patch_dtype: torch.dtype = torch.float32,
-        mean: Sequence[float] = NAVIL_MEAN,
-        std: Sequence[float] = NAVIL_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         draft: bool = False,
         pixels: bool = True,
         vision_window_size: int | None = None,
@@ -150,10 +151,12 @@ class PackedSequenceBuilder:
         self.loss_weighting = loss_weighting
         self.pad = bool(pad)
         self.patch_dtype = patch_dtype
-        self.mean, self.std = tuple(mean), tuple(std)
+        ds0 = self.datasets[0]
+        geometry = ImageGeometry.from_manifest(ds0.manifest["image"])
+        self.mean = geometry.mean if mean is None else tuple(mean)
+        self.std = geometry.std if std is None else tuple(std)
         self.draft = bool(draft)
         self.pixels = bool(pixels)
-        ds0 = self.datasets[0]
         self.special_ids = ds0.special_ids
         self.placeholder_id = ds0.placeholder_id
         self.merge = int(ds0.manifest["image"]["merge"])

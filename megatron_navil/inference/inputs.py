@@ -13,7 +13,7 @@ Several inputs go into one forward packed as training packs samples (:func:`pack
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,14 +159,16 @@ class MemoryCorpus:
         self,
         samples: Sequence[tuple[Sequence[int], Sequence[bool], Sequence[ImageEntry]]],
         special_ids: dict[str, int],
-        patch: int,
-        merge: int,
+        image: dict[str, Any],
         root: str = "images",
     ):
+        """``image``: a manifest's ``image`` section (``ops.ImageGeometry.to_manifest``), whose
+        patch, merge, mean and std the builder uses."""
         self.root = Path(root)
         self.special_ids = dict(special_ids)
         self.placeholder_id = int(special_ids["<img>"])
-        self.manifest = {"image": {"patch": int(patch), "merge": int(merge)}}
+        self.manifest = {"image": dict(image)}
+        merge = int(image["merge"])
         self._samples = []
         for i, (tokens, mask, images) in enumerate(samples):
             toks = np.asarray(tokens, np.int64)
@@ -221,8 +223,7 @@ def image_inputs(
         except Skip as exc:
             raise CaptionError(f"{path}: {exc.reason} ({exc.detail})") from None
         samples.append((built.ids, built.mask, built.images))
-    image = settings["image"]
-    corpus = MemoryCorpus(samples, tokenizer.special_ids, image["patch"], image["merge"])
+    corpus = MemoryCorpus(samples, tokenizer.special_ids, settings["image"])
     loader = loader_builder(corpus)
     return [
         caption_input(loader, i, tokenizer, source=str(p), with_reference=False)
@@ -240,20 +241,15 @@ def indexer_settings(
     --config`` sets them; template and system message default to ``cfg.prompt``'s."""
     template = cfg.prompt.template if template is None else template
     system = cfg.prompt.system_message if system is None else system
-    from megatron_navil.data.indexer.settings import ImageSettings, Settings
+    from megatron_navil.data.indexer.settings import Settings
+    from megatron_navil.ops.geometry import ImageGeometry
 
-    im = cfg.image
-    image = ImageSettings(
-        patch=cfg.vision.patch,
-        merge=cfg.connector.merge,
-        min_patches=im.min_patches,
-        max_patches=im.max_patches,
-        max_aspect=im.max_aspect,
-        multi_scale=im.multi_scale,
-        scale_ratio=im.scale_ratio,
-        config=cfg.name,
-    )
-    return asdict(Settings(template=template, system=system, max_tokens=max_tokens, image=image))
+    image = ImageGeometry.of_config(cfg)
+    settings = Settings(
+        template=template, system=system, max_tokens=max_tokens, image=image,
+        model_config=cfg.name,
+    )  # fmt: skip
+    return settings.to_plan()
 
 
 def pack_inputs(

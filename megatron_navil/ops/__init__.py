@@ -3,6 +3,7 @@
 Imports only ``config/`` and the compiled extension (see DESIGN.md, "Import rules").
 """
 
+from megatron_navil.ops.geometry import ImageGeometry
 from megatron_navil.ops.grid import (
     merged_grid,
     merged_grid_reference,
@@ -35,6 +36,7 @@ from megatron_navil.ops.vmp import (
 )
 
 __all__ = [
+    "ImageGeometry",
     "PackPlan",
     "image_token_layout",
     "image_token_layout_reference",

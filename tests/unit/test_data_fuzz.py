@@ -25,7 +25,6 @@ from megatron_navil.data.indexer.plan import make_plan, prepare_output
 from megatron_navil.data.indexer.samples import SampleBuilder
 from megatron_navil.data.indexer.settings import (
     SKIP_REASONS,
-    ImageSettings,
     IndexFatal,
     Settings,
     Skip,
@@ -35,6 +34,7 @@ from megatron_navil.data.shards.corpus import ShardDataset
 from megatron_navil.data.shards.format import ShardError
 from megatron_navil.data.shards.samples import expand_image_blocks
 from megatron_navil.data.tokenizer import TextTokenizer
+from megatron_navil.ops.geometry import ImageGeometry
 from megatron_navil.testing.synthetic_corpus import write_corpus
 
 
@@ -67,7 +67,7 @@ def env(tmp_path_factory):
         images.append(buf.getvalue())
     out = root / "corpus"
     specs = datasets_from_inputs([str(root / "syn" / "train.jsonl")], None)
-    plan = make_plan(specs, Settings(samples_per_shard=3, image=_tiny()), tok)
+    plan = make_plan(specs, Settings(samples_per_shard=3, image=_tiny(), model_config="tiny"), tok)
     prepare_output(out, plan)
     save_tokenizer_copy(out, tok)
     run_units(out, plan, str(tok.path), list(range(len(plan["units"]))), 1, False, _noop)
@@ -83,8 +83,8 @@ def env(tmp_path_factory):
     }
 
 
-def _tiny() -> ImageSettings:
-    return ImageSettings(min_patches=4, max_patches=64, config="tiny")
+def _tiny() -> ImageGeometry:
+    return ImageGeometry(min_patches=4, max_patches=64)
 
 
 def _noop(*_):
@@ -126,7 +126,8 @@ def test_fuzz_jsonl_lines(env, which, ops):
         d = Path(d)
         (d / "in.jsonl").write_bytes(line + b"\n")
         specs = [DatasetSpec("in", "jsonl", (str(d / "in.jsonl"),), str(env["root"] / "syn"))]
-        plan = make_plan(specs, Settings(image=_tiny(), max_tokens=4096), env["tok"])
+        settings = Settings(image=_tiny(), max_tokens=4096, model_config="tiny")
+        plan = make_plan(specs, settings, env["tok"])
         out = d / "out"
         prepare_output(out, plan)
         markers = [

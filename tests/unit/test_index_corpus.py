@@ -580,13 +580,12 @@ def test_inference_prompt_with_empty_answer_still_builds(syn, tmp_path):
 
 
 def _settings_dict() -> dict:
-    from dataclasses import asdict
-
-    from megatron_navil.data.indexer.settings import ImageSettings, Settings
+    from megatron_navil.data.indexer.settings import Settings
+    from megatron_navil.ops.geometry import ImageGeometry
 
     b = get_config("tiny").image
-    return asdict(Settings(image=ImageSettings(min_patches=b.min_patches,
-                                               max_patches=b.max_patches)))  # fmt: skip
+    image = ImageGeometry(min_patches=b.min_patches, max_patches=b.max_patches)
+    return Settings(image=image).to_plan()
 
 
 def test_all_records_bad_fails_at_indexing(syn, tmp_path, capsys):

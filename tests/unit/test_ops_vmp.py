@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_navil.config.model import ImageConfig
+from megatron_navil.config.registry import get_config
 from megatron_navil.config.tokens import SPECIAL_TOKENS
 from megatron_navil.ops import merged_grid, smart_resize
 from megatron_navil.ops import vmp as vmp_mod
@@ -198,12 +199,13 @@ def test_rejected_sizes():
 
 
 def test_config_defaults_agree():
-    from megatron_navil.data.indexer.settings import ImageSettings
     from megatron_navil.hf import processing_navil
+    from megatron_navil.ops.geometry import ImageGeometry
 
     assert NAVIL_SCALE_RATIO == 0.7071  # the released configs' value, not sqrt(2) / 2
     assert ImageConfig().scale_ratio == NAVIL_SCALE_RATIO
-    assert ImageSettings().scale_ratio == NAVIL_SCALE_RATIO
+    assert ImageGeometry().scale_ratio == NAVIL_SCALE_RATIO
+    assert ImageGeometry.of_config(get_config("navil-2b")) == ImageGeometry()
     assert processing_navil.NaViLImageProcessor().scale_ratio == NAVIL_SCALE_RATIO
     assert scales_for_image(4000, 3000)[-1] == smart_resize(4000, 3000) == (2896, 2172)
 

@@ -146,8 +146,8 @@ def test_eval_data_is_checked_before_any_process_group(tmp_path, capsys):
         (["--eval-data", str(other)], f"--eval-data {other}: corpora {shards} and {other} were "
          "indexed with different tokenizers"),
         (["--eval-data", str(tmp_path / "none")], "--eval-data: "),
-        (["--eval-data", str(shards), "--eval-iters", "0"], "argument --eval-iters: must be >= 1"),
-        (["--eval-data", str(shards), "--eval-interval", "-1"], "argument --eval-interval: must be >= 0"),
+        (["--eval-data", str(shards), "--eval-iters", "0"], "--eval-iters: must be >= 1"),
+        (["--eval-data", str(shards), "--eval-interval", "-1"], "--eval-interval: must be >= 0"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as exit_:
             main(base + extra)

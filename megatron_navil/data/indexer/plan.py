@@ -52,7 +52,7 @@ def make_plan(specs: list[DatasetSpec], settings: Settings, tok: TextTokenizer) 
     plan = {
         "format": "megatron_navil.plan",
         "schema_version": SCHEMA_VERSION,
-        "settings": asdict(settings),
+        "settings": settings.to_plan(),
         "tokenizer": tok.describe(),
         "datasets": datasets,
         "units": units,

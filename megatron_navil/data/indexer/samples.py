@@ -16,7 +16,7 @@ from megatron_navil.data.indexer.settings import Skip
 from megatron_navil.data.shards.samples import ImageEntry, image_cost
 from megatron_navil.data.templates import IMAGE_MARK, ROLES, Renderer, SampleRejected
 from megatron_navil.data.tokenizer import TextTokenizer
-from megatron_navil.ops import merged_grid, scales_for_image, smart_resize
+from megatron_navil.ops.geometry import ImageGeometry
 
 
 @dataclass
@@ -41,29 +41,24 @@ class SampleBuilder:
         s = plan["settings"]
         self.settings = s
         self.img = s["image"]
+        self.geometry = ImageGeometry.from_manifest(s["image"])
         self.renderer = Renderer(tok, s["template"], s["system"])
         self.tok = tok
 
     @lru_cache(maxsize=4096)  # noqa: B019 (one builder per process, bounded)
     def _geometry(self, h: int, w: int) -> tuple[tuple, tuple]:
-        g = self.img
-        args = (g["patch"], g["merge"], g["min_patches"], g["max_patches"], g["max_aspect"])
+        g = self.geometry
         size = f"{w} x {h} (W x H)"
         long, short = max(h, w), min(h, w)
-        if float(long) > float(g["max_aspect"]) * float(short):  # the ops' own test, exactly
-            raise Skip(
-                "bad_aspect", f"{size}: aspect ratio {long / short:.1f} > {g['max_aspect']:g}"
-            )
+        if float(long) > float(g.max_aspect) * float(short):  # the ops' own test, exactly
+            raise Skip("bad_aspect", f"{size}: aspect ratio {long / short:.1f} > {g.max_aspect:g}")
         try:
-            if g["multi_scale"]:
-                scales = scales_for_image(h, w, *args, g["scale_ratio"])
-            else:
-                scales = [smart_resize(h, w, *args)]
+            scales = g.scales(h, w)
         except ValueError as exc:  # e.g. a thin image whose upsampling passes the side limit
             msg = re.sub(r"\b(smart_resize|scales_for_image): ", "", str(exc))
             msg = re.sub(r"(?:image )?\d+x\d+ ?", "", msg).strip()
             raise Skip("bad_aspect", f"{size}: {msg}") from None
-        grids = tuple(tuple(merged_grid(a, b, g["patch"], g["merge"])) for a, b in scales)
+        grids = tuple(g.grid(a, b) for a, b in scales)
         return tuple(tuple(x) for x in scales), grids
 
     def image(self, raw: bytes, name: str = "") -> ImageEntry:

@@ -5,10 +5,12 @@ its two outcomes besides a sample: a counted :class:`Skip` of one record (one of
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from megatron_navil.config.model import DEFAULT_SYSTEM_MESSAGE
 from megatron_navil.data.shards.corpus import IMAGE_RULE
+from megatron_navil.ops.geometry import ImageGeometry
 
 MAX_EXAMPLES = 5  # examples kept per skip reason (unit markers, manifest, report)
 SKIP_REASONS = (
@@ -41,21 +43,6 @@ class Skip(Exception):
 
 
 @dataclass(frozen=True)
-class ImageSettings:
-    patch: int = 16
-    merge: int = 2
-    min_patches: int = 256
-    max_patches: int = 24576
-    max_aspect: float = 200.0
-    multi_scale: bool = True
-    scale_ratio: float = 0.7071  # the released configs' scale_downsample_ratio
-    config: str = "custom"
-    # the geometry the stored scales follow: data.shards.corpus.IMAGE_RULE, the released NaViL
-    # code's resize and multi-scale chain (ShardDataset refuses a manifest without it or another)
-    rule: str = IMAGE_RULE
-
-
-@dataclass(frozen=True)
 class Settings:
     """Everything that determines the output bytes (saved in plan.json)."""
 
@@ -66,4 +53,16 @@ class Settings:
     max_tokens: int = 16384
     samples_per_shard: int = 20000
     shard_size_mb: float = 1024.0
-    image: ImageSettings = field(default_factory=ImageSettings)
+    # how images become patches: the model's ImageConfig, patch and merge (ops.ImageGeometry)
+    image: ImageGeometry = field(default_factory=ImageGeometry)
+    model_config: str = "custom"  # the model config the geometry came from (manifest: image.config)
+
+    def to_plan(self) -> dict[str, Any]:
+        """The JSON form in ``plan.json`` and the manifest's ``settings``: the fields, with the
+        image section being the geometry plus ``config`` (the model config's name) and
+        ``rule`` (``data.shards.corpus.IMAGE_RULE``: the released NaViL code's resize and
+        multi-scale chain; ``ShardDataset`` refuses a manifest without it or another)."""
+        out = asdict(self)
+        del out["model_config"]
+        out["image"] = {**self.image.to_manifest(), "config": self.model_config, "rule": IMAGE_RULE}
+        return out

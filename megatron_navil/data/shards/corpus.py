@@ -38,13 +38,13 @@ from megatron_navil.data.tokenizer import SENTENCEPIECE_RULE
 
 IMAGE_RULE = "navil-release"
 """The image geometry a corpus's stored scale sizes follow, recorded as the manifest's
-``image["rule"]`` (the indexer's ``ImageSettings.rule``). ``"navil-release"`` names the released
-NaViL code's rules (../shared/NAVIL.md, "The released code's exact behaviour", 2 and 3):
-``ops.smart_resize`` = Qwen2-VL's smart_resize with factor 1 on raw pixels, and
-``ops.scales_for_image`` = the demo's multi-scale chain with its float32 budget. Manifests
-without it were indexed with the earlier rule (no resize while the padded patch count is in
-bounds, a sqrt(2)/2 area-halving chain) and are refused. A change to either op that alters a
-stored size needs a new name here."""
+``image["rule"]`` (written by the indexer: ``data.indexer.settings.Settings.to_plan``).
+``"navil-release"`` names the released NaViL code's rules (../shared/NAVIL.md, "The released
+code's exact behaviour", 2 and 3): ``ops.smart_resize`` = Qwen2-VL's smart_resize with factor 1
+on raw pixels, and ``ops.scales_for_image`` = the demo's multi-scale chain with its float32
+budget. Manifests without it were indexed with the earlier rule (no resize while the padded
+patch count is in bounds, a sqrt(2)/2 area-halving chain) and are refused. A change to either
+op that alters a stored size needs a new name here."""
 MANIFEST_NAME = "manifest.json"
 
 
