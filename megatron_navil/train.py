@@ -175,6 +175,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dry-run", action="store_true", help="print the resolved setup (layout, counts) and exit"
     )
+    g = p.add_argument_group("background saves, profiling, garbage collection")
+    g.add_argument(
+        "--async-save", action="store_true",
+        help="write checkpoints in the background (megatron-core's asynchronous "
+        "dist-checkpoint save in a forked process): training goes on while a save is "
+        "written; it becomes complete (iter_N, the marker) only once every rank's write is "
+        "done, and the run waits for it before exiting (end, --exit-after, SIGTERM)",
+    )  # fmt: skip
+    g.add_argument(
+        "--profile-steps", default=None, metavar="A:B",
+        help="torch.profiler trace of steps A to B (1-based, inclusive), one Chrome / "
+        "TensorBoard trace per rank in <--log-dir>/profile/, with named ranges (data, vision, "
+        "forward-compute, backward-compute, optimizer, checkpoint, evaluate, ...)",
+    )  # fmt: skip
+    g.add_argument(
+        "--nvtx", action="store_true",
+        help="emit the named ranges and every op as NVTX ranges for Nsight Systems "
+        "(torch.autograd.profiler.emit_nvtx) over --profile-steps, with "
+        "cudaProfilerStart/Stop around them (nsys --capture-range=cudaProfilerApi), or over "
+        "the whole run; replaces the torch.profiler trace; needs a GPU (an error on CPU)",
+    )  # fmt: skip
+    g.add_argument(
+        "--manual-gc-interval", type=int, default=0, metavar="N",
+        help="Python's automatic garbage collection off during training, gc.collect() every "
+        "N steps and before evaluations and checkpoint saves, so every rank pauses at the same "
+        "step (Megatron-LM's --manual-gc); 0 (default): automatic GC",
+    )  # fmt: skip
     return p  # fmt: skip
 
 
@@ -444,6 +471,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--init {args.init}: no complete checkpoint (iter_NNNNNNN) there")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         parser.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    from megatron_navil.training.profiling import check_profile_args
+
+    try:
+        check_profile_args(args.profile_steps, args.nvtx, args.log_dir, torch.cuda.is_available())
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.manual_gc_interval < 0:
+        parser.error(f"--manual-gc-interval must be >= 0, got {args.manual_gc_interval}")
     # Library notices that are not the user's to act on, printed by every rank (each step for
     # some): megatron-core's apex/TE fallbacks and torch's deprecations inside megatron-core.
     warnings.filterwarnings("ignore", module="megatron")
@@ -463,6 +498,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     from megatron_navil.parallel import initialize
     from megatron_navil.training.loop import LoopConfig, train
     from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
+    from megatron_navil.training.profiling import parse_profile_steps
     from megatron_navil.training.recipes import apply_freezing
 
     try:
@@ -561,6 +597,8 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
         extra_state={"config": cfg.name, "stage": recipe.name}, model_config=cfg,
         flops_per_step=step_model_flops if peak else None, peak_flops=peak,
         eval_sets=eval_sets, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+        async_save=args.async_save, manual_gc_interval=args.manual_gc_interval,
+        profile_steps=parse_profile_steps(args.profile_steps), nvtx=args.nvtx,
     )  # fmt: skip
     try:
         results = train(chunks, mcore_config, groups, optimizer, scheduler, source, loop)
