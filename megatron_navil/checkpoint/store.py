@@ -4,6 +4,9 @@ atomically, last K kept (the save directory's layout: ``checkpoint.directory``).
 A save goes to ``iter_N.tmp`` and is renamed to ``iter_N`` by rank 0 after every rank has
 written (rename is atomic on POSIX file systems), so a crash at any point leaves either the
 previous complete checkpoint or the new one, never a half-written directory that looks done.
+With ``async_saves`` (``--async-save``, ``checkpoint.async_save``) the shards are written by a
+forked process while training goes on, and ``train_state.json``, the rename and the marker
+follow only when every rank's writer has finished.
 Model and optimizer are saved in megatron-core's ``fully_reshardable`` form, so a checkpoint
 loads at another TP/PP/EP/DP layout (megatron-core limitation: a MoE optimizer saved at EP > 1
 does not load at EP = 1). :func:`load_weights` loads the model alone: how a stage starts from
