@@ -265,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if latest(ck.init) is None:
             parser.error(f"--init {ck.init}: no complete checkpoint (iter_NNNNNNN) there")
+    from megatron_navil.training.profiling import check_profile_args
+
+    rt = tc.runtime
+    try:
+        check_profile_args(rt.profile_steps, rt.nvtx, tc.log.log_dir, torch.cuda.is_available())
+    except ValueError as exc:
+        parser.error(str(exc))
     # Library notices that are not the user's to act on, printed by every rank (each step for
     # some): megatron-core's apex/TE fallbacks and torch's deprecations inside megatron-core.
     warnings.filterwarnings("ignore", module="megatron")
@@ -286,6 +293,7 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
     from megatron_navil.parallel import initialize
     from megatron_navil.training.loop import LoopConfig, train
     from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
+    from megatron_navil.training.profiling import parse_profile_steps
     from megatron_navil.training.recipes import apply_freezing
 
     lay, data, optim, ck, log = tc.layout, tc.data, tc.optim, tc.checkpoint, tc.log
@@ -381,6 +389,8 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
         extra_state={"config": cfg.name, "stage": recipe.name}, model_config=cfg,
         flops_per_step=step_model_flops if peak else None, peak_flops=peak,
         eval_sets=eval_sets, eval_interval=tc.eval.eval_interval, eval_iters=tc.eval.eval_iters,
+        async_save=ck.async_save, manual_gc_interval=tc.runtime.manual_gc_interval,
+        profile_steps=parse_profile_steps(tc.runtime.profile_steps), nvtx=tc.runtime.nvtx,
     )  # fmt: skip
     try:
         results = train(chunks, mcore_config, groups, optimizer, scheduler, source, loop)

@@ -1,7 +1,8 @@
 """Checkpoints, in one place: what a save directory holds and which of its checkpoints are
 complete (``directory``, standard library only), what a user's ``--config`` names (``config``:
 a registered name, a ``navil_config.json`` or a checkpoint carrying one; no torch either),
-saving and loading through megatron-core dist-checkpointing (``store``), and a model loaded for
+saving and loading through megatron-core dist-checkpointing (``store``; in the background:
+``async_save``), and a model loaded for
 inference with the special ids it needs (``model``); their errors (``errors``).
 
 Imports only ``config/`` and, in ``store`` and ``model``, ``models/`` and ``parallel/``;

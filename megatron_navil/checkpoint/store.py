@@ -4,6 +4,9 @@ atomically, last K kept (the save directory's layout: ``checkpoint.directory``).
 A save goes to ``iter_N.tmp`` and is renamed to ``iter_N`` by rank 0 after every rank has
 written (rename is atomic on POSIX file systems), so a crash at any point leaves either the
 previous complete checkpoint or the new one, never a half-written directory that looks done.
+With ``async_saves`` (``--async-save``, ``checkpoint.async_save``) the shards are written by a
+forked process while training goes on, and ``train_state.json``, the rename and the marker
+follow only when every rank's writer has finished.
 Model and optimizer are saved in megatron-core's ``fully_reshardable`` form, so a checkpoint
 loads at another TP/PP/EP/DP layout (megatron-core limitation: a MoE optimizer saved at EP > 1
 does not load at EP = 1). :func:`load_weights` loads the model alone: how a stage starts from
@@ -12,6 +15,7 @@ the previous stage's result.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_navil.checkpoint.async_save import AsyncSaves
 from megatron_navil.checkpoint.directory import (
     MARKER,
     TRAIN_STATE,
@@ -195,13 +200,22 @@ def save(
     train_state: dict[str, Any],
     keep_last: int | None = None,
     model_config: Any = None,
+    async_saves: AsyncSaves | None = None,
 ) -> Path:
     """Save model, optimizer, RNG and ``train_state`` (JSON: scheduler, sampler, ...) as
     ``iter_<iteration>``; keep the newest ``keep_last`` complete checkpoints. ``model_config``
     (a NaViLConfig or its dict) goes in as ``navil_config.json``, so that tools can name the
-    checkpoint instead of a config (``checkpoint.config.resolve_config``). Collective."""
+    checkpoint instead of a config (``checkpoint.config.resolve_config``). Collective.
+
+    ``async_saves``: write the model and optimizer shards in the background
+    (``checkpoint.async_save``) and return once they are scheduled; the RNG states and
+    ``train_state`` are those of this call, and the checkpoint becomes complete (renamed,
+    marker written, old ones pruned) when ``async_saves`` finalizes it after every rank's
+    writer is done. A pending save is finalized first."""
     from megatron.core import dist_checkpointing
 
+    if async_saves is not None:
+        async_saves.wait()  # its completion prunes .tmp directories: before ours exists
     rank = torch.distributed.get_rank()
     root = Path(directory)
     final = iteration_dir(root, iteration)
@@ -212,14 +226,41 @@ def save(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)  # empty: megatron-core warns about non-empty directories
     torch.distributed.barrier()
-    dist_checkpointing.save(sharded_state(chunks, optimizer, is_loading=False), str(tmp))
+    # Serialised now: the state of this call, whenever the checkpoint is completed.
+    payload = json.dumps({"iteration": iteration, **train_state}, indent=2, sort_keys=True)
+    complete = functools.partial(_complete, root, iteration, payload, model_config, keep_last)
+    state = sharded_state(chunks, optimizer, is_loading=False)
+    if async_saves is not None:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        _write_rng(tmp, rank)
+        request.add_finalize_fn(complete)
+        async_saves.schedule(request, iteration)
+        return final
+    dist_checkpointing.save(state, str(tmp))
     if delay := float(os.environ.get(SAVE_DELAY_ENV, "0") or 0):
         time.sleep(delay)  # fault injection: a kill now lands in a half-written checkpoint
+    _write_rng(tmp, rank)
+    complete()
+    return final
+
+
+def _write_rng(tmp: Path, rank: int) -> None:
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+
+
+def _complete(
+    root: Path, iteration: int, payload: str, model_config: Any, keep_last: int | None
+) -> None:
+    """Make ``iter_<iteration>.tmp``, whose shards and RNG states every rank has written,
+    the complete ``iter_<iteration>``: ``train_state.json`` (what marks it complete) and the
+    config, the atomic rename, the marker, then pruning to ``keep_last`` and removing crashed
+    saves' ``.tmp`` directories (no other save is in flight). Collective."""
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = torch.distributed.get_rank()
     if rank == 0:
-        payload = {"iteration": iteration, **train_state}
-        (tmp / TRAIN_STATE).write_text(json.dumps(payload, indent=2, sort_keys=True))
+        (tmp / TRAIN_STATE).write_text(payload)
         if model_config is not None:
             write_config(tmp, model_config)
     torch.distributed.barrier()  # every rank has written its part
@@ -236,7 +277,6 @@ def save(
         for stale in root.glob("iter_*.tmp"):  # crashed saves of other iterations
             shutil.rmtree(stale, ignore_errors=True)
     torch.distributed.barrier()
-    return final
 
 
 def load_weights(path: str | Path, chunks: list[Any]) -> None:

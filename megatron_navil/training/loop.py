@@ -24,9 +24,12 @@ from typing import Any, Protocol
 import torch
 
 from megatron_navil.checkpoint import directory, store
+from megatron_navil.checkpoint.async_save import AsyncSaves
 from megatron_navil.parallel.groups import ParallelGroups
 from megatron_navil.training.evaluate import evaluate
+from megatron_navil.training.manual_gc import ManualGC
 from megatron_navil.training.microbatch import MicroBatch
+from megatron_navil.training.profiling import StepProfiler
 from megatron_navil.training.step import StepResult, train_step
 
 
@@ -67,6 +70,10 @@ class LoopConfig:
     eval_sets: list[Any] = field(default_factory=list)  # training.evaluate.EvalSet, held out
     eval_interval: int = 0  # evaluate every N steps (0: only after the last step)
     eval_iters: int = 1  # global batches of each held-out set per evaluation
+    async_save: bool = False  # write checkpoints in the background (checkpoint.async_save)
+    manual_gc_interval: int = 0  # Python GC only every N steps (training.manual_gc); 0: auto
+    profile_steps: tuple[int, int] | None = None  # profile steps A..B (training.profiling)
+    nvtx: bool = False  # NVTX ranges for Nsight instead of a torch.profiler trace
 
     def eval_due(self, step: int) -> bool:
         """Whether ``step`` ends with a held-out evaluation: every ``eval_interval`` steps and
@@ -289,37 +296,64 @@ def train(
         }
         store.save(
             cfg.save_dir, iteration, chunks, optimizer, train_state, cfg.keep_last,
-            model_config=cfg.model_config,
+            model_config=cfg.model_config, async_saves=saves,
         )  # fmt: skip
 
+    saves = AsyncSaves() if cfg.async_save and cfg.save_dir is not None else None
+    profile_dir = Path(cfg.log_dir) / "profile" if cfg.log_dir else None
+    profiler = StepProfiler(chunks, optimizer, cfg.profile_steps, profile_dir, cfg.nvtx)
+    manual_gc = ManualGC(cfg.manual_gc_interval)
     stop = StopSignal()
     stop.install()
+    finished = False
     try:
         last = cfg.steps if cfg.exit_after is None else min(cfg.steps, start + cfg.exit_after)
-        for step in range(start + 1, last + 1):
-            began = time.perf_counter()
-            micro = source.next_step()
-            result = train_step(
-                chunks, mcore_config, groups, optimizer, scheduler, micro, cfg.seq_length,
-                cfg.nan_policy, step,
-            )  # fmt: skip
-            results.append(result)
-            logger.log(step, result, time.perf_counter() - began, world)
-            if cfg.eval_due(step):
-                logger.log_eval(step, evaluate(chunks, mcore_config, groups, cfg.eval_sets,
-                                               cfg.eval_iters, cfg.seq_length))  # fmt: skip
-            if (signum := stop.agreed()) is not None and step != last:
-                last = step  # the save below writes this step's checkpoint
-                if torch.distributed.get_rank() == 0:
-                    saved = f"checkpoint in {cfg.save_dir}" if cfg.save_dir else "no --save"
-                    print(f"{signal.Signals(signum).name}: stopping after step {step} "
-                          f"({saved})", flush=True)  # fmt: skip
-                break
-            if cfg.save_interval and step % cfg.save_interval == 0 and step != last:
-                save(step)
-        if last > start:
-            save(last)
+        with manual_gc:
+            for step in range(start + 1, last + 1):
+                with profiler.step(step):
+                    began = time.perf_counter()
+                    with profiler.range("data"):
+                        micro = source.next_step()
+                    result = train_step(
+                        chunks, mcore_config, groups, optimizer, scheduler, micro,
+                        cfg.seq_length, cfg.nan_policy, step,
+                    )  # fmt: skip
+                    results.append(result)
+                    logger.log(step, result, time.perf_counter() - began, world)
+                    if saves is not None:
+                        with profiler.range("checkpoint"):
+                            saves.finalize(blocking=False)  # complete a finished save
+                    if cfg.eval_due(step):
+                        manual_gc.collect()
+                        with profiler.range("evaluate"):
+                            logger.log_eval(step, evaluate(
+                                chunks, mcore_config, groups, cfg.eval_sets, cfg.eval_iters,
+                                cfg.seq_length,
+                            ))  # fmt: skip
+                    if (signum := stop.agreed()) is not None and step != last:
+                        last = step  # the save below writes this step's checkpoint
+                        if torch.distributed.get_rank() == 0:
+                            saved = f"checkpoint in {cfg.save_dir}" if cfg.save_dir else "no --save"
+                            print(f"{signal.Signals(signum).name}: stopping after step {step} "
+                                  f"({saved})", flush=True)  # fmt: skip
+                        break
+                    if cfg.save_interval and step % cfg.save_interval == 0 and step != last:
+                        manual_gc.collect()
+                        with profiler.range("checkpoint"):
+                            save(step)
+                    manual_gc.after_step(step)
+            profiler.stop()  # a window past the run's last step: what was profiled
+            if last > start:
+                manual_gc.collect()
+                save(last)
+            if saves is not None:
+                saves.wait()  # the end, --exit-after or a signal: every checkpoint complete
+        finished = True
     finally:
+        if saves is not None and not finished:
+            saves.close(abort=True)  # an error, maybe on this rank only: no collective
+        if not finished:
+            profiler.stop()
         stop.restore()
         logger.close()
     return results

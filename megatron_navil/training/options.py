@@ -171,6 +171,13 @@ class CheckpointOptions:
         "iteration start afresh; ignored when --load finds a checkpoint to resume; only "
         "checkpoints you trust (see --load)",
     )
+    async_save: bool = option(
+        False,
+        "write checkpoints in the background (megatron-core's asynchronous dist-checkpoint "
+        "save in a forked process): training goes on while a save is written; it becomes "
+        "complete (iter_N, the marker) only once every rank's write is done, and the run waits "
+        "for it before exiting (end, --exit-after, SIGTERM)",
+    )
 
 
 @dataclass
@@ -186,6 +193,34 @@ class LogOptions:
     )
     no_progress: bool = option(False, "no progress bar")
     dry_run: bool = option(False, "print the resolved setup (layout, counts) and exit")
+
+
+@dataclass
+class RuntimeOptions:
+    """Profiling and garbage collection."""
+
+    profile_steps: str | None = option(
+        None,
+        "torch.profiler trace of steps A to B (1-based, inclusive), one Chrome / TensorBoard "
+        "trace per rank in <--log-dir>/profile/, with named ranges (data, vision, "
+        "forward-compute, backward-compute, optimizer, checkpoint, evaluate, ...)",
+        metavar="A:B",
+    )
+    nvtx: bool = option(
+        False,
+        "emit the named ranges and every op as NVTX ranges for Nsight Systems "
+        "(torch.autograd.profiler.emit_nvtx) over --profile-steps, with "
+        "cudaProfilerStart/Stop around them (nsys --capture-range=cudaProfilerApi), or over "
+        "the whole run; replaces the torch.profiler trace; needs a GPU (an error on CPU)",
+    )
+    manual_gc_interval: int = option(
+        0,
+        "Python's automatic garbage collection off during training, gc.collect() every N "
+        "steps and before evaluations and checkpoint saves, so every rank pauses at the same "
+        "step (Megatron-LM's --manual-gc); 0 (default): automatic GC",
+        metavar="N",
+        min=0,
+    )
 
 
 def _title(text: str) -> dict[str, str]:
@@ -206,6 +241,9 @@ class TrainConfig:
         default_factory=CheckpointOptions, metadata=_title("checkpoints")
     )
     log: LogOptions = field(default_factory=LogOptions, metadata=_title("logs"))
+    runtime: RuntimeOptions = field(
+        default_factory=RuntimeOptions, metadata=_title("profiling and garbage collection")
+    )
 
     def to_argv(self, always: Collection[str] = ()) -> list[str]:
         """The command line that parses back into this config: every field that differs

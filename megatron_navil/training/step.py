@@ -129,7 +129,8 @@ def train_step(
             raise TrainingDivergedError(f"step {step}: loss is {value}; stopping (nan_policy)")
         optimizer.zero_grad()
         return StepResult(grad_norm=None, skipped=True, **base)
-    ok, grad_norm, _ = optimizer.step()
+    with torch.profiler.record_function("optimizer"):  # a named range for profiles
+        ok, grad_norm, _ = optimizer.step()
     if not ok:  # megatron-core's own skip (fp16 loss-scale overflow)
         return StepResult(grad_norm=None, skipped=True, **base)
     norm = float(grad_norm) if grad_norm is not None else None

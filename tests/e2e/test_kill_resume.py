@@ -1,7 +1,8 @@
 """kill -9 of a training job (torchrun + 2 ranks of ``python -m megatron_navil.train``, the tiny
 model, shards made here), then ``--load``: the continued loss curve equals an uninterrupted
-run's step for step, bit-exactly (fp32 on CPU), whether the kill lands between checkpoints or
-inside a save; a half-written checkpoint (``iter_N.tmp``) is never the one loaded. The
+run's step for step, bit-exactly (fp32 on CPU), whether the kill lands between checkpoints,
+inside a save or while an asynchronous save (``--async-save``) is being written; a half-written
+checkpoint (``iter_N.tmp``) is never the one loaded. The
 uninterrupted run also checks the MFU wiring: its logged model FLOPs are those of the real
 samples and image segments of the step's batches, and its MFU is FLOPs / (seconds x ranks x
 peak)."""
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_navil.checkpoint.async_save import WRITE_DELAY_ENV
 from megatron_navil.checkpoint.directory import complete_iterations, latest
 from megatron_navil.checkpoint.store import SAVE_DELAY_ENV
 from megatron_navil.testing import synthetic_corpus as S
@@ -180,6 +182,59 @@ def test_kill_inside_a_checkpoint_save_then_resume(reference, shards, tmp_path):
     assert again == {s: reference["losses"][s] for s in again}  # bit-exact
     assert not half.exists()  # the resumed run's own save of iteration 4 replaced it
     assert complete_iterations(tmp_path / "ckpt") == [2, 4, 6]  # --keep-last 3
+
+
+def _tensors(checkpoint: Path, out: Path) -> dict:
+    """Every tensor of a torch_dist checkpoint, read back in this process (no ranks)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint, out)
+    return torch.load(out, weights_only=False)
+
+
+def test_kill_during_an_async_save_then_resume(reference, shards, tmp_path):
+    """--async-save; the forked writer of iteration 4 lingers 600 s after writing its shards
+    (test hook), so steps 5 and 6 run while that save is pending and the kill lands before
+    it is finalized. The resume (also asynchronous, and also profiling step 3 and collecting
+    garbage every 2 steps: the CLI wiring of those options) continues from iteration 2
+    bit-exactly, and its final checkpoint holds bit-identical tensors to the synchronous
+    reference's."""
+    import torch
+
+    proc = _start(shards, tmp_path, "log1", "--async-save", env={WRITE_DELAY_ENV: "600@4"})
+    progress, ckpt = tmp_path / "log1" / "progress.txt", tmp_path / "ckpt"
+    half = ckpt / "iter_0000004.tmp"
+    _wait_for(
+        lambda: progress.is_file() and len(progress.read_text().splitlines()) >= 5
+        and len(list(half.glob("*.distcp"))) >= 2,
+        proc, "step 5 with the iteration-4 shards written",
+    )  # fmt: skip
+    _kill_tree(proc.pid)
+    proc.wait(timeout=30)
+    killed = _losses(progress)
+    assert max(killed) >= 5  # training went on while iteration 4 was being written
+    assert all(killed[s] == reference["losses"][s] for s in killed)  # async changes no number
+    assert half.is_dir() and not (half / "train_state.json").exists()
+    assert complete_iterations(ckpt) == [2]  # the finished background save of iteration 2
+    assert latest(ckpt).name == "iter_0000002"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
+
+    extra = ("--async-save", "--profile-steps", "3:3", "--manual-gc-interval", "2")
+    _finish(_start(shards, tmp_path, "log2", "--load", str(ckpt), *extra), tmp_path, "log2")
+    again = _losses(tmp_path / "log2" / "progress.txt")
+    assert sorted(again) == list(range(3, STEPS + 1))
+    assert again == {s: reference["losses"][s] for s in again}  # bit-exact
+    assert not half.exists()
+    assert complete_iterations(ckpt) == [2, 4, 6]  # --keep-last 3
+    traces = sorted(p.name for p in (tmp_path / "log2" / "profile").iterdir())
+    assert traces == ["rank0.steps3-3.pt.trace.json", "rank1.steps3-3.pt.trace.json"]
+    want = _tensors(reference["run"] / "ckpt" / "iter_0000006", tmp_path / "sync.pt")
+    got = _tensors(ckpt / "iter_0000006", tmp_path / "async.pt")
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(got[key], value), key
 
 
 def test_resume_at_another_layout_and_init_from_a_checkpoint(reference, shards, tmp_path):

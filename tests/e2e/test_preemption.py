@@ -137,3 +137,38 @@ def test_sigterm_to_torchrun_checkpoints(shards, tmp_path):
     assert stopped_at < STEPS, log[-3000:]
     assert f"SIGTERM: stopping after step {stopped_at}" in log, log[-3000:]
     assert (out / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == str(stopped_at)
+
+
+@pytest.mark.distributed
+def test_sigterm_with_async_saves_completes_them(shards, tmp_path):
+    """--async-save, a save every step, each forked writer lingering 2 s (test hook): the
+    SIGTERM stop waits for the pending background saves and completes the last one (marker,
+    train_state) before the ranks exit 0; no half-written checkpoint is left behind."""
+    from megatron_navil.checkpoint.async_save import WRITE_DELAY_ENV
+    from megatron_navil.checkpoint.directory import complete_iterations
+
+    out = tmp_path / "run"
+    args = _train_args(shards, out, "--async-save", "--save-interval", "1", "--keep-last", "2")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         *args],
+        env=_env(PET_SHUTDOWN_TIMEOUT="240", **{WRITE_DELAY_ENV: "2"}), cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while len(_steps_logged(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_steps_logged(out)) >= 2, "training did not reach step 2"
+        proc.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped_at = _steps_logged(out)[-1]
+    assert stopped_at < STEPS, log[-3000:]
+    assert f"SIGTERM: stopping after step {stopped_at}" in log, log[-3000:]
+    ckpt = out / "ckpt"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(stopped_at)
+    assert complete_iterations(ckpt) == [stopped_at - 1, stopped_at]
+    assert list(ckpt.glob("iter_*.tmp")) == []
