@@ -175,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dry-run", action="store_true", help="print the resolved setup (layout, counts) and exit"
     )
+    g = p.add_argument_group("fast path (GPU kernels)")
+    g.add_argument(
+        "--transformer-impl", choices=("auto", "local", "te"), default="auto",
+        help="layer implementation: te = TransformerEngine (LLM norms, grouped-GEMM experts, "
+        "vision linears), local = megatron-core's torch modules, auto = te where it imports on "
+        "a GPU (the start line says what was picked)",
+    )  # fmt: skip
+    g.add_argument(
+        "--attention-backend", choices=("auto", "flash", "torch", "sdpa"), default="auto",
+        help="varlen attention of the LLM and vision tower: flash = flash-attn, torch = "
+        "torch.nn.attention.varlen (CUDA), sdpa = bucketed scaled_dot_product_attention (any "
+        "device); auto = the first of these that runs here in the model's dtype",
+    )  # fmt: skip
     return p  # fmt: skip
 
 
@@ -511,9 +524,21 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     from megatron_navil.config.model import Recompute
 
     recompute = Recompute(llm=args.recompute_llm, vision=args.recompute_vision)
+    from megatron_navil.models.impl import (
+        BackendUnavailable,
+        resolve_attention_backend,
+        resolve_transformer_impl,
+    )
+
+    try:
+        impl = resolve_transformer_impl(args.transformer_impl, cuda)
+        attention = resolve_attention_backend(args.attention_backend, cuda, dtype)
+    except BackendUnavailable as exc:
+        parser.error(str(exc))
     chunks = build_model(
         cfg, mcore_config, groups, special_ids=special, first_stage_layers=args.first_stage_layers,
-        recompute=recompute, init_seed=args.seed,
+        recompute=recompute, init_seed=args.seed, transformer_impl=impl,
+        attention_backend=attention,
     )  # fmt: skip
     frozen = apply_freezing(chunks, recipe)
     chunks = place_chunks(chunks, mcore_config, device)
@@ -527,6 +552,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
             "frozen_params_rank0": frozen["frozen"], "data": args.data,
             "global_batch": args.global_batch, "seq_length": args.seq_length,
             "device": str(device), "precision": "bf16" if bf16 else "fp32",
+            "transformer_impl": impl, "attention_backend": attention,
             # image settings the corpus was indexed with, where they differ from --config's
             **({"image_from_corpus": image_changes} if image_changes else {}),
             **({"prompt_from_corpus": prompt_changes} if prompt_changes else {}),
