@@ -30,8 +30,9 @@ Parameter names follow the official HF checkpoint below ``vision_model.``:
   ``ours = official.view(3, heads, hd, W).transpose(0, 1).reshape(3W, W)`` and back with
   ``official = ours.view(heads, 3, hd, W).transpose(0, 1).reshape(3W, W)``.
 
-Tensor parallelism (heads split over ``tp_group``): qkv and fc1 are mcore ColumnParallelLinear,
-proj and fc2 RowParallelLinear, built without sequence parallelism. q_norm / k_norm hold this
+Tensor parallelism (heads split over ``tp_group``): qkv and fc1 are column-parallel, proj and
+fc2 row-parallel linears (mcore's, or TransformerEngine's with ``transformer_impl="te"``),
+built without sequence parallelism. q_norm / k_norm hold this
 rank's heads' slice of the full-width weight (tensor-parallel, partition_dim 0) and all-reduce
 their sum of squares (norms.py). The patch embedding, norm1/norm2 and ls1/ls2 are replicated.
 Any group works, including a group of size 1 inside a larger model-TP group (navil-2b's 23
