@@ -261,7 +261,8 @@ def _drop_unsaved_extra_state(state: dict[str, Any], path: Path) -> dict[str, se
     ]
     if not wanted:
         return {}
-    saved = set(load_sharded_metadata(str(path)))
+    # Objects are listed by unique key, "<key>/shard_<offset>_<shape>".
+    saved = {key.split("/shard_")[0] for key in load_sharded_metadata(str(path))}
     dropped: dict[str, set[str]] = {}
     for entry, name in wanted:
         if state[entry][name].key not in saved:

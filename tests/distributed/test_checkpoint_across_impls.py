@@ -42,7 +42,13 @@ def _with_extra_state(model: torch.nn.Module, add_weight: bool = False) -> None:
 
 
 def _cases() -> dict:
-    from megatron_navil.checkpoint.store import load, load_weights, save
+    from megatron_navil.checkpoint.store import (
+        _drop_unsaved_extra_state,
+        load,
+        load_weights,
+        save,
+        sharded_state,
+    )
     from megatron_navil.config.registry import get_config
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
@@ -68,6 +74,13 @@ def _cases() -> dict:
         te_like = model(2)
         _with_extra_state(te_like)
         out["differ_before"] = not same(plain, te_like)
+        # what the load leaves out: nothing for the same implementation, else the norms' state
+        out["dropped_same"] = _drop_unsaved_extra_state(
+            sharded_state([plain], None, True), plain_ckpt
+        )
+        out["dropped_te"] = _drop_unsaved_extra_state(
+            sharded_state([te_like], None, True), plain_ckpt
+        )
         load_weights(plain_ckpt, [te_like])
         out["plain_into_te"] = same(plain, te_like)
         out["kept_extra"] = not hasattr(te_like.layers, "loaded_extra")
@@ -95,6 +108,9 @@ def _cases() -> dict:
 def test_checkpoints_load_across_implementations():
     res = run_distributed(_cases, 1)[0]
     assert res["differ_before"]
+    assert res["dropped_same"] == {}
+    dropped = res["dropped_te"]["model"]
+    assert dropped and all(k.endswith("layernorm._extra_state") for k in dropped), dropped
     assert res["plain_into_te"] and res["plain_into_te_resume"] and res["kept_extra"]
     assert res["te_into_plain"]
     assert res["missing_weight_error"] is not None and "scale2" in res["missing_weight_error"]
