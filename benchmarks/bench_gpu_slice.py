@@ -15,6 +15,8 @@ backward; no optimizer (the slice's parameters are ~2.9B, and MFU is about the m
 kernels). MFU = model FLOPs of the real samples (``training.flops.sequence_flops``: the
 planner's count, no padding, causal attention counted half) / (median step seconds x the
 GPU's dense bf16 peak, ``training.flops.detect_peak_flops`` or ``--peak-tflops``).
+``--recompute-llm`` / ``--recompute-vision`` as in train.py (the real S2 recipe uses
+``selective`` / ``full``); recomputation is never counted as model FLOPs.
 
 ``--tiny``: the tiny config on a 256-token sequence of small images in fp32, for CPU (a unit
 test runs it and checks its FLOP count against torch's FlopCounterMode). The script is meant
@@ -145,7 +147,13 @@ def slice_batch(cfg: Any, seq_length: int, seed: int, tiny: bool) -> tuple[dict,
 
 
 def build_slice(
-    cfg: Any, groups: Any, impl: str, backend: str, dtype: torch.dtype, device: torch.device
+    cfg: Any,
+    groups: Any,
+    impl: str,
+    backend: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    recompute: Any = None,
 ) -> Any:
     """The slice model (one chunk, all of it on this rank) on ``device``. Built uninitialised
     and filled there (N(0, 0.02) matrices, ones for vectors: norms and layer scales), because
@@ -157,7 +165,7 @@ def build_slice(
     mcore = transformer_config(cfg, dtype=dtype, perform_initialization=False)
     (model,) = build_model(
         cfg, mcore, groups, special_ids=special_ids_for(cfg), init_seed=None,
-        transformer_impl=impl, attention_backend=backend,
+        transformer_impl=impl, attention_backend=backend, recompute=recompute,
     )  # fmt: skip
     model = model.to(device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -259,6 +267,7 @@ def _measure_one(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from megatron_navil.config.model import Recompute
     from megatron_navil.parallel import initialize
     from megatron_navil.training.flops import detect_peak_flops
 
@@ -284,7 +293,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         if not runnable:
             continue
-        model = build_slice(cfg, groups, impl, runnable[0], dtype, device)
+        recompute = Recompute(llm=args.recompute_llm, vision=args.recompute_vision)
+        model = build_slice(cfg, groups, impl, runnable[0], dtype, device, recompute)
         for backend in runnable:
             rows.append(_measure_one(model, batch, impl, backend, flops, peak, args, device))
         del model
@@ -298,6 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "language": dataclasses.asdict(cfg.language),
         "seq_length": args.seq_length,
         "dtype": str(dtype).removeprefix("torch."),
+        "recompute": {"llm": args.recompute_llm, "vision": args.recompute_vision},
         "batch": summary,
         "model_flops_per_step": flops,
         "peak_flops": peak,
@@ -341,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-length", type=int, default=None, help="default 16384 (tiny: 256)")
     p.add_argument("--impls", default="all", help="comma list of local,te or all")
     p.add_argument("--backends", default="all", help="comma list of flash,torch,sdpa or all")
+    p.add_argument("--recompute-llm", choices=("none", "selective", "full"), default="none")
+    p.add_argument("--recompute-vision", choices=("none", "selective", "full"), default="none")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
