@@ -99,6 +99,22 @@ def _try_import(module: str) -> tuple[bool, str | None]:
     return True, None
 
 
+def _auto_picks(torch: Any, cuda: bool) -> tuple[str | None, str | None]:
+    """What ``--transformer-impl auto`` and ``--attention-backend auto`` pick for a run here
+    with train's default precision (bf16 on a GPU, fp32 on CPU), from package look-ups only
+    (``models.impl`` with ``try_import=False``: nothing GPU-side is imported, so a package
+    that is installed but broken shows here and fails at the run's start, in one line)."""
+    if torch is None:
+        return None, None
+    from megatron_navil.models.impl import resolve_attention_backend, resolve_transformer_impl
+
+    dtype = torch.bfloat16 if cuda else torch.float32
+    return (
+        resolve_transformer_impl("auto", cuda, try_import=False),
+        resolve_attention_backend("auto", cuda, dtype, try_import=False),
+    )
+
+
 def collect() -> dict[str, Any]:
     """Collect the environment report as a JSON-serialisable dict."""
     info: dict[str, Any] = {
@@ -154,6 +170,9 @@ def collect() -> dict[str, Any]:
         info["cuda_ext"], info["cuda_ext_error"] = _try_import("megatron_navil._C_cuda")
 
     info["distributed_backend"] = "nccl" if info["cuda_available"] else "gloo"
+    info["transformer_impl_auto"], info["attention_backend_auto"] = _auto_picks(
+        torch, info["cuda_available"]
+    )
     info["warnings"] = warnings
     return info
 
@@ -177,6 +196,8 @@ _LABELS = {
     "native_ext": "native ext (_C)",
     "cuda_ext": "CUDA ext (_C_cuda)",
     "distributed_backend": "distributed backend",
+    "transformer_impl_auto": "--transformer-impl auto",
+    "attention_backend_auto": "--attention-backend auto",
 }
 
 

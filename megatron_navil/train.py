@@ -340,9 +340,21 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
     dtype = torch.bfloat16 if bf16 else torch.float32
     mcore_config = transformer_config(cfg, **layout, dtype=dtype)
     recompute = Recompute(llm=lay.recompute_llm, vision=lay.recompute_vision)
+    from megatron_navil.models.impl import (
+        BackendUnavailable,
+        resolve_attention_backend,
+        resolve_transformer_impl,
+    )
+
+    try:
+        impl = resolve_transformer_impl(tc.fast.transformer_impl, cuda)
+        attention = resolve_attention_backend(tc.fast.attention_backend, cuda, dtype)
+    except BackendUnavailable as exc:
+        parser.error(str(exc))
     chunks = build_model(
         cfg, mcore_config, groups, special_ids=special, first_stage_layers=lay.first_stage_layers,
-        recompute=recompute, init_seed=optim.seed,
+        recompute=recompute, init_seed=optim.seed, transformer_impl=impl,
+        attention_backend=attention,
     )  # fmt: skip
     frozen = apply_freezing(chunks, recipe)
     chunks = place_chunks(chunks, mcore_config, device)
@@ -356,6 +368,7 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
             "frozen_params_rank0": frozen["frozen"], "data": data.data,
             "global_batch": data.global_batch, "seq_length": data.seq_length,
             "device": str(device), "precision": "bf16" if bf16 else "fp32",
+            "transformer_impl": impl, "attention_backend": attention,
             # image settings the corpus was indexed with, where they differ from --config's
             **({"image_from_corpus": image_changes} if image_changes else {}),
             **({"prompt_from_corpus": prompt_changes} if prompt_changes else {}),

@@ -7,7 +7,9 @@
 #   1. build the C++/CUDA extensions in place for TORCH_CUDA_ARCH_LIST (default 9.0)
 #   2. the GPU tests (pytest -m gpu) and the CUDA compile test
 #   3. benchmarks/bench_patchify_cuda.py (kernel vs torch eager vs the HF processor on GPU)
-#   4. the tiny model trained on one GPU in fp32 (its loss curve can be compared with the
+#   4. benchmarks/bench_gpu_slice.py: the NaViL-9B-shaped slice (MFU, tokens/s, peak memory
+#      for each transformer impl and attention backend that runs here)
+#   5. the tiny model trained on one GPU in fp32 (its loss curve can be compared with the
 #      same command on CPU) and in bf16 with a stop, a resume and captioning
 # SKIP="name ..." leaves out the named steps (the names in the summary).
 # Needs indexed tiny shards: DATA (default runs/gpu/shards, made by examples/pretrain_navil_tiny.sh
@@ -44,6 +46,7 @@ step build 400 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=
 step gpu_tests 240 "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/unit
 step cuda_compile_test 240 "$PY" -m pytest -q -p no:cacheprovider -rs tests/unit/test_cuda_compile.py
 step bench_patchify_cuda 180 "$PY" benchmarks/bench_patchify_cuda.py --json "$OUT/patchify_cuda.json"
+step bench_gpu_slice 480 "$PY" benchmarks/bench_gpu_slice.py --json "$OUT/gpu_slice.json"
 train train_fp32 180 --steps 10 --warmup 1 --precision fp32 --log-dir "$OUT/fp32"
 rm -rf "$OUT/ckpt"
 train train_bf16_a 180 --steps 40 --warmup 4 --exit-after 20 --save "$OUT/ckpt" --log-dir "$OUT/bf16"

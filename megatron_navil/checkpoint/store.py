@@ -279,6 +279,55 @@ def _complete(
     torch.distributed.barrier()
 
 
+def _drop_unsaved_extra_state(state: dict[str, Any], path: Path) -> dict[str, set[str]]:
+    """Remove from the model entries of ``state`` (a :func:`sharded_state`) the
+    ``_extra_state`` objects the checkpoint at ``path`` does not hold; returns the removed
+    state-dict names per entry.
+
+    Why: a TransformerEngine module (``--transformer-impl te``: its norms, grouped experts,
+    linears) has an ``_extra_state`` (FP8 scaling metadata) where megatron-core's torch module
+    has none, so a checkpoint saved by the other implementation lacks it; the weights
+    themselves have the same keys (models/impl.py). Such a module keeps its fresh extra
+    state. Nothing else is forgiven: a missing weight still fails the load."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    wanted = [
+        (entry, name)
+        for entry, sharded in state.items()
+        if entry.startswith("model")
+        for name, item in sharded.items()
+        if isinstance(item, ShardedObject) and item.key.endswith("_extra_state")
+    ]
+    if not wanted:
+        return {}
+    # Objects are listed by unique key, "<key>/shard_<offset>_<shape>".
+    saved = {key.split("/shard_")[0] for key in load_sharded_metadata(str(path))}
+    dropped: dict[str, set[str]] = {}
+    for entry, name in wanted:
+        if state[entry][name].key not in saved:
+            del state[entry][name]
+            dropped.setdefault(entry, set()).add(name)
+    return dropped
+
+
+def _load_model_entries(
+    chunks: list[Any], loaded: dict[str, Any], dropped: dict[str, set[str]]
+) -> None:
+    """``load_state_dict`` of each chunk's entry; strict except for the ``_extra_state``
+    entries :func:`_drop_unsaved_extra_state` removed."""
+    for i, chunk in enumerate(chunks):
+        module = getattr(chunk, "module", chunk)
+        entry = "model" if len(chunks) == 1 else f"model{i}"
+        skip = dropped.get(entry, set())
+        result = module.load_state_dict(loaded[entry], strict=not skip)
+        if skip and (set(result.missing_keys) - skip or result.unexpected_keys):
+            raise CheckpointError(
+                f"loading {entry}: missing {sorted(set(result.missing_keys) - skip)}, "
+                f"unexpected {sorted(result.unexpected_keys)}"
+            )
+
+
 def load_weights(path: str | Path, chunks: list[Any]) -> None:
     """Load only the model weights of the complete checkpoint ``path`` into ``chunks`` (any
     layout; the optimizer, RNG and ``train_state`` are left alone): how a training stage
@@ -286,10 +335,9 @@ def load_weights(path: str | Path, chunks: list[Any]) -> None:
     path = require_complete(path)
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load(sharded_state(chunks, None, is_loading=True), str(path))
-    for i, chunk in enumerate(chunks):
-        module = getattr(chunk, "module", chunk)
-        module.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    state = sharded_state(chunks, None, is_loading=True)
+    dropped = _drop_unsaved_extra_state(state, path)
+    _load_model_entries(chunks, dist_checkpointing.load(state, str(path)), dropped)
 
 
 _MISSING_OPTIMIZER_KEY = re.compile(
@@ -304,10 +352,10 @@ def load(path: str | Path, chunks: list[Any], optimizer: Any) -> dict[str, Any]:
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     path = require_complete(path)
+    state = sharded_state(chunks, optimizer, is_loading=True)
+    dropped = _drop_unsaved_extra_state(state, path)
     try:
-        loaded = dist_checkpointing.load(
-            sharded_state(chunks, optimizer, is_loading=True), str(path)
-        )
+        loaded = dist_checkpointing.load(state, str(path))
     except (Exception, CheckpointException) as exc:  # the latter wraps each rank's KeyError
         causes = getattr(exc, "failures", {}).values()  # CheckpointException: rank -> error
         missing = _MISSING_OPTIMIZER_KEY.search(" ".join(map(str, [exc, *causes])))
@@ -323,9 +371,7 @@ def load(path: str | Path, chunks: list[Any], optimizer: Any) -> dict[str, Any]:
             "expert-parallel size (a megatron-core limitation for MoE optimizer states); "
             "resume at the saved --ep, or start from its weights with --init"
         ) from None
-    for i, chunk in enumerate(chunks):
-        module = getattr(chunk, "module", chunk)
-        module.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    _load_model_entries(chunks, loaded, dropped)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     rng = path / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt"

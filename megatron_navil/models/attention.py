@@ -5,12 +5,13 @@ Layouts: packed ``[t, heads, head_dim]`` (``_thd``) with ``cu_seqlens`` int32 ``
 own segment, so a change in one segment never reaches another (the LLM packs several samples
 into one sequence; the vision encoder packs several images and scales).
 
-Backends: flash-attn's ``flash_attn_varlen_func`` on a GPU with fp16/bf16 inputs when it is
-installed (imported lazily, never required); otherwise
-``torch.nn.functional.scaled_dot_product_attention`` on the segments gathered into padded
-batches, one batch per length bucket (the CPU path). Written by hand because PyTorch has no
-varlen attention on CPU: a block-diagonal ``t x t`` mask does ``t^2`` work, and one call per
-segment pays a call and an autograd node per segment (both measured slower by
+Backends (``backend``; chosen once by ``models.impl.resolve_attention_backend``): ``flash``,
+flash-attn's ``flash_attn_varlen_func`` (imported lazily, never required); ``torch``, torch's
+own ``torch.nn.attention.varlen.varlen_attn`` (CUDA only); both need fp16/bf16 on a GPU.
+``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on the segments gathered into
+padded batches, one batch per length bucket (every device; the CPU path). Written by hand
+because PyTorch has no varlen attention on CPU: a block-diagonal ``t x t`` mask does ``t^2``
+work, and one call per segment pays a call and an autograd node per segment (both measured slower by
 ``benchmarks/bench_varlen_attention.py``, numbers in docs/performance.md). Buckets hold
 segments whose lengths are within a factor sqrt(2), so padding at most doubles a bucket's
 attention FLOPs. A padded slot is masked (keys) or dropped (queries), so a segment's result
@@ -27,13 +28,44 @@ import torch
 import torch.nn.functional as F
 
 
-@functools.cache
-def _flash_varlen():
-    try:
-        from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return flash_attn_varlen_func
+def _check_fused(backend: str, q: torch.Tensor) -> None:
+    """The fused kernels run on CUDA in fp16/bf16 only: say so in one line otherwise."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"varlen_attention: the {backend} backend needs CUDA fp16/bf16 tensors, got "
+            f"{q.dtype} on {q.device.type}"
+        )
+
+
+def _flash_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+    causal: bool, softmax_scale: float | None,
+) -> torch.Tensor:  # fmt: skip
+    """flash-attn's varlen kernel (GQA by head count)."""
+    _check_fused("flash", q)
+    from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
+
+    return flash_attn_varlen_func(
+        q, k, v, cu, cu, max_len, max_len, softmax_scale=softmax_scale, causal=causal
+    )
+
+
+def _torch_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+    causal: bool, softmax_scale: float | None,
+) -> torch.Tensor:  # fmt: skip
+    """torch's ``varlen_attn`` (causal is ``window_size=(-1, 0)``; GQA needs ``enable_gqa``)."""
+    _check_fused("torch", q)
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(
+        q, k, v, cu, cu, max_len, max_len, scale=softmax_scale,
+        window_size=(-1, 0) if causal else (-1, -1), enable_gqa=k.shape[1] != q.shape[1],
+    )  # fmt: skip
+
+
+# The fused varlen kernels by backend name: [t, h, d] in, [t, h, d] out.
+FUSED_BACKENDS = {"flash": _flash_varlen, "torch": _torch_varlen}
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, where: str) -> list[int]:
@@ -59,6 +91,7 @@ def varlen_attention(
     cu_seqlens: torch.Tensor,
     causal: bool,
     softmax_scale: float | None = None,
+    backend: str = "sdpa",
 ) -> torch.Tensor:
     """Softmax attention inside each segment of a packed sequence.
 
@@ -70,6 +103,8 @@ def varlen_attention(
         causal: each token sees only itself and earlier tokens of its segment (LLM); False is
             bidirectional within the segment (vision encoder).
         softmax_scale: defaults to ``head_dim ** -0.5``.
+        backend: ``sdpa`` (bucketed SDPA, any device), ``flash`` or ``torch`` (fused varlen
+            kernels: CUDA tensors in fp16/bf16, else ValueError naming what is missing).
 
     Returns:
         ``[t, heads, head_dim]`` in the dtype of ``q_thd``.
@@ -83,14 +118,13 @@ def varlen_attention(
     kv_heads = k_thd.shape[1]
     if heads % kv_heads:
         raise ValueError(f"varlen_attention: {heads} heads not a multiple of {kv_heads} kv heads")
-    flash = _flash_varlen() if q_thd.is_cuda else None
-    if flash is not None and q_thd.dtype in (torch.float16, torch.bfloat16):
+    if backend != "sdpa":
+        fused = FUSED_BACKENDS.get(backend)
+        if fused is None:
+            raise ValueError(f"varlen_attention: unknown backend {backend!r}")
         cu = cu_seqlens.to(device=q_thd.device, dtype=torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-        return flash(
-            q_thd, k_thd, v_thd, cu, cu, max_len, max_len,
-            softmax_scale=softmax_scale, causal=causal,
-        )  # fmt: skip
+        return fused(q_thd, k_thd, v_thd, cu, max_len, causal, softmax_scale)
     bounds = check_cu_seqlens(cu_seqlens, t, "varlen_attention")
     if t == 0:
         return q_thd.new_empty(q_thd.shape)

@@ -19,8 +19,6 @@ import torch.nn.functional as F
 from megatron_navil.config.model import NaViLConfig, Recompute
 from megatron_navil.parallel.groups import ParallelGroups, vision_groups
 
-TRANSFORMER_IMPLS = ("local", "te")
-
 
 def stage_layer_ranges(
     num_layers: int, stages: int, first_stage_layers: int | None = None
@@ -181,7 +179,8 @@ def build_model(
     first_stage_layers: int | None = None,
     recompute: Recompute | None = None,
     init_seed: int | None = None,
-    transformer_impl: str = "local",
+    transformer_impl: str = "auto",
+    attention_backend: str = "auto",
 ) -> list[Any]:
     """This rank's NaViLModel chunks, one per virtual pipeline stage (a list of one without
     interleaving), for the layout of ``groups`` (``megatron_navil.parallel.initialize()``).
@@ -189,16 +188,21 @@ def build_model(
     ``init_seed``: every matrix's initial value a function of (seed, its name) only, the same
     in every layout (``models.init.init_by_name``); None keeps megatron-core's draw, which
     depends on the layout (for models whose weights are loaded right after).
-    ``transformer_impl``: megatron-core's implementation of the MoE experts, ``local`` (its
-    torch modules) or ``te`` (TransformerEngine with grouped GEMM, GPU clusters); the one
-    place it is chosen (the RMSNorms take TransformerEngine's fused norm by themselves when it
-    is importable on a GPU, ``language.norm_class``)."""
+    ``transformer_impl``: ``local`` (megatron-core's torch modules), ``te``
+    (TransformerEngine: its norms, grouped-GEMM experts and the vision tower's linears) or
+    ``auto`` (``te`` where it imports on a GPU); ``attention_backend``: ``sdpa``, ``flash``,
+    ``torch`` or ``auto`` (the first that runs on this device in ``mcore_config``'s dtype).
+    Both are resolved by ``models.impl`` (``BackendUnavailable``, one line, when one asked
+    for cannot run) and reach every layer from here."""
+    from megatron_navil.models.impl import resolve_attention_backend, resolve_transformer_impl
     from megatron_navil.models.navil import NaViLModel
     from megatron_navil.models.vision import tp_size_for
 
-    if transformer_impl not in TRANSFORMER_IMPLS:
-        raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got "
-                         f"{transformer_impl!r}")  # fmt: skip
+    cuda = torch.cuda.is_available()
+    transformer_impl = resolve_transformer_impl(transformer_impl, cuda)
+    attention_backend = resolve_attention_backend(
+        attention_backend, cuda, mcore_config.params_dtype
+    )
     pp, pp_rank, vpp = groups.pp_size, groups.pp_rank, groups.vpp_size
     ranges = stage_layer_ranges(cfg.language.layers, pp * vpp, first_stage_layers)
     ids = special_token_ids(cfg, special_ids)
@@ -220,6 +224,7 @@ def build_model(
                 vision_replica_group=vision_replicas,
                 transformer_impl=transformer_impl,
                 recompute=recompute,
+                attention_backend=attention_backend,
             )
         )
     if init_seed is not None:

@@ -20,7 +20,6 @@ reduce-scatter, so splitting by modality adds no communication.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,18 +71,14 @@ def apply_rope(x_thd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return (x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x_thd.dtype)
 
 
-def norm_class() -> Any:
-    """megatron-core's RMSNorm provider: TransformerEngine's fused norm when importable on a
-    GPU, else the torch norm (the CPU shim lets it run under sequence parallelism)."""
-    # megatron-core's TENorm class imports without TransformerEngine and raises only when
-    # built, so ask for the package itself.
-    if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None:
-        from megatron.core.extensions.transformer_engine import TENorm
+def norm_class(transformer_impl: str = "local") -> Any:
+    """megatron-core's RMSNorm class for ``transformer_impl``: ``TENorm`` (TransformerEngine's
+    fused norm) for ``te``, the torch norm for ``local`` (the CPU shim lets it run under
+    sequence parallelism). Chosen by ``models.impl.spec_provider``, never by what is
+    installed."""
+    from megatron_navil.models.impl import spec_provider
 
-        return TENorm
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    return WrappedTorchNorm
+    return spec_provider(transformer_impl).layer_norm(rms_norm=True)
 
 
 class _Pair(MegatronModule):
@@ -123,10 +118,18 @@ class ModalityAttention(MegatronModule):
     ``linear_proj.{text,visual}.weight`` ``[H, heads head_dim / tp]``; Qwen3:
     ``q_layernorm.{text,visual}.weight``, ``k_layernorm...`` ``[head_dim]``.
     ``wo_then_wo_ve``: a visual token's output is ``wo_ve(wo(ctx))`` (the released 2B code).
+    ``attention_backend``: ``models.attention.varlen_attention``'s backend (``sdpa``,
+    ``flash``, ``torch``; ``models.impl.resolve_attention_backend`` picks it).
     """
 
     def __init__(
-        self, mcore_config: Any, lm: LanguageConfig, tp_group: Any, *, selective: bool = False
+        self,
+        mcore_config: Any,
+        lm: LanguageConfig,
+        tp_group: Any,
+        *,
+        selective: bool = False,
+        attention_backend: str = "sdpa",
     ) -> None:
         super().__init__(mcore_config)
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -138,6 +141,7 @@ class ModalityAttention(MegatronModule):
         self.lm = lm
         self.tp_group = tp_group
         self.selective = selective  # recompute the q/k norms in the backward (Recompute)
+        self.attention_backend = attention_backend
         self.sequence_parallel = bool(mcore_config.sequence_parallel)
         self.heads_local = lm.heads // tp
         self.kv_heads_local = lm.kv_heads // tp
@@ -205,7 +209,9 @@ class ModalityAttention(MegatronModule):
         q, k, v = split.unsort(q), split.unsort(k), split.unsort(v)
         q = apply_rope(q, inputs.cos, inputs.sin)
         k = apply_rope(k, inputs.cos, inputs.sin)
-        ctx = varlen_attention(q, k, v, inputs.cu_seqlens, causal=True)
+        ctx = varlen_attention(
+            q, k, v, inputs.cu_seqlens, causal=True, backend=self.attention_backend
+        )
         ctx_sorted = split.sort(ctx.reshape(t, self.heads_local * lm.head_dim))
         if lm.wo_then_wo_ve:
             out_sorted = self._wo_then_wo_ve(ctx_sorted, split)
@@ -247,23 +253,19 @@ def moe_spec(transformer_impl: str) -> Any:
     """megatron-core MoE spec with :class:`ModalityMoELayer` and :class:`ModalityRouter`; the
     non-grouped experts are :class:`ModalitySequentialMLP` (SequentialMLP + ``moe_act``).
     ``transformer_impl``: ``local`` (megatron-core's torch modules) or ``te``
-    (TransformerEngine, grouped GEMM); ``build.build_model`` chooses it."""
-    from megatron.core.models.backends import LocalSpecProvider
+    (TransformerEngine, grouped GEMM), through ``models.impl.spec_provider``."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron_navil.models.impl import spec_provider
 
     te = transformer_impl == "te"
-    if te:
-        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
-
-        backend: Any = TESpecProvider()
-    else:
-        backend = LocalSpecProvider()
-    spec = get_moe_module_spec_for_backend(backend, num_experts=2, moe_grouped_gemm=te)
+    spec = get_moe_module_spec_for_backend(
+        spec_provider(transformer_impl), num_experts=2, moe_grouped_gemm=te
+    )
     spec.module = ModalityMoELayer
     spec.submodules.router = ModalityRouter
     spec.submodules.shared_experts = None
-    from megatron.core.transformer.moe.experts import SequentialMLP
-
     if spec.submodules.experts.module is SequentialMLP:
         spec.submodules.experts.module = ModalitySequentialMLP
     return spec
@@ -273,6 +275,8 @@ class ModalityDecoderLayer(MegatronModule):
     """``x + attn(input_layernorm(x))``, then ``+ mlp(post_attention_layernorm(.))``; norms
     shared by the experts.
 
+    ``transformer_impl`` (``local``/``te``) picks the norm and expert classes,
+    ``attention_backend`` the varlen attention kernel (``models.impl``).
     ``recompute``: ``Recompute.llm``. ``selective`` keeps only the inputs of the two norms, the
     q/k norms and the experts' SwiGLU (see models/recompute.py); ``full`` is applied around
     the whole layer by the caller (``NaViLModel``), so the layer itself runs plainly then.
@@ -286,18 +290,20 @@ class ModalityDecoderLayer(MegatronModule):
         tp_group: Any,
         transformer_impl: str = "local",
         recompute: str = "none",
+        attention_backend: str = "sdpa",
     ) -> None:
         super().__init__(mcore_config)
         from megatron.core.transformer.spec_utils import build_module
 
-        norm = norm_class()
+        norm = norm_class(transformer_impl)
         self.selective = recompute == "selective"
         self.layer_number = layer_number  # 1-based, global (megatron-core's convention)
         hidden, eps = lm.hidden, lm.norm_eps
         self.input_layernorm = norm(config=mcore_config, hidden_size=hidden, eps=eps)
         self.self_attention = ModalityAttention(
-            mcore_config, lm, tp_group, selective=self.selective
-        )
+            mcore_config, lm, tp_group, selective=self.selective,
+            attention_backend=attention_backend,
+        )  # fmt: skip
         self.post_attention_layernorm = norm(config=mcore_config, hidden_size=hidden, eps=eps)
         self.mlp = build_module(
             moe_spec(transformer_impl),

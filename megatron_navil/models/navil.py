@@ -66,8 +66,10 @@ class NaViLModel(MegatronModule):
             ``vision_tp_group``: the vision tower's (None: ``tp_group``; or a group of one rank
             when the vision heads do not split, with ``vision_replica_group`` = the LLM's TP
             group; see ``parallel.groups.vision_groups``).
-        transformer_impl: megatron-core's implementation of the MoE experts, ``local`` or
-            ``te`` (chosen by ``build.build_model``).
+        transformer_impl: ``local`` or ``te``: the classes of the LLM's norms and experts and of
+            the vision tower's linears (``models.impl``; chosen by ``build.build_model``).
+        attention_backend: ``sdpa``, ``flash`` or ``torch``: the varlen attention kernel of the
+            LLM and the vision tower (``models.impl.resolve_attention_backend``).
         recompute: activation recompute of the LLM layers and vision blocks
             (``config.Recompute``; None: none). megatron-core's own recompute flags in
             ``mcore_config`` must stay unset (ValueError).
@@ -87,6 +89,7 @@ class NaViLModel(MegatronModule):
         vision_replica_group: Any = None,
         transformer_impl: str = "local",
         recompute: Recompute | None = None,
+        attention_backend: str = "sdpa",
     ) -> None:
         super().__init__(mcore_config)
         from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
@@ -124,7 +127,8 @@ class NaViLModel(MegatronModule):
             vision_group = vision_tp_group or self.tp_group
             self.vision_model = VisionEncoder(
                 cfg.vision, mcore_config, vision_group, replica_group=vision_replica_group,
-                recompute=self.recompute.vision,
+                recompute=self.recompute.vision, transformer_impl=transformer_impl,
+                attention_backend=attention_backend,
             )  # fmt: skip
             self.mlp1 = Connector(
                 cfg.vision.width, lm.hidden, mcore_config, vision_group,
@@ -149,12 +153,13 @@ class NaViLModel(MegatronModule):
                     self.tp_group,
                     transformer_impl,
                     recompute=self.recompute.llm,
+                    attention_backend=attention_backend,
                 )
                 for i in layers
             },
         )
         if post_process:
-            self.final_layernorm = norm_class()(
+            self.final_layernorm = norm_class(transformer_impl)(
                 config=mcore_config, hidden_size=lm.hidden, eps=lm.norm_eps
             )
             self.output_layer = ColumnParallelLinear(

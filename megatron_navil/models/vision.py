@@ -30,8 +30,9 @@ Parameter names follow the official HF checkpoint below ``vision_model.``:
   ``ours = official.view(3, heads, hd, W).transpose(0, 1).reshape(3W, W)`` and back with
   ``official = ours.view(heads, 3, hd, W).transpose(0, 1).reshape(3W, W)``.
 
-Tensor parallelism (heads split over ``tp_group``): qkv and fc1 are mcore ColumnParallelLinear,
-proj and fc2 RowParallelLinear, built without sequence parallelism. q_norm / k_norm hold this
+Tensor parallelism (heads split over ``tp_group``): qkv and fc1 are column-parallel, proj and
+fc2 row-parallel linears (mcore's, or TransformerEngine's with ``transformer_impl="te"``),
+built without sequence parallelism. q_norm / k_norm hold this
 rank's heads' slice of the full-width weight (tensor-parallel, partition_dim 0) and all-reduce
 their sum of squares (norms.py). The patch embedding, norm1/norm2 and ls1/ls2 are replicated.
 Any group works, including a group of size 1 inside a larger model-TP group (navil-2b's 23
@@ -67,11 +68,19 @@ from megatron_navil.models.tp import (
 )
 
 
-def _linears(mcore_config: Any) -> tuple[type, type, Any]:
-    """mcore's ColumnParallelLinear, RowParallelLinear and the config to build them with."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+def _linears(mcore_config: Any, transformer_impl: str) -> tuple[type, type, Any]:
+    """The column- and row-parallel linear classes of ``transformer_impl`` (mcore's or
+    TransformerEngine's, ``models.impl.spec_provider``) and the config to build them with.
+    Both take the same arguments here (``skip_bias_add`` / ``is_expert`` always given, as TE's
+    require) and return ``(out, None)`` with the bias added."""
+    from megatron_navil.models.impl import spec_provider
 
-    return ColumnParallelLinear, RowParallelLinear, linear_config(mcore_config)
+    provider = spec_provider(transformer_impl)
+    return (
+        provider.column_parallel_linear(),
+        provider.row_parallel_linear(),
+        linear_config(mcore_config),
+    )
 
 
 def _init_methods(mcore_config: Any, depth: int) -> tuple[Any, Any]:
@@ -100,9 +109,12 @@ class VisionAttention(ShardedModule):
         replica_group: ProcessGroup | None = None,
         *,
         selective: bool = False,
+        transformer_impl: str = "local",
+        attention_backend: str = "sdpa",
     ) -> None:
         super().__init__(mcore_config, tp_group, replica_group)
         self.selective = selective  # recompute q_norm / k_norm in the backward
+        self.attention_backend = attention_backend
         tp = self.tp_size
         if cfg.heads % tp:
             raise ValueError(
@@ -112,18 +124,18 @@ class VisionAttention(ShardedModule):
         w, self.head_dim = cfg.width, cfg.head_dim
         self.local_heads = cfg.heads // tp
         local_w = self.local_heads * self.head_dim
-        column, row, lin_cfg = _linears(mcore_config)
+        column, row, lin_cfg = _linears(mcore_config, transformer_impl)
         init_in, init_out = _init_methods(mcore_config, cfg.depth)
         self.qkv = column(
             w, 3 * w, config=lin_cfg, init_method=init_in, bias=False, gather_output=False,
-            tp_group=tp_group,
+            skip_bias_add=False, is_expert=False, tp_group=tp_group,
         )  # fmt: skip
         norm = dict(full_width=w, group=tp_group, dtype=mcore_config.params_dtype)
         self.q_norm = RMSNorm(local_w, cfg.norm_eps, **norm)
         self.k_norm = RMSNorm(local_w, cfg.norm_eps, **norm)
         self.proj = row(
             w, w, config=lin_cfg, init_method=init_out, bias=True, input_is_parallel=True,
-            skip_bias_add=False, tp_group=tp_group,
+            skip_bias_add=False, is_expert=False, tp_group=tp_group,
         )  # fmt: skip
         split = 0 if tp > 1 else None
         mark_tensor_parallel(self.qkv.weight, split)
@@ -143,7 +155,10 @@ class VisionAttention(ShardedModule):
         drop_k = DropOutput(self.selective)
         k = drop_k(self.k_norm, k.reshape(t, -1)).view(t, self.local_heads, self.head_dim)
         q, k = apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
-        o = varlen_attention(q, k, v, cu_seqlens, causal=False, softmax_scale=self.head_dim**-0.5)
+        o = varlen_attention(
+            q, k, v, cu_seqlens, causal=False, softmax_scale=self.head_dim**-0.5,
+            backend=self.attention_backend,
+        )  # fmt: skip
         out = _apply(self.proj, o.reshape(t, -1))
         drop_q.release(out)
         drop_k.release(out)
@@ -161,21 +176,22 @@ class VisionMLP(ShardedModule):
         replica_group: ProcessGroup | None = None,
         *,
         selective: bool = False,
+        transformer_impl: str = "local",
     ) -> None:
         super().__init__(mcore_config, tp_group, replica_group)
         self.selective = selective  # recompute the GELU in the backward
         tp = self.tp_size
         if cfg.mlp % tp:
             raise ValueError(f"VisionMLP: mlp={cfg.mlp} does not split over {tp} TP ranks")
-        column, row, lin_cfg = _linears(mcore_config)
+        column, row, lin_cfg = _linears(mcore_config, transformer_impl)
         init_in, init_out = _init_methods(mcore_config, cfg.depth)
         self.fc1 = column(
             cfg.width, cfg.mlp, config=lin_cfg, init_method=init_in, bias=True,
-            gather_output=False, tp_group=tp_group,
+            gather_output=False, skip_bias_add=False, is_expert=False, tp_group=tp_group,
         )  # fmt: skip
         self.fc2 = row(
             cfg.mlp, cfg.width, config=lin_cfg, init_method=init_out, bias=True,
-            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+            input_is_parallel=True, skip_bias_add=False, is_expert=False, tp_group=tp_group,
         )  # fmt: skip
         split = 0 if tp > 1 else None
         mark_tensor_parallel(self.fc1.weight, split)
@@ -194,7 +210,8 @@ class VisionBlock(ShardedModule):
     """``x + ls1 * attn(norm1(x))`` then ``x + ls2 * mlp(norm2(x))``.
 
     ``selective``: the norms (norm1, norm2, q/k norms) and the GELU keep only their inputs and
-    are recomputed in the backward (models/recompute.py)."""
+    are recomputed in the backward (models/recompute.py). ``transformer_impl`` picks the
+    linear classes, ``attention_backend`` the varlen kernel (``models.impl``)."""
 
     def __init__(
         self,
@@ -204,15 +221,23 @@ class VisionBlock(ShardedModule):
         replica_group: ProcessGroup | None = None,
         *,
         selective: bool = False,
+        transformer_impl: str = "local",
+        attention_backend: str = "sdpa",
     ) -> None:
         super().__init__(mcore_config, tp_group, replica_group)
         dtype, w = mcore_config.params_dtype, cfg.width
         self.selective = selective
         self.norm1 = RMSNorm(w, cfg.norm_eps, dtype=dtype)
-        self.attn = VisionAttention(cfg, mcore_config, tp_group, replica_group, selective=selective)
+        self.attn = VisionAttention(
+            cfg, mcore_config, tp_group, replica_group, selective=selective,
+            transformer_impl=transformer_impl, attention_backend=attention_backend,
+        )  # fmt: skip
         self.ls1 = torch.nn.Parameter(torch.full((w,), cfg.layer_scale_init, dtype=dtype))
         self.norm2 = RMSNorm(w, cfg.norm_eps, dtype=dtype)
-        self.mlp = VisionMLP(cfg, mcore_config, tp_group, replica_group, selective=selective)
+        self.mlp = VisionMLP(
+            cfg, mcore_config, tp_group, replica_group, selective=selective,
+            transformer_impl=transformer_impl,
+        )  # fmt: skip
         self.ls2 = torch.nn.Parameter(torch.full((w,), cfg.layer_scale_init, dtype=dtype))
         for p in (self.norm1.weight, self.norm2.weight, self.ls1, self.ls2):
             mark_tensor_parallel(p, None)
@@ -272,6 +297,8 @@ class VisionEncoder(ShardedModule):
             for checkpoint replica ids.
         recompute: ``Recompute.vision``: ``none``, ``selective`` (norms and GELU recomputed)
             or ``full`` (each block keeps only its input and runs again in the backward).
+        transformer_impl: ``local`` (mcore's linears) or ``te`` (TransformerEngine's);
+            attention_backend: ``sdpa``, ``flash`` or ``torch`` (``models.impl``).
     """
 
     def __init__(
@@ -282,6 +309,8 @@ class VisionEncoder(ShardedModule):
         *,
         replica_group: ProcessGroup | None = None,
         recompute: str = "none",
+        transformer_impl: str = "local",
+        attention_backend: str = "sdpa",
     ) -> None:
         cfg.validate()
         Recompute(vision=recompute).validate()
@@ -291,7 +320,15 @@ class VisionEncoder(ShardedModule):
         self.embeddings = VisionEmbeddings(cfg, mcore_config, tp_group, replica_group)
         selective = recompute == "selective"
         layers = [
-            VisionBlock(cfg, mcore_config, tp_group, replica_group, selective=selective)
+            VisionBlock(
+                cfg,
+                mcore_config,
+                tp_group,
+                replica_group,
+                selective=selective,
+                transformer_impl=transformer_impl,
+                attention_backend=attention_backend,
+            )
             for _ in range(cfg.depth)
         ]
         self.encoder = torch.nn.ModuleDict({"layers": torch.nn.ModuleList(layers)})

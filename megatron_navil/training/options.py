@@ -223,6 +223,26 @@ class RuntimeOptions:
     )
 
 
+@dataclass
+class FastPathOptions:
+    """GPU kernels: the layer implementation and the attention backend."""
+
+    transformer_impl: str = option(
+        "auto",
+        "layer implementation: te = TransformerEngine (LLM norms, grouped-GEMM experts, vision "
+        "linears), local = megatron-core's torch modules, auto = te where it imports on a GPU "
+        "(the start line says what was picked)",
+        choices=("auto", "local", "te"),
+    )
+    attention_backend: str = option(
+        "auto",
+        "varlen attention of the LLM and vision tower: flash = flash-attn, torch = "
+        "torch.nn.attention.varlen (CUDA), sdpa = bucketed scaled_dot_product_attention (any "
+        "device); auto = the first of these that runs here in the model's dtype",
+        choices=("auto", "flash", "torch", "sdpa"),
+    )
+
+
 def _title(text: str) -> dict[str, str]:
     return {"title": text}
 
@@ -239,6 +259,9 @@ class TrainConfig:
     optim: OptimOptions = field(default_factory=OptimOptions, metadata=_title("optimisation"))
     checkpoint: CheckpointOptions = field(
         default_factory=CheckpointOptions, metadata=_title("checkpoints")
+    )
+    fast: FastPathOptions = field(
+        default_factory=FastPathOptions, metadata=_title("fast path (GPU kernels)")
     )
     log: LogOptions = field(default_factory=LogOptions, metadata=_title("logs"))
     runtime: RuntimeOptions = field(

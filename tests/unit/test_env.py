@@ -36,6 +36,8 @@ EXPECTED_KEYS = {
     "cuda_ext",
     "cuda_ext_error",
     "distributed_backend",
+    "transformer_impl_auto",
+    "attention_backend_auto",
     "warnings",
 }
 
@@ -48,6 +50,26 @@ def test_collect_keys_and_values():
     assert info["distributed_backend"] == ("nccl" if info["cuda_available"] else "gloo")
     assert info["gpu_count"] == len(info["gpus"])
     json.dumps(info)  # serialisable
+
+
+def test_collect_reports_what_auto_picks(monkeypatch):
+    """The report's picks come from models.impl's resolvers (faked availability: a GPU with
+    TransformerEngine and flash-attn found must read te + flash)."""
+    import torch
+
+    from megatron_navil.models import impl
+
+    info = env.collect()
+    if not info["cuda_available"]:
+        assert (info["transformer_impl_auto"], info["attention_backend_auto"]) == ("local", "sdpa")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(impl.importlib.util, "find_spec", lambda name: object())
+    info = env.collect()
+    assert (info["transformer_impl_auto"], info["attention_backend_auto"]) == ("te", "flash")
+    rows = [line.split() for line in env.format_table(info).splitlines()]
+    assert ["--transformer-impl", "auto", "te"] in rows
+    assert ["--attention-backend", "auto", "flash"] in rows
 
 
 def test_collect_warns_on_megatron_core_mismatch(monkeypatch):
