@@ -51,9 +51,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int32) for windows of window x window merge units. Raises ValueError for bad input.");
   m.def("plan_packing", &megatron_navil::plan_packing, py::arg("llm_tokens"),
         py::arg("patches"), py::arg("seq_length"), py::arg("max_patches"), py::arg("oversize"),
+        py::arg("costs") = py::none(), py::arg("max_cost") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
         "First-fit-decreasing pack plan of int64 [n] llm_tokens / patches into sequences of at "
         "most seq_length tokens and max_patches patches (None: no limit) -> (seq_offsets, "
         "sample_ids, tokens_per_seq, patches_per_seq, skipped) int64 tensors. oversize is "
-        "'error' or 'skip'. Raises ValueError for bad input.");
+        "'error' or 'skip'; costs (int64 [n], each in [0, max_cost]) and max_cost: an optional "
+        "third budget per sequence. Raises ValueError for bad input.");
 }

@@ -34,31 +34,32 @@ std::string limit_str(int64_t max_patches) {
   return max_patches == kNoLimit ? "None" : std::to_string(max_patches);
 }
 
-// Max tree over bins' remaining (tokens, patches) room. Every leaf is a bin: the opened ones
+// Max tree over bins' remaining (tokens, patches, cost) room. Every leaf is a bin: the opened ones
 // first, then empty ones; the tree doubles when the last empty leaf is opened, so its size
 // follows the number of sequences (amortised O(1) per bin), not the number of samples.
 class BinTree {
  public:
-  BinTree(int64_t token_room, int64_t patch_room) : empty_{token_room, patch_room} {
+  BinTree(int64_t token_room, int64_t patch_room, int64_t cost_room)
+      : empty_{token_room, patch_room, cost_room} {
     grow(1024);
   }
 
-  // Lowest bin with room for (t, p); -1 only for a sample larger than an empty bin.
-  int64_t first_fit(int64_t t, int64_t p) const {
-    if (!fits(1, t, p)) return -1;
+  // Lowest bin with room for (t, p, c); -1 only for a sample larger than an empty bin.
+  int64_t first_fit(int64_t t, int64_t p, int64_t c) const {
+    if (!fits(1, t, p, c)) return -1;
     int64_t node = 1;
     while (node < leaves_) {
       const int64_t left = 2 * node;
-      if (fits(left, t, p)) {
+      if (fits(left, t, p, c)) {
         node = left;
-      } else if (fits(left + 1, t, p)) {
+      } else if (fits(left + 1, t, p, c)) {
         node = left + 1;
       } else {
         // Both maxima passed here but no child fits: go back up to the nearest left child
         // whose right sibling passes and continue there.
         for (;;) {
           if (node == 1) return -1;
-          if ((node & 1) == 0 && fits(node + 1, t, p)) {
+          if ((node & 1) == 0 && fits(node + 1, t, p, c)) {
             node = node + 1;
             break;
           }
@@ -69,14 +70,18 @@ class BinTree {
     return node - leaves_;  // a leaf that passed both tests: this bin fits
   }
 
-  void take(int64_t bin, int64_t t, int64_t p) {
+  void take(int64_t bin, int64_t t, int64_t p, int64_t c) {
     int64_t node = leaves_ + bin;
     room_[node].tokens -= t;
     room_[node].patches -= p;
+    room_[node].cost -= c;
     for (node >>= 1; node >= 1; node >>= 1) {
       const Room before = room_[node];
       pull(node);
-      if (room_[node].tokens == before.tokens && room_[node].patches == before.patches) break;
+      if (room_[node].tokens == before.tokens && room_[node].patches == before.patches &&
+          room_[node].cost == before.cost) {
+        break;
+      }
     }
     if (bin == leaves_ - 1) grow(2 * leaves_);  // keep an empty bin after the opened ones
   }
@@ -85,6 +90,7 @@ class BinTree {
   struct Room {
     int64_t tokens;
     int64_t patches;
+    int64_t cost;
   };
 
   void grow(int64_t leaves) {
@@ -96,13 +102,14 @@ class BinTree {
     leaves_ = leaves;
     for (int64_t node = leaves_ - 1; node >= 1; --node) pull(node);
   }
-  bool fits(int64_t node, int64_t t, int64_t p) const {
-    return room_[node].tokens >= t && room_[node].patches >= p;
+  bool fits(int64_t node, int64_t t, int64_t p, int64_t c) const {
+    return room_[node].tokens >= t && room_[node].patches >= p && room_[node].cost >= c;
   }
   void pull(int64_t node) {
     const Room& a = room_[2 * node];
     const Room& b = room_[2 * node + 1];
-    room_[node] = {std::max(a.tokens, b.tokens), std::max(a.patches, b.patches)};
+    room_[node] = {std::max(a.tokens, b.tokens), std::max(a.patches, b.patches),
+                   std::max(a.cost, b.cost)};
   }
 
   Room empty_;
@@ -113,13 +120,15 @@ class BinTree {
 struct Item {
   int64_t tokens;
   int64_t patches;
+  int64_t cost;
   int64_t index;
 };
 
 }  // namespace
 
 PackPlan plan_packing_ffd(const int64_t* llm_tokens, const int64_t* patches, int64_t n,
-                          int64_t seq_length, int64_t max_patches, bool skip_oversize) {
+                          int64_t seq_length, int64_t max_patches, bool skip_oversize,
+                          const int64_t* costs, int64_t max_cost) {
   if (seq_length <= 0) {
     fail("seq_length must be a positive integer, got " + std::to_string(seq_length));
   }
@@ -139,6 +148,15 @@ PackPlan plan_packing_ffd(const int64_t* llm_tokens, const int64_t* patches, int
            " is negative");
     }
   }
+  if (max_cost <= 0) {
+    fail("max_cost must be a positive integer or None, got " + std::to_string(max_cost));
+  }
+  for (int64_t i = 0; costs != nullptr && i < n; ++i) {
+    if (costs[i] < 0 || costs[i] > max_cost) {
+      fail("costs[" + std::to_string(i) + "] = " + std::to_string(costs[i]) +
+           " must be in [0, max_cost]");
+    }
+  }
   PackPlan plan;
   std::vector<Item> items;
   items.reserve(static_cast<size_t>(n));
@@ -153,7 +171,7 @@ PackPlan plan_packing_ffd(const int64_t* llm_tokens, const int64_t* patches, int
       }
       plan.skipped.push_back(i);
     } else {
-      items.push_back({llm_tokens[i], patches[i], i});
+      items.push_back({llm_tokens[i], patches[i], costs == nullptr ? 0 : costs[i], i});
     }
   }
   // A strict total order (index breaks every tie): std::sort's result is unique.
@@ -164,13 +182,13 @@ PackPlan plan_packing_ffd(const int64_t* llm_tokens, const int64_t* patches, int
   });
 
   const auto m = static_cast<int64_t>(items.size());
-  BinTree tree(seq_length, max_patches);
+  BinTree tree(seq_length, max_patches, max_cost);
   std::vector<int64_t> bin_of(static_cast<size_t>(n), -1);
   int64_t num_bins = 0;
   for (const Item& item : items) {
-    const int64_t bin = tree.first_fit(item.tokens, item.patches);
+    const int64_t bin = tree.first_fit(item.tokens, item.patches, item.cost);
     if (bin < 0) fail("internal error: no bin found for sample " + std::to_string(item.index));
-    tree.take(bin, item.tokens, item.patches);
+    tree.take(bin, item.tokens, item.patches, item.cost);
     bin_of[item.index] = bin;
     num_bins = std::max(num_bins, bin + 1);
   }
@@ -217,7 +235,8 @@ torch::Tensor to_tensor(const std::vector<int64_t>& v) {
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>
 plan_packing(const torch::Tensor& llm_tokens, const torch::Tensor& patches, int64_t seq_length,
-             std::optional<int64_t> max_patches, const std::string& oversize) {
+             std::optional<int64_t> max_patches, const std::string& oversize,
+             const std::optional<torch::Tensor>& costs, std::optional<int64_t> max_cost) {
   const int64_t* tok = check_counts("llm_tokens", llm_tokens);
   const int64_t* pat = check_counts("patches", patches);
   if (llm_tokens.numel() != patches.numel()) {
@@ -227,8 +246,16 @@ plan_packing(const torch::Tensor& llm_tokens, const torch::Tensor& patches, int6
   if (oversize != "error" && oversize != "skip") {
     fail("oversize must be 'error' or 'skip', got '" + oversize + "'");
   }
-  const PackPlan plan = plan_packing_ffd(tok, pat, llm_tokens.numel(), seq_length,
-                                         max_patches.value_or(kNoLimit), oversize == "skip");
+  const int64_t* cost = nullptr;
+  if (costs.has_value()) {
+    cost = check_counts("costs", *costs);
+    if (costs->numel() != llm_tokens.numel()) {
+      fail("costs must have one entry per sample, got " + std::to_string(costs->numel()));
+    }
+  }
+  const PackPlan plan =
+      plan_packing_ffd(tok, pat, llm_tokens.numel(), seq_length, max_patches.value_or(kNoLimit),
+                       oversize == "skip", cost, max_cost.value_or(kNoLimit));
   return {to_tensor(plan.seq_offsets), to_tensor(plan.sample_ids),
           to_tensor(plan.tokens_per_seq), to_tensor(plan.patches_per_seq),
           to_tensor(plan.skipped)};

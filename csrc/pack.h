@@ -26,6 +26,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -43,14 +44,19 @@ struct PackPlan {
 };
 
 // The algorithm, torch-free. max_patches = INT64_MAX means no patch limit.
+// costs (nullable: all 0) [n] int64 in [0, max_cost]: a third budget, max_cost per sequence
+// (INT64_MAX: no limit); the sort order does not look at it.
 PackPlan plan_packing_ffd(const int64_t* llm_tokens, const int64_t* patches, int64_t n,
-                          int64_t seq_length, int64_t max_patches, bool skip_oversize);
+                          int64_t seq_length, int64_t max_patches, bool skip_oversize,
+                          const int64_t* costs = nullptr,
+                          int64_t max_cost = std::numeric_limits<int64_t>::max());
 
 // Binding entry: 1-D int64 CPU tensors in, (seq_offsets, sample_ids, tokens_per_seq,
 // patches_per_seq, skipped) int64 tensors out. max_patches nullopt = no limit; oversize is
-// "error" or "skip".
+// "error" or "skip"; costs / max_cost: the optional third budget (nullopt: none).
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>
 plan_packing(const torch::Tensor& llm_tokens, const torch::Tensor& patches, int64_t seq_length,
-             std::optional<int64_t> max_patches, const std::string& oversize);
+             std::optional<int64_t> max_patches, const std::string& oversize,
+             const std::optional<torch::Tensor>& costs, std::optional<int64_t> max_cost);
 
 }  // namespace megatron_navil

@@ -129,6 +129,19 @@ def eval_sets_of(
     return sets
 
 
+def data_costs(data: Any, cfg: Any) -> dict[str, Any]:
+    """The loader's cost arguments (``build_data_loader``) of ``--balance-data`` and
+    ``--max-sequence-cost`` (``data``: the ``DataOptions``) for model ``cfg``."""
+    from megatron_navil.training.flops import cost_model
+
+    costs = cost_model(cfg)
+    budget = None
+    if data.max_sequence_cost is not None:  # a multiple of one full-length text sample's
+        budget = data.max_sequence_cost * float(costs.flops([data.seq_length], [0], [0])[0])
+    balance = {"auto": None, "on": True, "off": False}[data.balance_data]
+    return {"cost_model": costs, "max_sequence_cost": budget, "balance": balance}
+
+
 def corpus_image_config(cfg: Any, images: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
     """``cfg`` with the image preprocessing of the corpora it trains on (``images``: each
     manifest's ``image`` section), and the fields that changed. The checkpoint's config then
@@ -389,6 +402,7 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
         # only the first pipeline stage runs the vision encoder; the others skip decoding
         pixels=groups.is_first_stage(),
         vision_window_size=cfg.vision.window_size,
+        **data_costs(data, cfg),
     )  # fmt: skip
     peak = mfu_peak_flops(log.peak_tflops)
     flops_of = functools.partial(batch_flops, cfg) if peak else None

@@ -29,6 +29,7 @@ import torch
 
 from megatron_navil.data.assemble import PackedSequenceBuilder
 from megatron_navil.data.batch import PackedBatch
+from megatron_navil.data.cost import CostModel
 from megatron_navil.data.packing import DEFAULT_WINDOW, SequenceStream
 from megatron_navil.data.sampler import PackedSampler, SequenceRef
 from megatron_navil.data.shards.corpus import ShardDataset
@@ -174,14 +175,22 @@ def build_data_loader(
     multiprocessing_context: str | None = None,
     pixels: bool = True,
     vision_window_size: int | None = None,
+    cost_model: CostModel | None = None,
+    max_sequence_cost: float | None = None,
+    balance: bool | None = None,
 ) -> PackedDataLoader:
     """Open the corpora and wire stream, sampler, builder and loader (see each class).
 
     ``corpora``: corpus directories / manifests (opened with ``verify``) or open
-    ``ShardDataset`` s; ``weights``: one per corpus (None: proportional to sizes). The other
-    arguments go to :class:`SequenceStream`, :class:`PackedSampler`,
+    ``ShardDataset`` s; ``weights``: one per corpus (None: proportional to sizes).
+    ``cost_model``: what a sample costs (``data.cost``); with it, ``max_sequence_cost``
+    (FLOPs, None: no limit) is the pack planner's cost budget per sequence and ``balance``
+    deals each global batch to the data-parallel ranks by cost (None: when ``dp_size > 1``).
+    The other arguments go to :class:`SequenceStream`, :class:`PackedSampler`,
     :class:`PackedSequenceBuilder` and :class:`PackedDataLoader`.
     """
+    if cost_model is None and (max_sequence_cost is not None or balance):
+        raise ValueError("max_sequence_cost and balance need a cost_model")
     datasets = [
         c if isinstance(c, ShardDataset) else ShardDataset(c, verify=verify) for c in corpora
     ]
@@ -195,8 +204,13 @@ def build_data_loader(
         window=window,
         samples_per_epoch=samples_per_epoch,
         names=[str(d.root) for d in datasets],
+        costs=None if cost_model is None else [cost_model.sample_costs(d) for d in datasets],
+        max_cost=None if max_sequence_cost is None else cost_model.units(max_sequence_cost),
+        pad_cost=(0.0, 0.0) if cost_model is None else cost_model.padding,
     )
-    sampler = PackedSampler(stream, global_batch, dp_rank, dp_size)
+    if balance is None:
+        balance = cost_model is not None and dp_size > 1
+    sampler = PackedSampler(stream, global_batch, dp_rank, dp_size, balance=balance)
     builder = PackedSequenceBuilder(
         datasets, seq_length, loss_weighting, pad_id=pad_id, patch_dtype=patch_dtype,
         pixels=pixels, vision_window_size=vision_window_size,

@@ -37,6 +37,7 @@ import numpy as np
 
 from megatron_navil.data.blend import Blend
 from megatron_navil.ops import plan_packing
+from megatron_navil.ops.pack import PackPlan
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class WindowPlan:
     """Samples in the window (placed + skipped)."""
     skipped: np.ndarray
     """int64 ``[k, 2]``: the window's oversize draws ``(dataset, sample)``, left out."""
+    costs: np.ndarray | None = None
+    """int64 ``[S]``: each sequence's cost (``data.cost.CostModel`` units), when the stream
+    has per-sample costs."""
 
 
 class SequenceStream:
@@ -87,6 +91,14 @@ class SequenceStream:
         window: samples per planning window.
         samples_per_epoch: draws per blended epoch (default: the total size).
         names: dataset names for the oversize report.
+        costs: per dataset, int64 ``[n_i]`` each sample's cost (``CostModel.sample_costs``):
+            each sequence's cost is then known (``WindowPlan.costs``, for the data-parallel
+            balance).
+        max_cost: cost budget per sequence (needs ``costs``; None: none), the planner's third
+            budget: sequences whose samples would cost more are split.
+        pad_cost: ``(per token, per token squared)`` cost of a sequence's padding segment
+            (``CostModel.padding``): every sequence is computed at its full length, so its
+            cost (``WindowPlan.costs``) includes what its padding costs.
     """
 
     def __init__(
@@ -101,6 +113,9 @@ class SequenceStream:
         samples_per_epoch: int | None = None,
         names: Sequence[str] | None = None,
         cache_windows: int = 4,
+        costs: Sequence[np.ndarray] | None = None,
+        max_cost: int | None = None,
+        pad_cost: tuple[float, float] = (0.0, 0.0),
     ):
         if len(llm_tokens) != len(patches) or not llm_tokens:
             raise ValueError("SequenceStream: need llm_tokens and patches for each dataset")
@@ -115,6 +130,13 @@ class SequenceStream:
             raise ValueError(f"SequenceStream: max_patches must be >= 1 or None, got {max_patches}")
         if int(window) < 1:
             raise ValueError(f"SequenceStream: window must be >= 1, got {window}")
+        if costs is not None and [len(c) for c in costs] != [len(t) for t in self.llm_tokens]:
+            raise ValueError("SequenceStream: costs need one entry per sample of each dataset")
+        if max_cost is not None and (costs is None or int(max_cost) < 1):
+            raise ValueError(f"SequenceStream: max_cost {max_cost} needs costs and must be >= 1")
+        self.costs = None if costs is None else [np.asarray(c, np.int64) for c in costs]
+        self.max_cost = None if max_cost is None else int(max_cost)
+        self.pad_cost = (float(pad_cost[0]), float(pad_cost[1]))
         self.seq_length = int(seq_length)
         self.max_patches = None if max_patches is None else int(max_patches)
         self.window = int(window)
@@ -172,6 +194,10 @@ class SequenceStream:
         for t, p in zip(self.llm_tokens, self.patches, strict=True):
             h.update(t.astype("<i8").tobytes())
             h.update(p.astype("<i8").tobytes())
+        if self.max_cost is not None and self.costs is not None:  # it changes the plans
+            h.update(f";cost={self.max_cost}".encode())
+            for c in self.costs:
+                h.update(c.astype("<i8").tobytes())
         self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -185,11 +211,17 @@ class SequenceStream:
         ds, samples = self.blend.window(key[0], key[1], self.window)
         tokens = np.empty(len(ds), np.int64)
         patches = np.empty(len(ds), np.int64)
+        costs = None if self.costs is None else np.empty(len(ds), np.int64)
         for i in range(self.blend.num_datasets):
             sel = ds == i
             tokens[sel] = self.llm_tokens[i][samples[sel]]
             patches[sel] = self.patches[i][samples[sel]]
-        pack = plan_packing(tokens, patches, self.seq_length, self.max_patches, oversize="skip")
+            if costs is not None:
+                costs[sel] = self.costs[i][samples[sel]]  # type: ignore[index]
+        budget = {} if self.max_cost is None else {"costs": costs, "max_cost": self.max_cost}
+        pack = plan_packing(
+            tokens, patches, self.seq_length, self.max_patches, oversize="skip", **budget
+        )
         draws = np.stack([ds, samples], axis=1)
         draws.setflags(write=False)
         order = np.random.Generator(
@@ -204,6 +236,7 @@ class SequenceStream:
             patches=pack.patches_per_seq[order],
             num_samples=len(ds),
             skipped=draws[pack.skipped],
+            costs=None if costs is None else self._with_padding(_sums(costs, pack), pack)[order],
         )
         self._cache[key] = plan
         while len(self._cache) > self._cache_size:
@@ -241,6 +274,24 @@ class SequenceStream:
                 epoch, w = epoch + 1, 0
         return StreamPosition(epoch, w, offset, pos.consumed + 1)
 
+    def _with_padding(self, costs: np.ndarray, pack: PackPlan) -> np.ndarray:
+        free = (self.seq_length - pack.tokens_per_seq).astype(np.float64)
+        linear, square = self.pad_cost
+        return costs + np.rint(linear * free + square * free * free).astype(np.int64)
+
+    def sequence_cost(self, pos: StreamPosition) -> int:
+        """The cost of the sequence at ``pos`` (needs the stream's ``costs``)."""
+        costs = self.window_plan(pos.epoch, pos.window).costs
+        if costs is None:
+            raise ValueError("SequenceStream: no per-sample costs were given")
+        return int(costs[pos.offset])
+
     def epoch_sequences(self, epoch: int) -> list[np.ndarray]:
         """All packed sequences of one epoch (for tests and inspection)."""
         return [s for w in range(self.num_windows) for s in self.window_plan(epoch, w).sequences]
+
+
+def _sums(values: np.ndarray, pack: PackPlan) -> np.ndarray:
+    """int64 ``[S]``: the sum of ``values`` over each planned sequence's samples."""
+    csum = np.concatenate([[0], np.cumsum(values[pack.sample_ids], dtype=np.int64)])
+    return csum[pack.seq_offsets[1:]] - csum[pack.seq_offsets[:-1]]

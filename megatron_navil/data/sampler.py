@@ -1,9 +1,20 @@
 """The data-parallel sampler over the global stream of packed sequences, and its state.
 
 Global step ``g`` consumes sequences ``[g * B, (g + 1) * B)`` of the global stream
-(:class:`megatron_navil.data.packing.SequenceStream`), ``B = global_batch``. Data-parallel
-rank ``r`` of ``D`` takes the *contiguous* share ``[g * B + r * B / D, g * B + (r + 1) * B / D)``
-(``B % D == 0``), one packed sequence per micro-batch. Every rank walks the whole stream (the
+(:class:`megatron_navil.data.packing.SequenceStream`), ``B = global_batch``. Each of the ``D``
+data-parallel ranks takes ``B / D`` of them (``B % D == 0``), one packed sequence per
+micro-batch:
+
+* ``balance=False``: rank ``r`` takes the *contiguous* share
+  ``[g * B + r * B / D, g * B + (r + 1) * B / D)``;
+* ``balance=True`` (needs the stream's sequence costs, ``SequenceStream(costs=...)``): the
+  global batch's sequences are dealt by cost, longest-processing-time first: costliest first
+  (stream order breaks ties), each to the rank with the smallest total so far among those with
+  fewer than ``B / D`` (lowest rank on a tie), so the ranks' total costs are even and nobody
+  waits for a rank that drew the heavy sequences. Each rank's share keeps stream order.
+
+Either way the split is a function of the global batch and ``D`` alone, so it is the same on
+every rank and after a resume, also with another ``D``. Every rank walks the whole stream (the
 plan is cheap and the same everywhere) and keeps its share, so no rank communicates.
 
 State (:meth:`PackedSampler.state_dict`, saved in every checkpoint; a few integers)::
@@ -57,6 +68,19 @@ class SequenceRef:
     """Whether it is this rank's last sequence of the global batch."""
 
 
+def balanced_shares(costs: list[int], ranks: int) -> list[list[int]]:
+    """Indices of ``costs`` for each of ``ranks`` ranks, ``len(costs) / ranks`` each, dealt
+    longest-processing-time first (module doc); each rank's indices ascending. Integer costs:
+    the same split on every machine."""
+    per = len(costs) // ranks
+    totals, shares = [0] * ranks, [[] for _ in range(ranks)]
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        r = min((r for r in range(ranks) if len(shares[r]) < per), key=lambda r: (totals[r], r))
+        shares[r].append(j)
+        totals[r] += costs[j]
+    return [sorted(s) for s in shares]
+
+
 class PackedSampler:
     """Iterates this data-parallel rank's packed sequences, endlessly (module doc).
 
@@ -64,10 +88,16 @@ class PackedSampler:
         stream: the global stream.
         global_batch: packed sequences per global step ``B``.
         dp_rank, dp_size: this rank and the data-parallel size ``D`` (``B % D == 0``).
+        balance: deal each global batch's sequences to the ranks by cost (module doc).
     """
 
     def __init__(
-        self, stream: SequenceStream, global_batch: int, dp_rank: int = 0, dp_size: int = 1
+        self,
+        stream: SequenceStream,
+        global_batch: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        balance: bool = False,
     ):
         global_batch, dp_rank, dp_size = int(global_batch), int(dp_rank), int(dp_size)
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -76,6 +106,9 @@ class PackedSampler:
             raise ValueError(
                 f"global_batch={global_batch} must be a positive multiple of dp_size={dp_size}"
             )
+        if balance and stream.costs is None:
+            raise ValueError("balance=True needs a stream with sequence costs (costs=...)")
+        self.balance = bool(balance)
         self.stream = stream
         self.global_batch = global_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -91,13 +124,17 @@ class PackedSampler:
 
     def refs(self, start: StreamPosition) -> Iterator[SequenceRef]:
         """This rank's sequences from global-batch boundary ``start`` on, endlessly."""
-        lo, hi = self.dp_rank * self.per_rank, (self.dp_rank + 1) * self.per_rank
+        contiguous = range(self.dp_rank * self.per_rank, (self.dp_rank + 1) * self.per_rank)
         it = self.stream.iterate(start)
         step = start.consumed // self.global_batch
         while True:
             batch = [next(it) for _ in range(self.global_batch)]
             end = self.stream.advance(batch[-1][0])
-            for j in range(lo, hi):
+            share = contiguous
+            if self.balance:
+                costs = [self.stream.sequence_cost(pos) for pos, _ in batch]
+                share = balanced_shares(costs, self.dp_size)[self.dp_rank]
+            for k, j in enumerate(share):
                 pos, draws = batch[j]
                 yield SequenceRef(
                     index=pos.consumed,
@@ -105,7 +142,7 @@ class PackedSampler:
                     step=step,
                     draws=draws,
                     batch_end=end,
-                    last_of_share=j == hi - 1,
+                    last_of_share=k == len(share) - 1,
                 )
             step += 1
 

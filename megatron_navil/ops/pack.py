@@ -93,6 +93,8 @@ class PackPlan:
     """LLM-token budget of every sequence."""
     max_patches: int | None
     """Patch budget of every sequence (None: no limit)."""
+    max_cost: int | None = None
+    """Cost budget of every sequence (None: none)."""
 
     def __post_init__(self) -> None:
         for name in ("seq_offsets", "sample_ids", "tokens_per_seq", "patches_per_seq", "skipped"):
@@ -136,6 +138,7 @@ class PackPlan:
         return (
             self.seq_length == other.seq_length
             and self.max_patches == other.max_patches
+            and self.max_cost == other.max_cost
             and all(
                 np.array_equal(getattr(self, name), getattr(other, name)) for name in _ARRAY_FIELDS
             )
@@ -146,6 +149,8 @@ class PackPlan:
         plans on any machine or process, e.g. to check all data-parallel ranks agree."""
         h = hashlib.sha256()
         h.update(f"{self.seq_length},{self.max_patches}".encode())
+        if self.max_cost is not None:  # (plans without one keep their earlier digests)
+            h.update(f",cost={self.max_cost}".encode())
         for name in _ARRAY_FIELDS:
             array = getattr(self, name)
             h.update(f";{name}:{len(array)};".encode())
@@ -245,7 +250,12 @@ def _validate(
 
 
 def _plan_reference(
-    tokens: np.ndarray, patches: np.ndarray, seq_length: int, max_patches: int | None
+    tokens: np.ndarray,
+    patches: np.ndarray,
+    seq_length: int,
+    max_patches: int | None,
+    costs: np.ndarray | None = None,
+    max_cost: int | None = None,
 ) -> PackPlan:
     limit = INT64_MAX if max_patches is None else max_patches
     fits_empty = (tokens <= seq_length) & (patches <= limit)
@@ -258,14 +268,18 @@ def _plan_reference(
     # [0, opened] always finds a fit (every placed sample fits an empty bin).
     room_tokens = np.full(m + 1, seq_length, dtype=np.int64)
     room_patches = np.full(m + 1, limit, dtype=np.int64)
+    room_cost = np.full(m + 1, INT64_MAX if max_cost is None else max_cost, dtype=np.int64)
+    cost_of = np.zeros(len(tokens), np.int64) if costs is None else costs
     bin_of = np.full(len(tokens), -1, dtype=np.int64)
     opened = 0
     for i in order.tolist():
-        t, p = int(tokens[i]), int(patches[i])
+        t, p, c = int(tokens[i]), int(patches[i]), int(cost_of[i])
         ok = (room_tokens[: opened + 1] >= t) & (room_patches[: opened + 1] >= p)
+        ok &= room_cost[: opened + 1] >= c
         b = int(np.argmax(ok))  # the first True
         room_tokens[b] -= t
         room_patches[b] -= p
+        room_cost[b] -= c
         bin_of[i] = b
         opened = max(opened, b + 1)
     ids = [[] for _ in range(opened)]
@@ -281,6 +295,7 @@ def _plan_reference(
         skipped=skipped,
         seq_length=seq_length,
         max_patches=max_patches,
+        max_cost=max_cost,
     )
 
 
@@ -290,13 +305,35 @@ def plan_packing_reference(
     seq_length: int,
     max_patches: int | None = None,
     oversize: str = "error",
+    costs: CountsLike | None = None,
+    max_cost: int | None = None,
 ) -> PackPlan:
     """Pure-Python/numpy reference of :func:`plan_packing`: the same policy with a linear scan
     over the open sequences per sample (O(n * S); fine for tests with thousands of samples)."""
     tokens, patch_counts, seq_length, max_patches, _ = _validate(
         llm_tokens, patches, seq_length, max_patches, oversize
     )
-    return _plan_reference(tokens, patch_counts, seq_length, max_patches)
+    cost, max_cost = _cost_budget(costs, max_cost, len(tokens))
+    return _plan_reference(tokens, patch_counts, seq_length, max_patches, cost, max_cost)
+
+
+def _cost_budget(
+    costs: CountsLike | None, max_cost: int | None, n: int
+) -> tuple[np.ndarray | None, int | None]:
+    """The third budget: ``costs`` clamped to ``max_cost`` (a sample costlier than a whole
+    sequence then fills one alone: it is never skipped for its cost), or ``(None, None)``."""
+    if costs is None and max_cost is None:
+        return None, None
+    if costs is None or max_cost is None:
+        raise ValueError(f"{_OP}: costs and max_cost go together (got only one of them)")
+    array = _counts("costs", costs)
+    if len(array) != n:
+        raise ValueError(f"{_OP}: costs must have one entry per sample, got {len(array)} for {n}")
+    max_cost = _budget("max_cost", max_cost, allow_none=False)
+    bad = np.flatnonzero(array < 0)
+    if bad.size:
+        raise ValueError(f"{_OP}: costs[{int(bad[0])}] = {array[int(bad[0])]} is negative")
+    return np.minimum(array, max_cost), max_cost
 
 
 # ----------------------------------------------------------------------------- public op
@@ -308,8 +345,11 @@ def plan_packing(
     seq_length: int,
     max_patches: int | None = None,
     oversize: str = "error",
+    costs: CountsLike | None = None,
+    max_cost: int | None = None,
 ) -> PackPlan:
-    """Assign samples to packed sequences by first-fit decreasing over two budgets.
+    """Assign samples to packed sequences by first-fit decreasing over two budgets (three with
+    a cost budget).
 
     Every sequence gets at most ``seq_length`` LLM tokens and at most ``max_patches``
     vision-encoder patches (``None``: no patch limit). ``llm_tokens`` and ``patches`` are
@@ -322,6 +362,11 @@ def plan_packing(
     ``patches > max_patches``) raise with ``oversize="error"`` (the default) and are left out
     and listed in ``PackPlan.skipped`` with ``oversize="skip"``.
 
+    ``costs`` (per-sample non-negative integers, e.g. the compute a sample costs) and
+    ``max_cost`` add a third budget: a sequence's samples cost at most ``max_cost`` together.
+    A sample costing more than ``max_cost`` counts as ``max_cost`` (it fills a sequence alone,
+    it is not skipped). The order samples are taken in does not change.
+
     Raises:
         ValueError: counts not 1-D integer arrays fitting int64, or of different lengths; a
             sample with fewer than 1 token or negative patches; ``seq_length`` /
@@ -331,15 +376,18 @@ def plan_packing(
     tokens, patch_counts, seq_length, max_patches, skip = _validate(
         llm_tokens, patches, seq_length, max_patches, oversize
     )
+    cost, max_cost = _cost_budget(costs, max_cost, len(tokens))
     native = _native()
     if native is None:
-        return _plan_reference(tokens, patch_counts, seq_length, max_patches)
+        return _plan_reference(tokens, patch_counts, seq_length, max_patches, cost, max_cost)
+    extra = {} if cost is None else {"costs": torch.from_numpy(cost), "max_cost": max_cost}
     offsets, ids, tok, pat, skipped = native.plan_packing(
         torch.from_numpy(tokens),
         torch.from_numpy(patch_counts),
         seq_length,
         max_patches,
         "skip" if skip else "error",
+        **extra,
     )
     return PackPlan(
         seq_offsets=offsets.numpy(),
@@ -349,4 +397,5 @@ def plan_packing(
         skipped=skipped.numpy(),
         seq_length=seq_length,
         max_patches=max_patches,
+        max_cost=max_cost,
     )

@@ -65,3 +65,49 @@ def realistic_pack_counts(
     tokens = text + (costs[picks, 0] * used).sum(axis=1)
     patches = (costs[picks, 1] * used).sum(axis=1)
     return tokens.astype(np.int64), patches.astype(np.int64)
+
+
+# Tux Paint-like drawings: a few fixed canvas sizes (the canvas of the default 800x600 window
+# and of larger screens), every image of a corpus at one of them.
+CANVAS_SIZES = ((376, 448), (472, 608), (544, 672), (600, 800), (768, 1024))
+SIDE_RANGE = (64, 2048)  # the lognormal mix's sides, pixels
+
+
+def image_mix_counts(
+    num_samples: int, mix: str = "lognormal", seed: int = 0, geometry: object | None = None
+) -> dict[str, np.ndarray]:
+    """Per-sample ``llm_tokens``, ``patches`` and ``patches_sq`` (sum of squared patches per
+    image scale) int64 ``[num_samples]`` of a corpus whose images follow ``mix``:
+    ``lognormal``: each side lognormal (median 512 px, sigma 0.8) clipped to 64..2048 px;
+    ``canvas``: one of :data:`CANVAS_SIZES`. Text and images per sample as
+    :func:`realistic_pack_counts`; scales from ``geometry`` (an ``ops.ImageGeometry``;
+    default NaViL's, multi-scale on)."""
+    from megatron_navil.ops.geometry import ImageGeometry
+
+    g = geometry if geometry is not None else ImageGeometry()
+    rng = np.random.default_rng(seed)
+    if mix == "lognormal":
+        sides = np.clip(rng.lognormal(np.log(512.0), 0.8, (256, 2)), *SIDE_RANGE).astype(int)
+        catalog = [tuple(int(x) for x in hw) for hw in sides]
+    elif mix == "canvas":
+        catalog = list(CANVAS_SIZES)
+    else:
+        raise ValueError(f"mix must be 'lognormal' or 'canvas', got {mix!r}")
+    rows = []
+    for h, w in catalog:
+        grids = [g.grid(a, b) for a, b in g.scales(h, w)]  # type: ignore[attr-defined]
+        per = [gh * gw for gh, gw in grids]
+        merge = g.merge  # type: ignore[attr-defined]
+        tokens = 2 + sum((gh // merge) * (gw // merge) + gh // merge + 1 for gh, gw in grids)
+        rows.append((tokens, sum(per), sum(p * p for p in per)))
+    costs = np.array(rows, np.int64)
+    text = np.clip(rng.lognormal(np.log(300.0), 1.0, num_samples), 20, 4000).astype(np.int64)
+    num_images = rng.choice(len(IMAGES_PER_SAMPLE_P), num_samples, p=IMAGES_PER_SAMPLE_P)
+    picks = rng.integers(0, len(costs), (num_samples, len(IMAGES_PER_SAMPLE_P) - 1))
+    used = np.arange(picks.shape[1]) < num_images[:, None]
+    per_sample = (costs[picks] * used[..., None]).sum(axis=1)
+    return {
+        "llm_tokens": text + per_sample[:, 0],
+        "patches": per_sample[:, 1],
+        "patches_sq": per_sample[:, 2],
+    }

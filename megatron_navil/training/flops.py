@@ -68,3 +68,22 @@ def step_model_flops(result: Any) -> float:
     """``LoopConfig.flops_per_step``: the global batch's model FLOPs that ``train_step``
     summed over micro-batches and data-parallel ranks (``StepResult.model_flops``)."""
     return float(result.model_flops)
+
+
+def cost_model(cfg: Any) -> Any:
+    """The data pipeline's ``data.cost.CostModel`` of NaViL config ``cfg``: the FLOP counter's
+    formulas (``planning.flops``) split into their four terms (LLM tokens, squared sample
+    length, patches, squared patches per image segment), by evaluating them at lengths 1 and 2
+    (each is ``a n + b n**2``). One cost unit is a 64th of one LLM token's linear FLOPs, fine
+    enough that rounding a sample's cost to units changes nothing that matters."""
+    from megatron_navil.data.cost import CostModel
+    from megatron_navil.planning.flops import llm_flops, vision_flops
+
+    def terms(f: Any) -> tuple[float, float]:
+        one, two = f([1]), f([2])
+        quadratic = (two - 2 * one) / 2
+        return one - quadratic, quadratic
+
+    token, token_sq = terms(lambda n: llm_flops(cfg, n))
+    patch, patch_sq = terms(lambda n: vision_flops(cfg, n))
+    return CostModel(token, token_sq, patch, patch_sq, unit=token / 64)

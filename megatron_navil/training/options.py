@@ -102,6 +102,25 @@ class DataOptions:
         choices=("token", "sample", "square"),
     )
     num_workers: int = option(0, "data-loader worker processes", min=0)
+    balance_data: str = option(
+        "auto",
+        "deal each global batch's packed sequences to the data-parallel ranks by their cost "
+        "(model FLOPs from the index: LLM tokens and squared sample lengths, patches and "
+        "squared patches per image scale), costliest first to the least loaded rank, so no "
+        "rank waits for one that drew the heavy images; auto: on when DP > 1 (at DP 1 it "
+        "changes nothing); the split is the same after a resume, also at another DP size",
+        choices=("auto", "on", "off"),
+    )
+    max_sequence_cost: float | None = option(
+        None,
+        "cost budget of a packed sequence, as a multiple of the cost of one --seq-length "
+        "text-only sample (the pack planner's third budget besides tokens and patches): "
+        "sequences that would cost more, e.g. with several large images whose attention is "
+        "quadratic in their patches, are split, so sequences cost about the same; default: no "
+        "budget",
+        positive=True,
+        metavar="X",
+    )
 
 
 @dataclass

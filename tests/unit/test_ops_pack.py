@@ -485,3 +485,63 @@ def test_native_extension_built_in_ci():
         assert pack_mod._native() is not None, "megatron_navil._C lacks plan_packing"
     elif pack_mod._native() is None:
         pytest.skip("native extension not built")
+
+
+# ----------------------------------------------------------------------------- cost budget
+
+
+@st.composite
+def pack_inputs_with_costs(draw):
+    tokens, patches, seq_length, max_patches = draw(pack_inputs())
+    max_cost = draw(st.integers(1, 60))
+    costs = draw(
+        st.lists(st.integers(0, max_cost + 10), min_size=len(tokens), max_size=len(tokens))
+    )
+    return tokens, patches, seq_length, max_patches, costs, max_cost
+
+
+@settings(max_examples=300, deadline=None)
+@given(pack_inputs_with_costs())
+def test_cost_budget_native_equals_reference_and_holds(inputs):
+    """The third budget: every sequence's (clamped) cost is within ``max_cost``; a sample
+    costing more than a sequence fills one alone (never skipped for its cost); both paths give
+    the same plan."""
+    tokens, patches, seq_length, max_patches, costs, max_cost = inputs
+    plan = plan_packing(tokens, patches, seq_length, max_patches, "skip", costs, max_cost)
+    ref = plan_packing_reference(tokens, patches, seq_length, max_patches, "skip", costs, max_cost)
+    assert_same_plan(plan, ref)
+    check_plan(plan, tokens, patches, seq_length, max_patches)
+    clamped = np.minimum(np.asarray(costs, np.int64), max_cost)
+    for seq in plan:
+        assert int(clamped[seq].sum()) <= max_cost
+        if any(costs[i] > max_cost for i in seq.tolist()):
+            assert all(clamped[i] == 0 for i in seq.tolist() if costs[i] <= max_cost)
+    fits = [i for i in range(len(tokens)) if tokens[i] <= seq_length
+            and (max_patches is None or patches[i] <= max_patches)]  # fmt: skip
+    assert sorted(plan.sample_ids.tolist()) == fits  # the cost never skips a sample
+
+
+def test_cost_budget_splits_what_the_other_budgets_pack_together():
+    tokens, patches = [4, 4, 4, 4], [0, 0, 0, 0]
+    assert len(plan_packing(tokens, patches, 16)) == 1
+    plan = plan_packing(tokens, patches, 16, costs=[5, 5, 5, 5], max_cost=10)
+    assert [s.tolist() for s in plan] == [[0, 1], [2, 3]] and plan.max_cost == 10
+    zero = plan_packing(tokens, patches, 16, costs=[0, 0, 0, 0], max_cost=10)
+    assert [s.tolist() for s in zero] == [[0, 1, 2, 3]]
+    assert zero.digest() != plan_packing(tokens, patches, 16).digest()  # the budget is named
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"costs": [1, 1]}, "costs and max_cost go together"),
+        ({"max_cost": 3}, "costs and max_cost go together"),
+        ({"costs": [1], "max_cost": 3}, "one entry per sample"),
+        ({"costs": [1, -1], "max_cost": 3}, r"costs\[1\] = -1 is negative"),
+        ({"costs": [1, 1], "max_cost": 0}, "max_cost must be a positive integer"),
+        ({"costs": [1.5, 1], "max_cost": 3}, "costs must be integers"),
+    ],
+)
+def test_cost_budget_bad_inputs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_packing([1, 1], [0, 0], 4, **kwargs)

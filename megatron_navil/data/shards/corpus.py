@@ -223,6 +223,17 @@ class ShardDataset:
         return self._concat("patches")
 
     @property
+    def patches_sq(self) -> np.ndarray:
+        """int64 ``[n]`` read-only: each sample's sum of squared patches per image scale
+        (``ShardReader.patches_sq``: what the vision attention's cost grows with)."""
+        if "patches_sq" not in self._arrays:
+            parts = [s.patches_sq for s in self.shards]
+            arr = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            arr.setflags(write=False)
+            self._arrays["patches_sq"] = arr
+        return self._arrays["patches_sq"]
+
+    @property
     def num_images(self) -> np.ndarray:
         """int64 ``[n]`` read-only: images per sample."""
         return self._concat("num_images")

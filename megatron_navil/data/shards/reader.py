@@ -192,6 +192,17 @@ class ShardReader:
         """int64 ``[n]``: vision patches of each sample."""
         return np.asarray(self._open()["samples"]["patches"], dtype=np.int64)
 
+    @property
+    def patches_sq(self) -> np.ndarray:
+        """int64 ``[n]``: each sample's sum, over its images and their scales, of the squared
+        patch count of the scale (each scale is its own vision-attention segment, so this is
+        what the vision attention's cost grows with), from the index alone."""
+        m = self._open()
+        scales, images, samples = m["scales"], m["images"], m["samples"]
+        per_scale = scales["gh"].astype(np.int64) * scales["gw"].astype(np.int64)
+        per_image = _segment_sums(per_scale**2, images["scale_start"], images["num_scales"])
+        return _segment_sums(per_image, samples["image_start"], samples["num_images"])
+
     def sample(self, i: int, index_as: int | None = None) -> Sample:
         """Sample ``i`` of this shard (copies its tokens and image bytes out of the maps)."""
         m = self._open()
@@ -240,3 +251,10 @@ class ShardReader:
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):
             yield self.sample(i)
+
+
+def _segment_sums(values: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """int64 sums of ``values[start : start + count]`` for each (start, count)."""
+    csum = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
+    starts = np.asarray(starts, np.int64)
+    return csum[starts + np.asarray(counts, np.int64)] - csum[starts]
