@@ -406,7 +406,11 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
     )  # fmt: skip
     peak = mfu_peak_flops(log.peak_tflops)
     flops_of = functools.partial(batch_flops, cfg) if peak else None
-    source = LoaderSource(loader, data.global_batch // dp, device, flops_of)
+    from megatron_navil.config.tokens import IMAGE_BLOCK_TOKENS, SPECIAL_TOKENS
+
+    block = [special[SPECIAL_TOKENS.index(t)] for t in IMAGE_BLOCK_TOKENS]  # image tokens/s
+    visual_ids = torch.tensor(sorted(block))
+    source = LoaderSource(loader, data.global_batch // dp, device, flops_of, visual_ids)
     eval_sets = eval_sets_of(tc, eval_datasets, cfg, groups, device)
     loop = LoopConfig(
         steps=optim.steps, exit_after=optim.exit_after, seq_length=data.seq_length,

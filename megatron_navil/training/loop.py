@@ -26,11 +26,12 @@ import torch
 from megatron_navil.checkpoint import directory, store
 from megatron_navil.checkpoint.async_save import AsyncSaves
 from megatron_navil.parallel.groups import ParallelGroups
+from megatron_navil.training.accounting import StepClock, dp_spread
 from megatron_navil.training.evaluate import evaluate
 from megatron_navil.training.manual_gc import ManualGC
 from megatron_navil.training.microbatch import MicroBatch
 from megatron_navil.training.profiling import StepProfiler
-from megatron_navil.training.step import StepResult, train_step
+from megatron_navil.training.step import StepResult, collective_device, train_step
 
 
 class BatchSource(Protocol):
@@ -148,7 +149,16 @@ class _Logger:
 
             self.bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
 
-    def log(self, step: int, result: StepResult, seconds: float, world: int) -> None:
+    def log(
+        self,
+        step: int,
+        result: StepResult,
+        seconds: float,
+        world: int,
+        times: dict[str, float] | None = None,
+    ) -> None:
+        """One step's line. ``times``: this rank's ``compute``/``vision``/``llm`` seconds
+        (``training.accounting``) and ``dp_spread`` (None on a profiled step)."""
         if torch.distributed.get_rank() != 0:
             return
         self.history.append((step, result.loss))
@@ -156,9 +166,13 @@ class _Logger:
             "loss": result.loss,
             "lr": result.lr,
             "tokens_per_s": result.tokens / seconds,
+            "text_tokens_per_s": (result.tokens - result.image_tokens) / seconds,
+            "image_tokens_per_s": result.image_tokens / seconds,
             "images_patches_per_s": result.patches / seconds,
             "step_seconds": seconds,
         }
+        for name, value in (times or {}).items():
+            scalars[name if name == "dp_spread" else f"{name}_seconds"] = value
         if result.grad_norm is not None:
             scalars["grad_norm"] = result.grad_norm
         if self.cfg.flops_per_step is not None and self.cfg.peak_flops:
@@ -303,6 +317,7 @@ def train(
     profile_dir = Path(cfg.log_dir) / "profile" if cfg.log_dir else None
     profiler = StepProfiler(chunks, optimizer, cfg.profile_steps, profile_dir, cfg.nvtx)
     manual_gc = ManualGC(cfg.manual_gc_interval)
+    clock = StepClock(chunks, mcore_config)
     stop = StopSignal()
     stop.install()
     finished = False
@@ -314,12 +329,19 @@ def train(
                     began = time.perf_counter()
                     with profiler.range("data"):
                         micro = source.next_step()
+                    clock.begin()
                     result = train_step(
                         chunks, mcore_config, groups, optimizer, scheduler, micro,
                         cfg.seq_length, cfg.nan_policy, step,
                     )  # fmt: skip
                     results.append(result)
-                    logger.log(step, result, time.perf_counter() - began, world)
+                    seconds = time.perf_counter() - began
+                    times = None
+                    if not profiler.active:  # the profiler has the timers during its window
+                        times = clock.end()
+                        spread = dp_spread(times["compute"], groups.dp, collective_device())
+                        times["dp_spread"] = spread
+                    logger.log(step, result, seconds, world, times)
                     if saves is not None:
                         with profiler.range("checkpoint"):
                             saves.finalize(blocking=False)  # complete a finished save
@@ -355,5 +377,6 @@ def train(
         if not finished:
             profiler.stop()
         stop.restore()
+        clock.remove()
         logger.close()
     return results

@@ -28,6 +28,7 @@ class MicroBatch:
     num_real_tokens: int  # tokens of real samples (without the padding segment)
     num_patches: int  # vision patches (counted where the pixels were not loaded, too)
     model_flops: float = 0.0  # for the MFU log (0: not counted)
+    num_image_tokens: int = 0  # LLM tokens of the image blocks (for tokens/s per modality)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -55,15 +56,22 @@ class MicroBatch:
         batch: PackedBatch,
         device: torch.device | None = None,
         flops_of: Callable[[PackedBatch], float] | None = None,
+        visual_ids: torch.Tensor | None = None,
     ) -> MicroBatch:
         """The micro-batch of a loader's packed sequence, its tensors moved to ``device``
-        (None or the CPU: left where they are); ``flops_of`` counts its model FLOPs."""
+        (None or the CPU: left where they are); ``flops_of`` counts its model FLOPs,
+        ``visual_ids`` (the image blocks' token ids) its image tokens."""
         real_tokens = int(batch.cu_seqlens[batch.num_samples])
         patches = int(batch.vision_cu_seqlens[-1])  # also where pixels were not loaded
         flops = float(flops_of(batch)) if flops_of is not None else 0.0
+        image_tokens = 0
+        if visual_ids is not None:
+            image_tokens = int(torch.isin(batch.input_ids[:real_tokens], visual_ids).sum())
         if device is not None and device.type != "cpu":
             batch = batch.to(device, non_blocking=True)
-        return cls(batch.as_model_kwargs(), batch.loss_weights, real_tokens, patches, flops)
+        return cls(
+            batch.as_model_kwargs(), batch.loss_weights, real_tokens, patches, flops, image_tokens
+        )
 
 
 @dataclass
@@ -75,13 +83,14 @@ class LoaderSource:
     per_rank: int
     device: torch.device | None = None  # where the batches go (None: stay on the CPU)
     flops_of: Callable[[PackedBatch], float] | None = None  # model FLOPs, for MFU
+    visual_ids: torch.Tensor | None = None  # the image blocks' token ids (image tokens/s)
     _it: Any = None
 
     def next_step(self) -> list[MicroBatch]:
         if self._it is None:
             self._it = iter(self.loader)
         return [
-            MicroBatch.from_packed(next(self._it), self.device, self.flops_of)
+            MicroBatch.from_packed(next(self._it), self.device, self.flops_of, self.visual_ids)
             for _ in range(self.per_rank)
         ]
 

@@ -40,6 +40,7 @@ class StepResult:
     patches: int  # vision-encoder patches in the global batch
     lr: float
     model_flops: float = 0.0  # the micro-batches' ``model_flops`` summed over the global batch
+    image_tokens: int = 0  # LLM tokens of image blocks in the global batch
 
 
 def collective_device() -> torch.device:
@@ -79,6 +80,7 @@ def train_step(
             sum(mb.num_real_tokens for mb in micro_batches),
             sum(mb.num_patches for mb in micro_batches),
             sum(mb.model_flops for mb in micro_batches),
+            sum(mb.num_image_tokens for mb in micro_batches),
         ],
         dtype=torch.float64,
         device=device,
@@ -122,7 +124,7 @@ def train_step(
     lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else 0.0
     base = dict(
         loss=value, loss_tokens=int(counts[1]), tokens=int(counts[2]), patches=int(counts[3]),
-        lr=lr, model_flops=float(counts[4]),
+        lr=lr, model_flops=float(counts[4]), image_tokens=int(counts[5]),
     )  # fmt: skip
     if not math.isfinite(value):
         if nan_policy == "stop":
