@@ -182,6 +182,7 @@ def build_model(
     recompute: Recompute | None = None,
     init_seed: int | None = None,
     transformer_impl: str = "local",
+    moe_path: str = "auto",
 ) -> list[Any]:
     """This rank's NaViLModel chunks, one per virtual pipeline stage (a list of one without
     interleaving), for the layout of ``groups`` (``megatron_navil.parallel.initialize()``).
@@ -192,10 +193,17 @@ def build_model(
     ``transformer_impl``: megatron-core's implementation of the MoE experts, ``local`` (its
     torch modules) or ``te`` (TransformerEngine with grouped GEMM, GPU clusters); the one
     place it is chosen (the RMSNorms take TransformerEngine's fused norm by themselves when it
-    is importable on a GPU, ``language.norm_class``)."""
+    is importable on a GPU, ``language.norm_class``).
+    ``moe_path``: how the LLM's FFN reaches its experts, ``auto`` (the attention experts'
+    gather/scatter at EP=1 with one expert per modality, else megatron-core's token
+    dispatcher), ``dispatcher`` or ``split`` (``modality.ModalityMoELayer``); the parameters
+    are the same either way."""
+    from megatron_navil.models.modality import MOE_PATHS
     from megatron_navil.models.navil import NaViLModel
     from megatron_navil.models.vision import tp_size_for
 
+    if moe_path not in MOE_PATHS:
+        raise ValueError(f"moe_path must be one of {MOE_PATHS}, got {moe_path!r}")
     if transformer_impl not in TRANSFORMER_IMPLS:
         raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got "
                          f"{transformer_impl!r}")  # fmt: skip
@@ -220,6 +228,7 @@ def build_model(
                 vision_replica_group=vision_replicas,
                 transformer_impl=transformer_impl,
                 recompute=recompute,
+                moe_path=moe_path,
             )
         )
     if init_seed is not None:

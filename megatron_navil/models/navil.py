@@ -71,6 +71,8 @@ class NaViLModel(MegatronModule):
         recompute: activation recompute of the LLM layers and vision blocks
             (``config.Recompute``; None: none). megatron-core's own recompute flags in
             ``mcore_config`` must stay unset (ValueError).
+        moe_path: how the FFN experts are reached (``modality.MOE_PATHS``, see
+            ``modality.ModalityMoELayer``).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class NaViLModel(MegatronModule):
         vision_replica_group: Any = None,
         transformer_impl: str = "local",
         recompute: Recompute | None = None,
+        moe_path: str = "auto",
     ) -> None:
         super().__init__(mcore_config)
         from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
@@ -149,6 +152,7 @@ class NaViLModel(MegatronModule):
                     self.tp_group,
                     transformer_impl,
                     recompute=self.recompute.llm,
+                    moe_path=moe_path,
                 )
                 for i in layers
             },
