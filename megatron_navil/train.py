@@ -175,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dry-run", action="store_true", help="print the resolved setup (layout, counts) and exit"
     )
+    g = p.add_argument_group("modality experts")
+    g.add_argument(
+        "--moe-path", choices=("auto", "dispatcher", "split"), default="auto",
+        help="how the LLM's FFN reaches its text/visual experts: 'split' sorts the tokens by "
+        "modality and runs each expert on its block (the attention experts' gather/scatter, one "
+        "grouped GEMM per projection where the backend has one), 'dispatcher' uses "
+        "megatron-core's MoE token dispatcher; 'auto' (default) takes split at --ep 1 with one "
+        "expert per modality and --etp equal to --tp, else the dispatcher. Same parameters and "
+        "checkpoints either way",
+    )  # fmt: skip
     return p  # fmt: skip
 
 
@@ -459,7 +469,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     from megatron_navil.checkpoint.model import model_special_ids
     from megatron_navil.data import ShardDataset
     from megatron_navil.data.loader import build_data_loader
-    from megatron_navil.models.build import build_model, transformer_config
+    from megatron_navil.models.build import build_model, moe_path_of, transformer_config
     from megatron_navil.parallel import initialize
     from megatron_navil.training.loop import LoopConfig, train
     from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -511,10 +521,16 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     from megatron_navil.config.model import Recompute
 
     recompute = Recompute(llm=args.recompute_llm, vision=args.recompute_vision)
-    chunks = build_model(
-        cfg, mcore_config, groups, special_ids=special, first_stage_layers=args.first_stage_layers,
-        recompute=recompute, init_seed=args.seed,
-    )  # fmt: skip
+    try:
+        chunks = build_model(
+            cfg, mcore_config, groups, special_ids=special,
+            first_stage_layers=args.first_stage_layers, recompute=recompute, init_seed=args.seed,
+            moe_path=args.moe_path,
+        )  # fmt: skip
+    except ValueError as exc:  # --moe-path split where it does not apply
+        if "moe_path" not in str(exc):
+            raise
+        parser.error(f"--moe-path: {exc}")
     frozen = apply_freezing(chunks, recipe)
     chunks = place_chunks(chunks, mcore_config, device)
     rank0 = torch.distributed.get_rank() == 0
@@ -527,6 +543,7 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
             "frozen_params_rank0": frozen["frozen"], "data": args.data,
             "global_batch": args.global_batch, "seq_length": args.seq_length,
             "device": str(device), "precision": "bf16" if bf16 else "fp32",
+            "moe_path": moe_path_of(chunks),
             # image settings the corpus was indexed with, where they differ from --config's
             **({"image_from_corpus": image_changes} if image_changes else {}),
             **({"prompt_from_corpus": prompt_changes} if prompt_changes else {}),

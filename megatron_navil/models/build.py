@@ -238,6 +238,18 @@ def build_model(
     return chunks
 
 
+def moe_path_of(chunks: Sequence[Any]) -> str:
+    """The FFN experts' path the chunks' decoder layers took (``modality.ModalityMoELayer``):
+    ``split``, ``dispatcher``, or ``none`` for a stage without LLM layers (for the run's
+    start line)."""
+    paths = {
+        layer.mlp.moe_path
+        for chunk in chunks
+        for layer in getattr(chunk, "module", chunk).layers.children()
+    }
+    return "/".join(sorted(paths)) or "none"
+
+
 def meta_parameter_counts(cfg: NaViLConfig, groups: ParallelGroups) -> dict[str, int]:
     """Parameters of the whole model (one stage, TP=EP=1) built on the meta device, so no
     memory is allocated: ``total``, ``activated`` (what one token's forward uses: its
