@@ -199,3 +199,30 @@ def test_grouped_gemm_on_cuda_matches_two_matmuls():
     for a, b in zip(*results, strict=True):
         scale = float(b.float().abs().max())
         assert float((a.float() - b.float()).abs().max()) <= 2e-2 * scale
+
+
+@pytest.mark.slow
+def test_train_cli_passes_moe_path_to_the_model(tmp_path):
+    """``--moe-path`` reaches the built model: the start line reports the path the layers took
+    (``build.moe_path_of``), so a flag the trainer ignored would show ``split`` for both."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from megatron_navil.parallel.spawn import free_port
+    from megatron_navil.testing import synthetic_corpus as S
+    from megatron_navil.testing.loader_corpus import index
+
+    written = S.write_corpus(tmp_path / "src", num_train=4, num_val=0, seed=1, max_side=64)
+    shards = index([written["train"]], tmp_path / "shards", written["tokenizer"],
+                   "--config", "tiny", "--template", "qwen3-chat", "--no-multi-scale")  # fmt: skip
+    for flag, expected in (([], "split"), (["--moe-path", "dispatcher"], "dispatcher")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "megatron_navil.train", "--data", str(shards), "--steps", "5",
+             "--warmup", "1", "--dry-run", *flag],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "MASTER_PORT": str(free_port())},  # this process holds one
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["moe_path"] == expected
