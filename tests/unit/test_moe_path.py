@@ -163,8 +163,8 @@ def test_grouped_linear_backends_agree():
     """The grouped-GEMM branch's wiring (offsets, stacked and transposed weights) against two
     matmuls. torch's grouped GEMM is documented for bf16 on CUDA only, but its CPU kernel runs
     the fp32 forward, enough to check the wiring here; gradients are checked on a GPU
-    (scripts/gpu_checks.sh runs the CUDA tests). Tolerance 1e-6 relative: another kernel may
-    sum the products in another order."""
+    (the ``gpu`` test below, run by scripts/gpu_checks.sh). Tolerance 1e-6 relative: another
+    kernel may sum the products in another order."""
     from megatron_navil.models.grouped import grouped_linear, grouped_mm_usable
 
     gen = torch.Generator().manual_seed(0)
@@ -181,6 +181,7 @@ def test_grouped_linear_backends_agree():
         grouped_linear(x, (4, 5), weights)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_grouped_gemm_on_cuda_matches_two_matmuls():
     """bf16 on the GPU: forward and gradients within bf16 tolerance (2e-2 relative to the
