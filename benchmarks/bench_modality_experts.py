@@ -1,18 +1,23 @@
-"""Gather/scatter modality experts vs the released code's compute-all-then-mask, side by side.
+"""Modality experts, side by side: the FFN's two paths (gather/scatter vs megatron-core's
+token dispatcher) and both against the released code's compute-all-then-mask.
 
-Both run the same decoder layer weights (one rank, fp32, CPU), forward + backward:
-  gather/scatter  megatron_navil.models.language.ModalityDecoderLayer: each projection and
-                  FFN expert runs only on its modality's tokens (FFN through megatron-core's
-                  MoE layer and token dispatcher with the modality router)
-  mask            megatron_navil.testing.masked_reference: both experts on all tokens, then
-                  torch.where (NaViL's released inference code does this)
-Timed parts: the whole layer, and the expert parts alone (attention projections + FFN, the
-shared attention core and norms excluded), at a visual-token fraction of 0.5 (default), in
-contiguous runs like real image blocks. Also the tiny model's full training step (vision
-encoder, LLM, loss, backward, Adam) on one packed micro-batch.
+All run the same decoder layer weights (one rank, fp32, CPU), forward + backward:
+  split       megatron_navil.models.language.ModalityDecoderLayer with ``moe_path='split'``
+              (the default at EP=1): every projection, attention's and FFN's, runs only on its
+              modality's tokens, gathered text-first by one sort (two matmuls on CPU, one
+              grouped GEMM on CUDA bf16)
+  dispatcher  the same layer with ``moe_path='dispatcher'``: the FFN experts through
+              megatron-core's MoE layer, modality router and all-to-all token dispatcher
+              (permutation, routing map, unpermutation; what EP > 1 needs)
+  mask        megatron_navil.testing.masked_reference: both experts on all tokens, then
+              torch.where (NaViL's released inference code does this)
+Timed parts: the whole layer; the expert parts alone (attention projections + FFN, the shared
+attention core and norms excluded); the FFN (MoE layer) alone; at a visual-token fraction of
+0.5 (default), in contiguous runs like real image blocks. Also the tiny model's full training
+step (vision encoder, LLM, loss, backward, Adam) on one packed micro-batch, on both FFN paths.
 
 Prints a table, writes JSON (default benchmarks/results/modality_experts.json). Median of
-``--repeats`` after ``--warmup`` runs.
+``--repeats`` after ``--warmup`` runs; the runs of a row alternate between its columns.
 """
 
 from __future__ import annotations
@@ -83,8 +88,12 @@ def bench_layer(args: argparse.Namespace) -> dict[str, float]:
     x = torch.randn(t, lm.hidden, generator=gen, requires_grad=True)
     grad = torch.randn(t, lm.hidden, generator=gen)
 
-    def ours() -> None:
-        layer(x.view(t, 1, lm.hidden), inputs).view(t, lm.hidden).backward(grad)
+    def layer_on(path: str) -> Any:
+        def run() -> None:
+            layer.mlp.moe_path = path
+            layer(x.view(t, 1, lm.hidden), inputs).view(t, lm.hidden).backward(grad)
+
+        return run
 
     def masked() -> None:
         M.masked_layer_forward(layer, x, visual, pos, cu, mask, varlen=True).backward(grad)
@@ -94,13 +103,24 @@ def bench_layer(args: argparse.Namespace) -> dict[str, float]:
     ctx = torch.randn(t, lm.heads * lm.head_dim, generator=gen, requires_grad=True)
     split = inputs.split
 
-    def ours_experts() -> None:
-        xs = split.sort(x)
-        qkv = split.linear(xs, attn.linear_qkv.text.weight, attn.linear_qkv.visual.weight)
-        o = split.linear(split.sort(ctx), attn.linear_proj.text.weight,
-                         attn.linear_proj.visual.weight)  # fmt: skip
-        ffn, _ = layer.mlp(x.view(t, 1, lm.hidden), visual.view(-1, 1))
-        (qkv.sum() + split.unsort(o).mul(grad).sum() + ffn.view(t, -1).mul(grad).sum()).backward()
+    def ffn_on(path: str) -> Any:
+        def run() -> torch.Tensor:
+            layer.mlp.moe_path = path
+            ffn, _ = layer.mlp(x.view(t, 1, lm.hidden), visual.view(-1, 1), split)
+            return ffn.view(t, -1)
+
+        return run
+
+    def experts_on(path: str) -> Any:
+        def run() -> None:
+            xs = split.sort(x)
+            qkv = split.linear(xs, attn.linear_qkv.text.weight, attn.linear_qkv.visual.weight)
+            o = split.linear(split.sort(ctx), attn.linear_proj.text.weight,
+                             attn.linear_proj.visual.weight)  # fmt: skip
+            ffn = ffn_on(path)()
+            (qkv.sum() + split.unsort(o).mul(grad).sum() + ffn.mul(grad).sum()).backward()
+
+        return run
 
     def masked_experts() -> None:
         pick = M._pick
@@ -108,21 +128,35 @@ def bench_layer(args: argparse.Namespace) -> dict[str, float]:
                    torch.nn.functional.linear(x, attn.linear_qkv.text.weight))  # fmt: skip
         o = pick(visual, torch.nn.functional.linear(ctx, attn.linear_proj.visual.weight),
                  torch.nn.functional.linear(ctx, attn.linear_proj.text.weight))  # fmt: skip
+        ffn = masked_ffn()
+        (qkv.sum() + o.mul(grad).sum() + ffn.mul(grad).sum()).backward()
+
+    def masked_ffn() -> torch.Tensor:
         experts = layer.mlp.experts.local_experts
 
         def swiglu(e: Any) -> torch.Tensor:
             g, u = torch.nn.functional.linear(x, e.linear_fc1.weight).chunk(2, dim=-1)
             return torch.nn.functional.linear(torch.nn.functional.silu(g) * u, e.linear_fc2.weight)
 
-        ffn = pick(visual, swiglu(experts[1]), swiglu(experts[0]))
-        (qkv.sum() + o.mul(grad).sum() + ffn.mul(grad).sum()).backward()
+        return M._pick(visual, swiglu(experts[1]), swiglu(experts[0]))
 
+    def backward(fn: Any) -> Any:
+        return lambda: fn().mul(grad).sum().backward()
+
+    rows = {
+        "layer": (layer_on("split"), layer_on("dispatcher"), masked),
+        "experts": (experts_on("split"), experts_on("dispatcher"), masked_experts),
+        "ffn": (backward(ffn_on("split")), backward(ffn_on("dispatcher")), backward(masked_ffn)),
+    }
     out = {}
-    for name, fn in (("layer", (ours, masked)), ("experts", (ours_experts, masked_experts))):
-        ms_ours, ms_mask = _median_ms(list(fn), args.warmup, args.repeats)
-        out[f"{name}_gather_scatter_ms"] = ms_ours
+    for name, fns in rows.items():
+        ms_split, ms_dispatcher, ms_mask = _median_ms(list(fns), args.warmup, args.repeats)
+        out[f"{name}_split_ms"] = ms_split
+        out[f"{name}_dispatcher_ms"] = ms_dispatcher
         out[f"{name}_mask_ms"] = ms_mask
-        out[f"{name}_ratio"] = ms_mask / ms_ours
+        out[f"{name}_dispatcher_over_split"] = ms_dispatcher / ms_split
+        out[f"{name}_mask_over_split"] = ms_mask / ms_split
+    layer.mlp.moe_path = "split"
     out["visual_fraction"] = float(visual.float().mean())
     return out
 
@@ -133,9 +167,19 @@ def bench_tiny_step(args: argparse.Namespace) -> dict[str, float]:
 
     cfg = get_config("tiny")
     spec = N.BatchSpec(micro_batches=(N.MIXED,), special_ids=N.special_ids_for(cfg))
-    run = N.setup_run(cfg, spec=spec, optimizer="adam", lr=1e-4)
-    (ms,) = _median_ms([lambda: run.step(batch_seed=0)], args.warmup, args.repeats)
-    return {"tiny_train_step_ms": ms, "tiny_tokens": spec.seq_length}
+    runs = [
+        N.setup_run(cfg, spec=spec, optimizer="adam", lr=1e-4, moe_path=path)
+        for path in ("split", "dispatcher")
+    ]
+    ms_split, ms_dispatcher = _median_ms(
+        [lambda run=run: run.step(batch_seed=0) for run in runs], args.warmup, args.repeats
+    )
+    return {
+        "tiny_train_step_split_ms": ms_split,
+        "tiny_train_step_dispatcher_ms": ms_dispatcher,
+        "tiny_train_step_dispatcher_over_split": ms_dispatcher / ms_split,
+        "tiny_tokens": spec.seq_length,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,17 +215,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("decoder layer, fwd+bwd", "layer"),
         ("expert parts only (q/k/v/o + FFN)", "experts"),
+        ("FFN (MoE layer) only", "ffn"),
     ]
-    print(f"{'':36s} {'gather/scatter':>15s} {'mask (released)':>16s} {'ratio':>7s}")
+    print(f"{'':36s} {'split':>10s} {'dispatcher':>17s} {'mask (released)':>17s}")
     for label, key in rows:
+        r = {k[len(key) + 1 :]: v for k, v in results.items() if k.startswith(key + "_")}
         print(
-            f"{label:36s} {results[key + '_gather_scatter_ms']:12.1f} ms "
-            f"{results[key + '_mask_ms']:13.1f} ms {results[key + '_ratio']:6.2f}x"
+            f"{label:36s} {r['split_ms']:7.1f} ms {r['dispatcher_ms']:7.1f} ms "
+            f"{r['dispatcher_over_split']:5.2f}x {r['mask_ms']:7.1f} ms "
+            f"{r['mask_over_split']:5.2f}x"
         )
     print(f"tiny NaViL training step (1 micro-batch of {results['tiny_tokens']} tokens, Adam): "
-          f"{results['tiny_train_step_ms']:.1f} ms")  # fmt: skip
+          f"split {results['tiny_train_step_split_ms']:.1f} ms, dispatcher "
+          f"{results['tiny_train_step_dispatcher_ms']:.1f} ms "
+          f"({results['tiny_train_step_dispatcher_over_split']:.2f}x)")  # fmt: skip
     print(f"visual fraction {results['visual_fraction']:.3f}, torch threads "
-          f"{results['torch_threads']}")  # fmt: skip
+          f"{results['torch_threads']}; ratios: time over the split path's")  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.json}")

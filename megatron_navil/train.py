@@ -302,7 +302,7 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
     from megatron_navil.config.model import Recompute
     from megatron_navil.data import ShardDataset
     from megatron_navil.data.loader import build_data_loader
-    from megatron_navil.models.build import build_model, transformer_config
+    from megatron_navil.models.build import build_model, moe_path_of, transformer_config
     from megatron_navil.parallel import initialize
     from megatron_navil.training.loop import LoopConfig, train
     from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -364,11 +364,17 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
         attention = resolve_attention_backend(tc.fast.attention_backend, cuda, dtype)
     except BackendUnavailable as exc:
         parser.error(str(exc))
-    chunks = build_model(
-        cfg, mcore_config, groups, special_ids=special, first_stage_layers=lay.first_stage_layers,
-        recompute=recompute, init_seed=optim.seed, transformer_impl=impl,
-        attention_backend=attention,
-    )  # fmt: skip
+    try:
+        chunks = build_model(
+            cfg, mcore_config, groups, special_ids=special,
+            first_stage_layers=lay.first_stage_layers, recompute=recompute,
+            init_seed=optim.seed, transformer_impl=impl, attention_backend=attention,
+            moe_path=tc.fast.moe_path,
+        )  # fmt: skip
+    except ValueError as exc:  # --moe-path split where it does not apply
+        if "moe_path" not in str(exc):
+            raise
+        parser.error(f"--moe-path: {exc}")
     frozen = apply_freezing(chunks, recipe)
     chunks = place_chunks(chunks, mcore_config, device)
     rank0 = torch.distributed.get_rank() == 0
@@ -382,6 +388,7 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
             "global_batch": data.global_batch, "seq_length": data.seq_length,
             "device": str(device), "precision": "bf16" if bf16 else "fp32",
             "transformer_impl": impl, "attention_backend": attention,
+            "moe_path": moe_path_of(chunks),
             # image settings the corpus was indexed with, where they differ from --config's
             **({"image_from_corpus": image_changes} if image_changes else {}),
             **({"prompt_from_corpus": prompt_changes} if prompt_changes else {}),

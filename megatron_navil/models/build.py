@@ -181,6 +181,7 @@ def build_model(
     init_seed: int | None = None,
     transformer_impl: str = "auto",
     attention_backend: str = "auto",
+    moe_path: str = "auto",
 ) -> list[Any]:
     """This rank's NaViLModel chunks, one per virtual pipeline stage (a list of one without
     interleaving), for the layout of ``groups`` (``megatron_navil.parallel.initialize()``).
@@ -193,11 +194,18 @@ def build_model(
     ``auto`` (``te`` where it imports on a GPU); ``attention_backend``: ``sdpa``, ``flash``,
     ``torch`` or ``auto`` (the first that runs on this device in ``mcore_config``'s dtype).
     Both are resolved by ``models.impl`` (``BackendUnavailable``, one line, when one asked
-    for cannot run) and reach every layer from here."""
+    for cannot run) and reach every layer from here.
+    ``moe_path``: how the LLM's FFN reaches its experts, ``auto`` (the attention experts'
+    gather/scatter at EP=1 with one expert per modality, else megatron-core's token
+    dispatcher), ``dispatcher`` or ``split`` (``modality.ModalityMoELayer``); the parameters
+    are the same either way."""
     from megatron_navil.models.impl import resolve_attention_backend, resolve_transformer_impl
+    from megatron_navil.models.modality import MOE_PATHS
     from megatron_navil.models.navil import NaViLModel
     from megatron_navil.models.vision import tp_size_for
 
+    if moe_path not in MOE_PATHS:
+        raise ValueError(f"moe_path must be one of {MOE_PATHS}, got {moe_path!r}")
     cuda = torch.cuda.is_available()
     transformer_impl = resolve_transformer_impl(transformer_impl, cuda)
     attention_backend = resolve_attention_backend(
@@ -225,6 +233,7 @@ def build_model(
                 transformer_impl=transformer_impl,
                 recompute=recompute,
                 attention_backend=attention_backend,
+                moe_path=moe_path,
             )
         )
     if init_seed is not None:
@@ -232,6 +241,18 @@ def build_model(
 
         init_by_name(chunks, cfg, mcore_config, init_seed)
     return chunks
+
+
+def moe_path_of(chunks: Sequence[Any]) -> str:
+    """The FFN experts' path the chunks' decoder layers took (``modality.ModalityMoELayer``):
+    ``split``, ``dispatcher``, or ``none`` for a stage without LLM layers (for the run's
+    start line)."""
+    paths = {
+        layer.mlp.moe_path
+        for chunk in chunks
+        for layer in getattr(chunk, "module", chunk).layers.children()
+    }
+    return "/".join(sorted(paths)) or "none"
 
 
 def meta_parameter_counts(cfg: NaViLConfig, groups: ParallelGroups) -> dict[str, int]:

@@ -10,7 +10,9 @@ Each layer: ``h = x + attn(norm1(x))``, ``out = h + ffn(norm2(h))``. Attention i
 jointly over all tokens of a sample (causal, per-sample ``cu_seqlens``), but q/k/v/o (and the
 Qwen3 per-head q/k RMSNorms) exist twice, text and visual, and each token goes through its
 modality's copy (gather/scatter via :class:`ModalitySplit`). The FFN is a megatron-core MoE
-layer with one (or more) SwiGLU experts per modality and :class:`ModalityRouter`.
+layer with one (or more) SwiGLU experts per modality: at EP=1 with one expert per modality it
+takes the same gather/scatter path, else megatron-core's dispatcher with
+:class:`ModalityRouter` (:class:`ModalityMoELayer`).
 
 Tensor parallelism is megatron-core's: the projections are ``ColumnParallelLinear`` /
 ``RowParallelLinear`` parameters (their init, TP attributes and checkpoint sharding), applied
@@ -280,6 +282,8 @@ class ModalityDecoderLayer(MegatronModule):
     ``recompute``: ``Recompute.llm``. ``selective`` keeps only the inputs of the two norms, the
     q/k norms and the experts' SwiGLU (see models/recompute.py); ``full`` is applied around
     the whole layer by the caller (``NaViLModel``), so the layer itself runs plainly then.
+    ``moe_path``: how the FFN reaches its experts (``modality.MOE_PATHS``; ``auto``: the
+    attention's gather/scatter where it applies, else megatron-core's token dispatcher).
     """
 
     def __init__(
@@ -291,6 +295,7 @@ class ModalityDecoderLayer(MegatronModule):
         transformer_impl: str = "local",
         recompute: str = "none",
         attention_backend: str = "sdpa",
+        moe_path: str = "auto",
     ) -> None:
         super().__init__(mcore_config)
         from megatron.core.transformer.spec_utils import build_module
@@ -309,6 +314,7 @@ class ModalityDecoderLayer(MegatronModule):
             moe_spec(transformer_impl),
             config=moe_config(mcore_config, recompute),
             layer_number=layer_number,
+            moe_path=moe_path,
         )
         self.mlp.set_layer_number(layer_number)
 
@@ -318,6 +324,7 @@ class ModalityDecoderLayer(MegatronModule):
         drop.release(attn)
         hidden = hidden + attn
         drop = DropOutput(self.selective, self.config.fp8)
-        out, _ = self.mlp(drop(self.post_attention_layernorm, hidden), inputs.visual_mask_local)
+        normed = drop(self.post_attention_layernorm, hidden)
+        out, _ = self.mlp(normed, inputs.visual_mask_local, inputs.split)
         drop.release(out)
         return hidden + out

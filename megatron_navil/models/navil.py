@@ -73,6 +73,8 @@ class NaViLModel(MegatronModule):
         recompute: activation recompute of the LLM layers and vision blocks
             (``config.Recompute``; None: none). megatron-core's own recompute flags in
             ``mcore_config`` must stay unset (ValueError).
+        moe_path: how the FFN experts are reached (``modality.MOE_PATHS``, see
+            ``modality.ModalityMoELayer``).
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class NaViLModel(MegatronModule):
         transformer_impl: str = "local",
         recompute: Recompute | None = None,
         attention_backend: str = "sdpa",
+        moe_path: str = "auto",
     ) -> None:
         super().__init__(mcore_config)
         from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
@@ -154,6 +157,7 @@ class NaViLModel(MegatronModule):
                     transformer_impl,
                     recompute=self.recompute.llm,
                     attention_backend=attention_backend,
+                    moe_path=moe_path,
                 )
                 for i in layers
             },

@@ -121,6 +121,32 @@ class DropOutput:
             self._checkpoint = None
 
 
+def mlp_activation(
+    config: Any,
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """megatron-core ``MLP.forward``'s unfused activation, op for op (bit-identical results):
+    bias, then the (clamped) GLU or the plain activation, then the per-token routing scale.
+    Shared by :class:`ActRecomputeMLP` and the modality experts' split path
+    (``modality.ModalityMoELayer``)."""
+    if bias is not None:
+        x = x + bias
+    if config.gated_linear_unit:
+        x_glu, x_linear = torch.chunk(x, 2, dim=-1)
+        if (val := config.activation_func_clamp_value) is not None:
+            x_glu = x_glu.clamp(min=None, max=val)
+            x_linear = x_linear.clamp(min=-val, max=val)
+        x = config.activation_func(x_glu) * (x_linear + config.glu_linear_offset)
+    else:
+        x = config.activation_func(x)
+    if scale is not None:
+        dtype = x.dtype
+        x = (x * scale.unsqueeze(-1)).to(dtype)
+    return x
+
+
 class ActRecomputeMLP(MLP):
     """A megatron-core expert ``MLP`` whose activation (GLU, scaled by the routing
     probability) keeps only the fc1 output and is recomputed before fc2's backward: what
@@ -134,21 +160,7 @@ class ActRecomputeMLP(MLP):
         fc1, bias = self.linear_fc1(hidden_states)
 
         def activation(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-            # MLP.forward's unfused branch, op for op (bit-identical results).
-            if bias is not None:
-                x = x + bias
-            if config.gated_linear_unit:
-                x_glu, x_linear = torch.chunk(x, 2, dim=-1)
-                if (val := config.activation_func_clamp_value) is not None:
-                    x_glu = x_glu.clamp(min=None, max=val)
-                    x_linear = x_linear.clamp(min=-val, max=val)
-                x = config.activation_func(x_glu) * (x_linear + config.glu_linear_offset)
-            else:
-                x = self.activation_func(x)
-            if scale is not None:
-                dtype = x.dtype
-                x = (x * scale.unsqueeze(-1)).to(dtype)
-            return x
+            return mlp_activation(config, x, bias, scale)
 
         drop = DropOutput(True, fp8=config.fp8)
         out, out_bias = self.linear_fc2(drop(activation, fc1, per_token_scale))
@@ -192,6 +204,7 @@ __all__ = [
     "ModalitySequentialMLP",
     "check_megatron_flags",
     "checkpoint_full",
+    "mlp_activation",
     "modes",
     "moe_config",
 ]

@@ -210,10 +210,12 @@ def setup_run(
     lr: float = 1e-2,
     stage: str | None = None,
     recompute: Recompute | None = None,
+    moe_path: str = "auto",
 ) -> Run:
     """(Re)initialise the parallel state for ``layout`` and build the seeded model in it;
     ``stage`` (``s1.1`` ...) freezes what that training stage does not train; ``recompute``:
-    activation recompute of the LLM layers / vision blocks (None: none)."""
+    activation recompute of the LLM layers / vision blocks (None: none); ``moe_path``: how
+    the FFN reaches its experts (``build_model``)."""
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
 
@@ -224,7 +226,7 @@ def setup_run(
     spec = spec or BatchSpec(special_ids=special_ids_for(cfg))
     chunks = build_model(
         cfg, config, groups, special_ids=spec.special_ids, first_stage_layers=first_stage_layers,
-        recompute=recompute,
+        recompute=recompute, moe_path=moe_path,
     )  # fmt: skip
     T.set_global_params(chunks, seed)
     if stage is not None:

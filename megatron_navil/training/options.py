@@ -260,6 +260,16 @@ class FastPathOptions:
         "device); auto = the first of these that runs here in the model's dtype",
         choices=("auto", "flash", "torch", "sdpa"),
     )
+    moe_path: str = option(
+        "auto",
+        "how the LLM's FFN reaches its text/visual experts: 'split' sorts the tokens by "
+        "modality and runs each expert on its block (the attention experts' gather/scatter, one "
+        "grouped GEMM per projection where the backend has one), 'dispatcher' uses "
+        "megatron-core's MoE token dispatcher; 'auto' (default) takes split at --ep 1 with one "
+        "expert per modality and --etp equal to --tp, else the dispatcher. Same parameters and "
+        "checkpoints either way",
+        choices=("auto", "dispatcher", "split"),
+    )
 
 
 def _title(text: str) -> dict[str, str]:

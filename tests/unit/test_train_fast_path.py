@@ -6,6 +6,7 @@ bit-identical); where a GPU with TE is present that test is skipped."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -29,6 +30,8 @@ def _dry_run(shards, *extra: str) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "megatron_navil.train", "--data", str(shards), "--steps", "5",
          "--warmup", "1", "--dry-run", *extra],
         capture_output=True, text=True, timeout=120, check=False,
+        # one process of its own: not the port an in-process group of this pytest holds
+        env={k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")},
     )  # fmt: skip
 
 
