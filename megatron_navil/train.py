@@ -302,7 +302,12 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
     from megatron_navil.config.model import Recompute
     from megatron_navil.data import ShardDataset
     from megatron_navil.data.loader import build_data_loader
-    from megatron_navil.models.build import build_model, moe_path_of, transformer_config
+    from megatron_navil.models.build import (
+        build_model,
+        moe_path_of,
+        resolve_vision_parallel,
+        transformer_config,
+    )
     from megatron_navil.parallel import initialize
     from megatron_navil.training.loop import LoopConfig, train
     from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -353,6 +358,7 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
     dtype = torch.bfloat16 if bf16 else torch.float32
     mcore_config = transformer_config(cfg, **layout, dtype=dtype)
     recompute = Recompute(llm=lay.recompute_llm, vision=lay.recompute_vision)
+    vision_parallel = resolve_vision_parallel(lay.vision_parallel, cfg, lay.tp)
     from megatron_navil.models.impl import (
         BackendUnavailable,
         resolve_attention_backend,
@@ -369,7 +375,7 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
             cfg, mcore_config, groups, special_ids=special,
             first_stage_layers=lay.first_stage_layers, recompute=recompute,
             init_seed=optim.seed, transformer_impl=impl, attention_backend=attention,
-            moe_path=tc.fast.moe_path,
+            moe_path=tc.fast.moe_path, vision_parallel=vision_parallel,
         )  # fmt: skip
     except ValueError as exc:  # --moe-path split where it does not apply
         if "moe_path" not in str(exc):
@@ -388,7 +394,7 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
             "global_batch": data.global_batch, "seq_length": data.seq_length,
             "device": str(device), "precision": "bf16" if bf16 else "fp32",
             "transformer_impl": impl, "attention_backend": attention,
-            "moe_path": moe_path_of(chunks),
+            "moe_path": moe_path_of(chunks), "vision_parallel": vision_parallel,
             # image settings the corpus was indexed with, where they differ from --config's
             **({"image_from_corpus": image_changes} if image_changes else {}),
             **({"prompt_from_corpus": prompt_changes} if prompt_changes else {}),

@@ -170,6 +170,21 @@ def special_token_ids(cfg: NaViLConfig, ids: Sequence[int] | None = None) -> tup
     return ids
 
 
+VISION_PARALLEL = ("tp", "dp")
+
+
+def resolve_vision_parallel(requested: str, cfg: NaViLConfig, tp: int) -> str:
+    """``--vision-parallel``: ``auto`` is ``dp`` where the vision heads (or MLP) do not divide
+    ``tp`` (the tower would otherwise run whole on every TP rank), else ``tp``."""
+    from megatron_navil.models.vision import tp_size_for
+
+    if requested not in ("auto", *VISION_PARALLEL):
+        raise ValueError(f"vision_parallel must be auto, tp or dp, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "dp" if tp > 1 and tp_size_for(cfg.vision, tp) != tp else "tp"
+
+
 def build_model(
     cfg: NaViLConfig,
     mcore_config: Any,
@@ -182,6 +197,7 @@ def build_model(
     transformer_impl: str = "auto",
     attention_backend: str = "auto",
     moe_path: str = "auto",
+    vision_parallel: str = "tp",
 ) -> list[Any]:
     """This rank's NaViLModel chunks, one per virtual pipeline stage (a list of one without
     interleaving), for the layout of ``groups`` (``megatron_navil.parallel.initialize()``).
@@ -198,7 +214,11 @@ def build_model(
     ``moe_path``: how the LLM's FFN reaches its experts, ``auto`` (the attention experts'
     gather/scatter at EP=1 with one expert per modality, else megatron-core's token
     dispatcher), ``dispatcher`` or ``split`` (``modality.ModalityMoELayer``); the parameters
-    are the same either way."""
+    are the same either way.
+    ``vision_parallel``: ``tp`` (the tower's heads split over TP where they divide it, else
+    the whole tower on every TP rank) or ``dp`` (the whole tower on every TP rank, each
+    encoding a cost-balanced share of the images: ``models.vision_dp``); the parameters are
+    the same global tensors either way, so checkpoints load across the two."""
     from megatron_navil.models.impl import resolve_attention_backend, resolve_transformer_impl
     from megatron_navil.models.modality import MOE_PATHS
     from megatron_navil.models.navil import NaViLModel
@@ -214,8 +234,12 @@ def build_model(
     pp, pp_rank, vpp = groups.pp_size, groups.pp_rank, groups.vpp_size
     ranges = stage_layer_ranges(cfg.language.layers, pp * vpp, first_stage_layers)
     ids = special_token_ids(cfg, special_ids)
+    if vision_parallel not in VISION_PARALLEL:
+        raise ValueError(f"vision_parallel must be one of {VISION_PARALLEL}, got {vision_parallel}")
     tp = groups.tp.size()
-    vision_group, vision_replicas = vision_groups(groups, tp_size_for(cfg.vision, tp) == tp)
+    vision_dp = vision_parallel == "dp" and tp > 1
+    splits = tp_size_for(cfg.vision, tp) == tp and not vision_dp
+    vision_group, vision_replicas = vision_groups(groups, splits)
     chunks = []
     for chunk in range(vpp):
         stage = chunk * pp + pp_rank
@@ -234,6 +258,7 @@ def build_model(
                 recompute=recompute,
                 attention_backend=attention_backend,
                 moe_path=moe_path,
+                vision_dp_group=groups.tp if vision_dp else None,
             )
         )
     if init_seed is not None:

@@ -93,6 +93,7 @@ class NaViLModel(MegatronModule):
         recompute: Recompute | None = None,
         attention_backend: str = "sdpa",
         moe_path: str = "auto",
+        vision_dp_group: Any = None,
     ) -> None:
         super().__init__(mcore_config)
         from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
@@ -138,6 +139,12 @@ class NaViLModel(MegatronModule):
                 merge=cfg.connector.merge, norm_eps=cfg.connector.norm_eps,
                 replica_group=vision_replica_group,
             )  # fmt: skip
+            # --vision-parallel dp: the (unsplit) tower's images split over these ranks
+            self.vision_dp_group = vision_dp_group
+            if vision_dp_group is not None:
+                from megatron_navil.models.vision_dp import mark_tp_summed
+
+                mark_tp_summed(self.vision_model, self.mlp1)
             self.embedding = VocabParallelEmbedding(
                 lm.vocab, lm.hidden, init_method=mcore_config.init_method, config=mcore_config,
                 reduce_scatter_embeddings=False, tp_group=self.tp_group,
@@ -205,15 +212,29 @@ class NaViLModel(MegatronModule):
             return emb
         if patch_positions is None or vision_cu_seqlens is None:
             raise ValueError("patches need patch_positions and vision_cu_seqlens")
-        features = self.mlp1(
-            self.vision_model(
-                patches,
-                patch_positions,
-                vision_cu_seqlens,
-                vision_window_index,
-                vision_window_cu_seqlens,
+        if self.vision_dp_group is not None:
+            from megatron_navil.models.vision_dp import encode_data_parallel
+
+            v = self.cfg.vision
+            cost = (  # a segment's vision FLOPs: per-patch matmuls, per-image attention
+                6 * v.depth * (4 * v.width**2 + 2 * v.width * v.mlp),
+                12 * v.depth * v.width,
             )
-        )  # [n_tokens, H]
+            features = encode_data_parallel(
+                self.vision_model, self.mlp1, self.vision_dp_group, patches, patch_positions,
+                vision_cu_seqlens, vision_window_index, vision_window_cu_seqlens,
+                self.cfg.connector.merge, cost, self.cfg.language.hidden,
+            )  # fmt: skip
+        else:
+            features = self.mlp1(
+                self.vision_model(
+                    patches,
+                    patch_positions,
+                    vision_cu_seqlens,
+                    vision_window_index,
+                    vision_window_cu_seqlens,
+                )
+            )  # [n_tokens, H]
         if features.shape[0] != n_slots:
             raise ValueError(
                 f"image features ({features.shape[0]} tokens from {patches.shape[0]} patches) "

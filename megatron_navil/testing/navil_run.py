@@ -215,18 +215,20 @@ def setup_run(
     """(Re)initialise the parallel state for ``layout`` and build the seeded model in it;
     ``stage`` (``s1.1`` ...) freezes what that training stage does not train; ``recompute``:
     activation recompute of the LLM layers / vision blocks (None: none); ``moe_path``: how
-    the FFN reaches its experts (``build_model``)."""
+    the FFN reaches its experts (``build_model``); ``layout["vision_parallel"]``: ``tp`` or
+    ``dp`` (``build_model``)."""
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
 
     layout = dict(layout or {})
+    vision_parallel = layout.pop("vision_parallel", "tp")
     groups = initialize(**layout)
     layout.pop("seed", None)
     config = transformer_config(cfg, **layout)
     spec = spec or BatchSpec(special_ids=special_ids_for(cfg))
     chunks = build_model(
         cfg, config, groups, special_ids=spec.special_ids, first_stage_layers=first_stage_layers,
-        recompute=recompute, moe_path=moe_path,
+        recompute=recompute, moe_path=moe_path, vision_parallel=vision_parallel,
     )  # fmt: skip
     T.set_global_params(chunks, seed)
     if stage is not None:

@@ -73,6 +73,16 @@ class LayoutOptions:
     first_stage_layers: int | None = option(
         None, "LLM layers on pipeline stage 0 (it also holds the vision encoder)", min=1
     )
+    vision_parallel: str = option(
+        "auto",
+        "the vision tower over the TP ranks of pipeline stage 0: tp = its heads split over TP "
+        "where they divide it (else the whole tower runs on every TP rank, TP-fold the same "
+        "work); dp = the whole tower on every TP rank, each encoding a cost-balanced share of "
+        "the micro-batch's images (features gathered back, gradients summed over TP); auto: dp "
+        "when the vision heads do not divide --tp (measured: docs/performance.md), else tp. "
+        "Checkpoints load across the two",
+        choices=("auto", "tp", "dp"),
+    )
 
     def as_layout(self) -> dict[str, int | None]:
         """The ``parallel.initialize`` / ``transformer_config`` keyword arguments."""

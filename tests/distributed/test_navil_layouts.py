@@ -35,6 +35,10 @@ LAYOUTS = [
     ("tp2xpp2", dict(tp=2, pp=2), None),
     ("tp2xep2", dict(tp=2, ep=2), None),
     ("dp4", dict(), None),
+    # the vision tower data-parallel over the TP ranks (models/vision_dp.py)
+    ("tp2-vdp", dict(tp=2, vision_parallel="dp"), None),
+    ("tp2xpp2-vdp", dict(tp=2, pp=2, vision_parallel="dp"), None),
+    ("tp2xep2-vdp", dict(tp=2, ep=2, vision_parallel="dp"), None),
 ]
 
 
@@ -94,7 +98,8 @@ def _after_step(layouts: list, kind: str, distributed: bool) -> dict:
 
 @pytest.mark.parametrize(("kind", "tol"), [("sgd", TOL), ("adam", ADAM_TOL)])
 def test_params_after_optimizer_step(kind, tol):
-    layouts = [lay for lay in LAYOUTS if lay[0] in ("tp2xpp2", "tp2xep2", "dp4", "pp2-vpp2")]
+    picked = ("tp2xpp2", "tp2xep2", "dp4", "pp2-vpp2", "tp2xpp2-vdp")
+    layouts = [lay for lay in LAYOUTS if lay[0] in picked]
     results = run_distributed(_after_step, 4, layouts, kind, kind == "adam", timeout=600)
     for rank_result in results:
         for name, (worst, where) in rank_result.items():

@@ -42,6 +42,7 @@ def test_start_line_names_the_picked_impl_and_backend(shards):
     assert proc.returncode == 0, proc.stderr
     start = json.loads(proc.stdout.strip().splitlines()[-1])
     assert start["transformer_impl"] == "local" and start["attention_backend"] == "sdpa"
+    assert start["vision_parallel"] == "tp"  # one process: nothing to split
 
 
 @pytest.mark.slow
