@@ -4,7 +4,7 @@ with ``--balance-data off`` (contiguous shares) vs ``on`` (the global batch deal
 The model: the tiny config with a heavier vision tower (width 128, 4 blocks, up to 1,024
 patches per image), so a sequence's cost depends on its images. The corpus: a blend of large
 noise JPEGs (256..1024 px, caption pairs) and short text conversations, indexed with the real
-indexer; sequences of 2,048 tokens, global batch 4 per rank (4 micro-batches each), ``--nproc`` processes
+indexer; sequences of 2,048 tokens, 4 micro-batches per rank, ``--nproc`` processes
 (``torchrun --nproc-per-node``) on this machine. The two modes run alternately
 ``--rounds`` times, ``--steps`` steps each; per run the mean ``step_seconds`` of the steps
 after the first two, and the mean ``dp_spread`` (slowest rank's compute over the mean, from
@@ -68,9 +68,10 @@ def run(config: Path, data: list[Path], log: Path, balance: str, steps: int, npr
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-        "-m", "megatron_navil.train", "--config", str(config), "--data", *map(str, data),
-        "--steps", str(steps), "--warmup", "1", "--seq-length", "2048", "--global-batch", str(4 * nproc),
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc-per-node", str(nproc), "-m", "megatron_navil.train", "--config", str(config),
+        "--data", *map(str, data), "--steps", str(steps), "--warmup", "1",
+        "--seq-length", "2048", "--global-batch", str(4 * nproc),
         "--log-dir", str(log), "--no-progress", "--balance-data", balance,
     ]  # fmt: skip
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=3600)
