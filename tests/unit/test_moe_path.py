@@ -22,10 +22,25 @@ TOKENS, HIDDEN = 24, 64
 
 @pytest.fixture(scope="module", autouse=True)
 def _state():
-    from megatron_navil.parallel import initialize
+    """A one-process group in this pytest process for the module, then everything undone (the
+    group, megatron's state, the CPU shim's patches, the launcher variables it set), so the
+    tests after it see a clean process."""
+    import os
+
+    from megatron_navil.parallel import cpu_shim, initialize
+    from megatron_navil.parallel.state import destroy
 
     warnings.filterwarnings("ignore")
+    env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
     initialize(seed=0)
+    yield
+    destroy()
+    cpu_shim.revert_all()
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _layer(experts: int = 1, recompute: str = "none", moe_path: str = "auto", **lm):
