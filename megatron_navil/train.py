@@ -24,6 +24,7 @@ import torch
 from megatron_navil.cli import OneLineParser
 from megatron_navil.config.vocab import DEFAULT_DIVISIBLE_BY, needed_vocab, padded_vocab_size
 from megatron_navil.training.flops import batch_flops, detect_peak_flops, step_model_flops
+from megatron_navil.training.optim import CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +176,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dry-run", action="store_true", help="print the resolved setup (layout, counts) and exit"
     )
+    g = p.add_argument_group("optimizer and communication overlap")
+    g.add_argument(
+        "--use-distributed-optimizer", choices=CHOICES, default="auto",
+        help="megatron-core's distributed optimizer (Adam state and fp32 master weights "
+        "sharded over data-parallel ranks) or the plain one; auto: on when DP > 1 or "
+        "expert-DP > 1, off otherwise (DP = 1: the same numbers without the flat-buffer "
+        "copies). Checkpoints of either resume with the other",
+    )  # fmt: skip
+    g.add_argument(
+        "--overlap-grad-reduce", choices=CHOICES, default="auto",
+        help="overlap the DP gradient reduction with the backward (megatron-core DDP buckets); "
+        "auto: on with CUDA, off on CPU (gloo runs it on the compute cores)",
+    )  # fmt: skip
+    g.add_argument(
+        "--overlap-param-gather", choices=CHOICES, default="auto",
+        help="overlap the distributed optimizer's parameter all-gather with the next forward "
+        "(needs the distributed optimizer and --overlap-grad-reduce); auto: on with CUDA when "
+        "both are on, off on CPU",
+    )  # fmt: skip
+    g.add_argument(
+        "--overlap-p2p-comm", choices=CHOICES, default="auto",
+        help="overlap pipeline send/recv with compute in the interleaved schedule (--vpp > 1; "
+        "no effect otherwise); auto: on with CUDA, off on CPU",
+    )  # fmt: skip
+    g.add_argument(
+        "--tp-comm-overlap", action="store_true",
+        help="TransformerEngine's TP communication/GEMM overlap (userbuffers; needs "
+        "TransformerEngine, TP > 1 and its layers: an error without TransformerEngine)",
+    )  # fmt: skip
+    g.add_argument(
+        "--ddp-bucket-size", type=int, default=None,
+        help="parameters per DDP gradient bucket with --overlap-grad-reduce (default: "
+        "megatron-core's, max(4e7, 1e6 x DP))",
+    )  # fmt: skip
     return p  # fmt: skip
 
 
@@ -462,7 +497,15 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
     from megatron_navil.training.loop import LoopConfig, train
-    from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
+    from megatron_navil.training.optim import (
+        build_optimizer,
+        build_scheduler,
+        initialize_tp_comm_overlap,
+        resolve_overlap,
+        te_importable,
+        use_distributed_optimizer,
+        wrap_ddp,
+    )
     from megatron_navil.training.recipes import apply_freezing
 
     try:
@@ -507,7 +550,19 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    mcore_config = transformer_config(cfg, **layout, dtype=dtype)
+    try:
+        distributed_optimizer = use_distributed_optimizer(args.use_distributed_optimizer, groups)
+        overlap = resolve_overlap(
+            grad_reduce=args.overlap_grad_reduce, param_gather=args.overlap_param_gather,
+            p2p=args.overlap_p2p_comm, tp_comm=args.tp_comm_overlap,
+            bucket_size=args.ddp_bucket_size, distributed_optimizer=distributed_optimizer,
+            vpp=args.vpp, cuda=cuda, te_available=te_importable(),
+        )  # fmt: skip
+    except ValueError as exc:
+        parser.error(str(exc))
+    mcore_config = transformer_config(
+        cfg, **layout, dtype=dtype, overlap_p2p_comm=overlap.p2p, tp_comm_overlap=overlap.tp_comm
+    )
     from megatron_navil.config.model import Recompute
 
     recompute = Recompute(llm=args.recompute_llm, vision=args.recompute_vision)
@@ -527,6 +582,8 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
             "frozen_params_rank0": frozen["frozen"], "data": args.data,
             "global_batch": args.global_batch, "seq_length": args.seq_length,
             "device": str(device), "precision": "bf16" if bf16 else "fp32",
+            "optimizer": "distributed" if distributed_optimizer else "plain",
+            "overlap": dataclasses.asdict(overlap),
             # image settings the corpus was indexed with, where they differ from --config's
             **({"image_from_corpus": image_changes} if image_changes else {}),
             **({"prompt_from_corpus": prompt_changes} if prompt_changes else {}),
@@ -534,9 +591,12 @@ def run(args: argparse.Namespace, cfg: Any, recipe: Any, parser: argparse.Argume
     if args.dry_run:
         return 0
     init_weights(args, chunks, rank0)
-    chunks = wrap_ddp(chunks, mcore_config, distributed_optimizer=True)
+    if overlap.tp_comm:
+        initialize_tp_comm_overlap(mcore_config, args.seq_length)
+    chunks = wrap_ddp(chunks, mcore_config, distributed_optimizer, overlap)
     optimizer = build_optimizer(chunks, recipe, lr=args.lr, min_lr=args.min_lr,
-                                clip_grad=args.clip_grad, bf16=bf16)  # fmt: skip
+                                clip_grad=args.clip_grad, bf16=bf16,
+                                distributed=distributed_optimizer)  # fmt: skip
     scheduler = build_scheduler(optimizer, recipe, args.steps, lr=args.lr,
                                 warmup_steps=args.warmup, min_lr=args.min_lr)  # fmt: skip
     loader = build_data_loader(

@@ -246,11 +246,14 @@ def forward_step(data_iterator: Iterator, model: torch.nn.Module) -> tuple[torch
     return out, lambda output_tensor: loss_func(output_tensor)
 
 
-def wrap_ddp(chunks: list[torch.nn.Module], config: Any, distributed_optimizer: bool) -> list[Any]:
-    """megatron-core DDP around each chunk, wired into the schedule like Megatron-LM does."""
+def wrap_ddp(
+    chunks: list[torch.nn.Module], config: Any, distributed_optimizer: bool, overlap: Any = None
+) -> list[Any]:
+    """megatron-core DDP around each chunk, wired into the schedule like Megatron-LM does
+    (``overlap``: ``training.optim.Overlap``, None: none)."""
     from megatron_navil.training.optim import wrap_ddp as wrap
 
-    return wrap(chunks, config, distributed_optimizer)
+    return wrap(chunks, config, distributed_optimizer, overlap)
 
 
 def build_optimizer(chunks: list[Any], kind: str, distributed: bool, lr: float = 1e-2) -> Any:

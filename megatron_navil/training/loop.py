@@ -26,6 +26,7 @@ import torch
 from megatron_navil.checkpoint import directory, store
 from megatron_navil.parallel.groups import ParallelGroups
 from megatron_navil.training.evaluate import evaluate
+from megatron_navil.training.optim import sync_params
 from megatron_navil.training.step import StepResult, train_step
 
 
@@ -286,6 +287,7 @@ def train(
             "results_tail": [asdict(r) for r in results[-1:]],
             **cfg.extra_state,
         }
+        sync_params(chunks)  # overlapped param gather: the weights the optimizer made
         store.save(
             cfg.save_dir, iteration, chunks, optimizer, train_state, cfg.keep_last,
             model_config=cfg.model_config,
