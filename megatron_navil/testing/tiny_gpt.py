@@ -408,9 +408,11 @@ def setup_run(
     distributed_optimizer: bool = False,
     lr: float = 1e-2,
     freeze: Callable[[torch.nn.Module], None] | None = None,
+    overlap: Any = None,
 ) -> Run:
     """(Re)initialise the parallel state for ``layout`` and build the seeded tiny GPT in it;
-    ``freeze`` is called on each model chunk before DDP (to set ``requires_grad``)."""
+    ``freeze`` is called on each model chunk before DDP (to set ``requires_grad``);
+    ``overlap``: DDP's communication overlap (``training.optim.Overlap``; None: none)."""
     from megatron_navil.parallel import initialize
 
     parallel = initialize(**(layout or {})).layout
@@ -419,6 +421,6 @@ def setup_run(
     set_global_params(chunks, seed)
     for chunk in chunks if freeze is not None else []:
         freeze(chunk)
-    chunks = wrap_ddp(chunks, config, distributed_optimizer)
+    chunks = wrap_ddp(chunks, config, distributed_optimizer, overlap)
     opt = build_optimizer(chunks, optimizer, distributed_optimizer, lr) if optimizer else None
     return Run(spec, chunks, config, opt)

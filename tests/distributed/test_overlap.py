@@ -93,6 +93,35 @@ def _curves(names: list[str]) -> dict:
     return out
 
 
+def _loop_save(root: str) -> float:
+    """DP4 with overlapped param gather through ``training.loop.train``, which saves right
+    after its last optimizer step (the parameters are then stale until the next step's
+    gathers): the weights saved must be the trained ones. Returns the largest difference
+    between them (loaded into a fresh model) and the trained parameters after a sync."""
+    from megatron_navil.checkpoint.directory import latest
+    from megatron_navil.checkpoint.store import load_weights
+    from megatron_navil.config.registry import get_config
+    from megatron_navil.training.loop import LoopConfig, train
+    from megatron_navil.training.optim import Overlap, sync_params
+
+    warnings.filterwarnings("ignore")
+    cfg = get_config("tiny")
+    overlap = Overlap(grad_reduce=True, param_gather=True, bucket_size=BUCKET)
+    run = N.setup_run(cfg, {}, optimizer="adam", distributed_optimizer=True, lr=1e-3,
+                      overlap=overlap)  # fmt: skip
+    source = N.SyntheticSource(cfg, run.spec, seed=0, repeat=False)
+    loop = LoopConfig(steps=2, seq_length=run.spec.seq_length, save_dir=root, progress_bar=False)
+    train(run.chunks, run.config, run.groups, run.optimizer, None, source, loop)
+    sync_params(run.chunks)
+    fresh = N.setup_run(cfg, {}, seed=11)
+    load_weights(latest(root), fresh.chunks)
+    return _max_diff(_params(run), _params(fresh))
+
+
+def test_a_save_after_an_overlapped_step_holds_the_trained_weights(tmp_path):
+    assert run_distributed(_loop_save, 4, str(tmp_path / "ckpt"), timeout=600)[0] == 0.0
+
+
 @pytest.fixture(scope="module")
 def curves() -> dict:
     return run_distributed(_curves, 4, list(LAYOUTS), timeout=1200)[0]
