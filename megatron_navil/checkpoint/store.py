@@ -69,12 +69,35 @@ def sharded_state(
         )
         kind = optimizer_format(optimizer)
         state[OPTIMIZER_FORMAT] = kind
-        for sub, sub_state in _parts(optimizer, state["optimizer"]):
+        parts = _parts(optimizer, state["optimizer"])
+        for sub, sub_state in parts:
             if kind == "plain":
                 _align_plain(sub_state)
             elif saved_format == "plain" and not sub.config.bf16:
                 _drop_fp32_params(sub_state)
+        if kind == "plain":
+            _share_step([part for _, part in parts])
     return state
+
+
+def _plain_inner(sub_state: dict[str, Any]) -> dict[str, Any]:
+    """The torch optimizer's part of a plain optimizer's state: megatron-core's Float16
+    optimizer nests it under ``optimizer``, its FP32 optimizer is that part."""
+    return sub_state["optimizer"] if "fp32_from_fp16_params" in sub_state else sub_state
+
+
+def _share_step(parts: list[dict[str, Any]]) -> None:
+    """Adam's step in every plain optimizer of a chain (megatron-core saves it as
+    ``common_step``, read from the optimizer's per-parameter states). An optimizer that holds
+    no parameter on this rank (stage S1.1 at EP=2: the rank of the frozen text experts) has
+    none, and rank 0's copy is the one the checkpoint keeps: give it the chain's step, which
+    all optimizers of a chain share (megatron-core synchronises them)."""
+    steps = [inner["state"]["common_step"] for inner in map(_plain_inner, parts)
+             if "common_step" in inner.get("state", {})]  # fmt: skip
+    if not steps:
+        return
+    for inner in map(_plain_inner, parts):
+        inner.setdefault("state", {}).setdefault("common_step", steps[0])
 
 
 def optimizer_format(optimizer: Any) -> str:

@@ -1,14 +1,16 @@
 """The plain megatron-core optimizer (DP = 1) and the distributed one (DP > 1) with the NaViL
 model: the same numbers at DP = 1, and checkpoints of either resuming into the other
-(``checkpoint.store``), with the dense and the expert-parallel (chained) optimizer.
+(``checkpoint.store``), with the dense and the expert-parallel (chained) optimizer, and in
+the partly frozen stage S1.1.
 
 Tolerances:
 - Plain vs distributed optimizer at DP = 1, same layout: bit-identical losses (the same
   elementwise Adam on the same gradients; fp32, no clipping in these runs).
 - A resume in another layout and with the other optimizer: the next 3 losses within 1e-5
   relative of the uninterrupted run's (the layouts' ~1e-7 forward/gradient differences,
-  which Adam amplifies; measured <= 1e-6). A resume that lost Adam's state (weights only)
-  must miss by more than 10x that at the second step, so the comparison can fail.
+  which Adam amplifies; measured <= 1e-7). A resume that lost Adam's state (weights only)
+  must miss by more than 10x that within those 3 steps (measured: 8e-4 by the second step,
+  3e-3 by the third in S1.1), so the comparison can fail.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ TOL = 1e-5
 # (saved at, loaded at): layouts of 2 ranks; DP=1 runs the plain optimizer, DP=2 the
 # distributed one (training.optim.use_distributed_optimizer's auto rule).
 DIRECTIONS = {
-    "plain_to_distributed": (dict(tp=2), dict()),
-    "distributed_to_plain": (dict(), dict(tp=2)),
-    "plain_to_distributed_ep2": (dict(tp=2, ep=2, etp=1), dict(ep=2)),
-    "distributed_to_plain_ep2": (dict(ep=2), dict(tp=2, ep=2, etp=1)),
+    "plain_to_distributed": (dict(tp=2), dict(), None),
+    "distributed_to_plain": (dict(), dict(tp=2), None),
+    "plain_to_distributed_ep2": (dict(tp=2, ep=2, etp=1), dict(ep=2), None),
+    "distributed_to_plain_ep2": (dict(ep=2), dict(tp=2, ep=2, etp=1), None),
+    # stage S1.1: the text experts frozen; at EP=2 one rank's expert optimizer holds nothing
+    "plain_to_distributed_s1.1_ep2": (dict(tp=2, ep=2, etp=1), dict(ep=2), "s1.1"),
+    "distributed_to_plain_s1.1_ep2": (dict(ep=2), dict(tp=2, ep=2, etp=1), "s1.1"),
+    "plain_to_plain_s1.1_ep2": (dict(tp=2, ep=2, etp=1), dict(tp=2, ep=2, etp=1), "s1.1"),
 }
 
 
@@ -39,12 +45,13 @@ def _cfg():
     return get_config("tiny")
 
 
-def _auto_run(cfg, layout: dict):
+def _auto_run(cfg, layout: dict, stage: str | None = None):
     from megatron_navil.parallel import initialize
     from megatron_navil.training.optim import use_distributed_optimizer
 
     distributed = use_distributed_optimizer("auto", initialize(**layout))
-    return N.setup_run(cfg, layout, optimizer="adam", distributed_optimizer=distributed, lr=1e-3)
+    return N.setup_run(cfg, layout, optimizer="adam", distributed_optimizer=distributed, lr=1e-3,
+                       stage=stage)  # fmt: skip
 
 
 def _same_numbers() -> dict:
@@ -64,16 +71,16 @@ def _resume(root: str, names: list[str]) -> dict:
     warnings.filterwarnings("ignore")
     cfg, out = _cfg(), {}
     for name in names:
-        src_layout, dst_layout = DIRECTIONS[name]
-        src = _auto_run(cfg, src_layout)
+        src_layout, dst_layout, stage = DIRECTIONS[name]
+        src = _auto_run(cfg, src_layout, stage)
         for s in range(2):
             src.step(batch_seed=s)
         path = save(f"{root}/{name}", 2, src.chunks, src.optimizer, {})
         uninterrupted = [src.step(batch_seed=s) for s in (5, 6, 7)]
-        dst = _auto_run(cfg, dst_layout)
+        dst = _auto_run(cfg, dst_layout, stage)
         load(path, dst.chunks, dst.optimizer)
         resumed = [dst.step(batch_seed=s) for s in (5, 6, 7)]
-        fresh = _auto_run(cfg, dst_layout)
+        fresh = _auto_run(cfg, dst_layout, stage)
         load_weights(path, fresh.chunks)
         weights_only = [fresh.step(batch_seed=s) for s in (5, 6, 7)]
         out[name] = dict(
@@ -98,8 +105,8 @@ def resumes(tmp_path_factory):
 def test_checkpoint_resumes_into_the_other_optimizer(resumes, name):
     r = resumes[name]
     src, dst = name.split("_to_")
-    assert r["formats"] == (src, dst.removesuffix("_ep2"))
+    assert r["formats"] == (src, dst.split("_")[0])
     u, got, lost = r["uninterrupted"], r["resumed"], r["weights_only"]
     for a, b in zip(got, u, strict=True):
         assert abs(a - b) <= TOL * abs(b), (got, u)
-    assert abs(lost[1] - u[1]) > 10 * TOL * abs(u[1]), (lost, u)
+    assert max(abs(a - b) / abs(b) for a, b in zip(lost, u, strict=True)) > 10 * TOL, (lost, u)
