@@ -67,7 +67,8 @@ def resolve_overlap(
     """The run's :class:`Overlap` from its ``auto`` / ``on`` / ``off`` flags. ``auto`` is on
     where overlap is the fast path: on CUDA (NCCL runs collectives on their own streams
     while compute continues); off on CPU, where gloo's "asynchronous" collectives run on
-    the same cores as the compute (measured: no gain on CPU, docs/performance.md).
+    the same cores as the compute (measured on the tiny model at DP=2: no gain, slower with
+    small buckets; docs/performance.md).
     ``param_gather`` needs the distributed optimizer (ValueError when asked for without it;
     ``auto`` follows it), ``p2p`` the interleaved schedule (``vpp`` > 1; ignored otherwise,
     as megatron-core does), ``tp_comm`` TransformerEngine (ValueError without it)."""
