@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--use-distributed-optimizer", choices=CHOICES, default="auto",
         help="megatron-core's distributed optimizer (Adam state and fp32 master weights "
         "sharded over data-parallel ranks) or the plain one; auto: on when DP > 1 or "
-        "expert-DP > 1, off otherwise (DP = 1: the same numbers without the flat-buffer "
+        "expert-DP > 1, off otherwise (DP = 1: the same Adam, to rounding, without the flat-buffer "
         "copies). Checkpoints of either resume with the other",
     )  # fmt: skip
     g.add_argument(
