@@ -8,9 +8,10 @@ same batch from the same weights, each in its own fresh process with the same nu
 
 * megatron_navil: TP = PP = EP = DP = 1 on CPU, megatron-core DDP + AdamW, the training entry's
   own ``training.step.train_step`` on one packed sequence (``cu_seqlens``; no padding); twice:
-  with megatron-core's distributed optimizer (what ``train`` uses at any DP) and with its
-  plain one (at DP = 1 the distributed one has nothing to shard but still copies the whole
-  flat parameter and gradient buffers each step);
+  at ``train``'s defaults (``--use-distributed-optimizer auto`` and ``--overlap-* auto``,
+  resolved by the same functions: at DP = 1 megatron-core's plain optimizer, no overlap on
+  CPU) and with the distributed optimizer forced on (at DP = 1 it has nothing to shard but
+  still copies the whole flat parameter and gradient buffers each step);
 * HF: ``AutoModelForCausalLM.from_pretrained(trust_remote_code=True)`` in eager PyTorch,
   ``torch.optim.AdamW`` with the same hyper-parameters and weight-decay groups (none on 1-D
   parameters and biases, as megatron-core), ``clip_grad_norm_(1.0)``; the same samples as a
@@ -138,17 +139,24 @@ def hf_view(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _megatron(ckpt_dir: str | None, steps: int, threads: int, distributed: bool) -> dict[str, Any]:
+def _megatron(ckpt_dir: str | None, steps: int, threads: int, optimizer: str) -> dict[str, Any]:
     """One rank: build (the same weights every time: same seed), save them when ``ckpt_dir``
-    is given, then ``steps`` training steps timed, with megatron-core's distributed optimizer
-    (what ``train`` uses) or its plain one."""
+    is given, then ``steps`` training steps timed; ``optimizer``: ``--use-distributed-optimizer``
+    (``auto``: what ``train`` picks), the overlap at ``train``'s defaults."""
     import torch
 
     from megatron_navil.checkpoint.store import save
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
     from megatron_navil.training.microbatch import MicroBatch
-    from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
+    from megatron_navil.training.optim import (
+        build_optimizer,
+        build_scheduler,
+        resolve_overlap,
+        te_importable,
+        use_distributed_optimizer,
+        wrap_ddp,
+    )
     from megatron_navil.training.recipes import get_stage
     from megatron_navil.training.step import train_step
 
@@ -161,7 +169,12 @@ def _megatron(ckpt_dir: str | None, steps: int, threads: int, distributed: bool)
     params = sum(p.numel() for p in model.parameters())
     if ckpt_dir is not None:
         save(ckpt_dir, 0, [model], None, {}, model_config=cfg)
-    chunks = wrap_ddp([model], config, distributed_optimizer=distributed)
+    distributed = use_distributed_optimizer(optimizer, groups)
+    overlap = resolve_overlap(
+        distributed_optimizer=distributed, vpp=None, cuda=torch.cuda.is_available(),
+        te_available=te_importable(),
+    )  # fmt: skip
+    chunks = wrap_ddp([model], config, distributed, overlap)
     recipe = dataclasses.replace(get_stage("s2"), lr_schedule="constant", warmup_steps=0)
     opt = build_optimizer(chunks, recipe, lr=LR, clip_grad=CLIP, distributed=distributed)
     sched = build_scheduler(opt, recipe, steps, lr=LR, warmup_steps=0)
@@ -181,7 +194,9 @@ def _megatron(ckpt_dir: str | None, steps: int, threads: int, distributed: bool)
         )
         times.append(time.perf_counter() - start)
         losses.append(result.loss)
-    return {"params": params, "losses": losses, "times": times}
+    kind = "distributed" if distributed else "plain"
+    return {"params": params, "losses": losses, "times": times, "optimizer": kind,
+            "overlap": dataclasses.asdict(overlap)}  # fmt: skip
 
 
 def _hf(hf_dir: str, steps: int, threads: int, out: str) -> None:
@@ -242,12 +257,12 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     meg = {}
-    for name, distributed in (("distributed_optimizer", True), ("plain_optimizer", False)):
+    for name, choice in (("train_defaults", "auto"), ("distributed_optimizer", "on")):
         print(f"megatron_navil ({name}): {args.steps} steps on {args.threads} threads ...",
               flush=True)  # fmt: skip
-        ckpt = str(work / "ckpt") if distributed else None
+        ckpt = str(work / "ckpt") if choice == "auto" else None
         (meg[name],) = run_distributed(
-            _megatron, 1, ckpt, args.steps, args.threads, distributed, timeout=7200
+            _megatron, 1, ckpt, args.steps, args.threads, choice, timeout=7200
         )
     cfg = bench_config()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -272,24 +287,26 @@ def main() -> int:
             ),
             "times": r["times"],
             "losses": r["losses"],
+            **({"optimizer": r["optimizer"], "overlap": r["overlap"]} if name in meg else {}),
         }
     result = {
-        "params": meg["distributed_optimizer"]["params"],
+        "params": meg["train_defaults"]["params"],
         "tokens": hf["tokens"],
         "hf_padded_tokens": hf["padded_tokens"],
         "patches": int(packed_batch(cfg)["batch"]["patches"].shape[0]),
         "threads": args.threads,
         "timed_steps": args.steps - 1,
         "sides": sides,
-        "speedup_megatron_over_hf": sides["distributed_optimizer"]["speed_vs_hf"],
+        "speedup_megatron_over_hf": sides["train_defaults"]["speed_vs_hf"],
         "machine": f"{os.cpu_count()} cores",
     }
     print(f"{result['params'] / 1e6:.0f}M parameters, {result['tokens']} tokens "
           f"(HF padded to {result['hf_padded_tokens']}), {result['patches']} patches")  # fmt: skip
     print(f"{'side':<44}{'step s':>8}{'vs HF':>7}{'loss 1':>10}{'loss last':>11}{'max diff':>10}")
+    defaults = meg["train_defaults"]["optimizer"]
     labels = {
-        "distributed_optimizer": "megatron_navil TP1, distributed optimizer",
-        "plain_optimizer": "megatron_navil TP1, plain optimizer",
+        "train_defaults": f"megatron_navil TP1, train's defaults ({defaults} optimizer)",
+        "distributed_optimizer": "megatron_navil TP1, distributed optimizer on",
         "hf_eager": "HF eager (torch AdamW)",
     }
     for key, label in labels.items():

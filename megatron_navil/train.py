@@ -310,7 +310,15 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
     )
     from megatron_navil.parallel import initialize
     from megatron_navil.training.loop import LoopConfig, train
-    from megatron_navil.training.optim import build_optimizer, build_scheduler, wrap_ddp
+    from megatron_navil.training.optim import (
+        build_optimizer,
+        build_scheduler,
+        initialize_tp_comm_overlap,
+        resolve_overlap,
+        te_importable,
+        use_distributed_optimizer,
+        wrap_ddp,
+    )
     from megatron_navil.training.profiling import parse_profile_steps
     from megatron_navil.training.recipes import apply_freezing
 
@@ -356,7 +364,20 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     bf16 = lay.precision == "bf16" or (lay.precision == "auto" and cuda)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    mcore_config = transformer_config(cfg, **layout, dtype=dtype)
+    fast = tc.fast
+    try:
+        distributed_optimizer = use_distributed_optimizer(fast.use_distributed_optimizer, groups)
+        overlap = resolve_overlap(
+            grad_reduce=fast.overlap_grad_reduce, param_gather=fast.overlap_param_gather,
+            p2p=fast.overlap_p2p_comm, tp_comm=fast.tp_comm_overlap,
+            bucket_size=fast.ddp_bucket_size, distributed_optimizer=distributed_optimizer,
+            vpp=lay.vpp, cuda=cuda, te_available=te_importable(),
+        )  # fmt: skip
+    except ValueError as exc:
+        parser.error(str(exc))
+    mcore_config = transformer_config(
+        cfg, **layout, dtype=dtype, overlap_p2p_comm=overlap.p2p, tp_comm_overlap=overlap.tp_comm
+    )
     recompute = Recompute(llm=lay.recompute_llm, vision=lay.recompute_vision)
     vision_parallel = resolve_vision_parallel(lay.vision_parallel, cfg, lay.tp)
     from megatron_navil.models.impl import (
@@ -395,6 +416,8 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
             "device": str(device), "precision": "bf16" if bf16 else "fp32",
             "transformer_impl": impl, "attention_backend": attention,
             "moe_path": moe_path_of(chunks), "vision_parallel": vision_parallel,
+            "optimizer": "distributed" if distributed_optimizer else "plain",
+            "overlap": dataclasses.asdict(overlap),
             # image settings the corpus was indexed with, where they differ from --config's
             **({"image_from_corpus": image_changes} if image_changes else {}),
             **({"prompt_from_corpus": prompt_changes} if prompt_changes else {}),
@@ -402,9 +425,12 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
     if log.dry_run:
         return 0
     init_weights(ck, chunks, rank0)
-    chunks = wrap_ddp(chunks, mcore_config, distributed_optimizer=True)
+    if overlap.tp_comm:
+        initialize_tp_comm_overlap(mcore_config, data.seq_length)
+    chunks = wrap_ddp(chunks, mcore_config, distributed_optimizer, overlap)
     optimizer = build_optimizer(chunks, recipe, lr=optim.lr, min_lr=optim.min_lr,
-                                clip_grad=optim.clip_grad, bf16=bf16)  # fmt: skip
+                                clip_grad=optim.clip_grad, bf16=bf16,
+                                distributed=distributed_optimizer)  # fmt: skip
     scheduler = build_scheduler(optimizer, recipe, optim.steps, lr=optim.lr,
                                 warmup_steps=optim.warmup, min_lr=optim.min_lr)  # fmt: skip
     loader = build_data_loader(

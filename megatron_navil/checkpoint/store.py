@@ -8,9 +8,10 @@ With ``async_saves`` (``--async-save``, ``checkpoint.async_save``) the shards ar
 forked process while training goes on, and ``train_state.json``, the rename and the marker
 follow only when every rank's writer has finished.
 Model and optimizer are saved in megatron-core's ``fully_reshardable`` form, so a checkpoint
-loads at another TP/PP/EP/DP layout (megatron-core limitation: a MoE optimizer saved at EP > 1
-does not load at EP = 1). :func:`load_weights` loads the model alone: how a stage starts from
-the previous stage's result.
+loads at another TP/PP/EP/DP layout and with either optimizer (the distributed one, or the
+plain one used at DP = 1: ``sharded_state``); megatron-core limitation: a MoE optimizer saved
+at EP > 1 does not load at EP = 1. :func:`load_weights` loads the model alone: how a stage
+starts from the previous stage's result.
 """
 
 from __future__ import annotations
@@ -44,10 +45,23 @@ SAVE_DELAY_ENV = "MEGATRON_NAVIL_TEST_SAVE_DELAY"
 states, ``train_state.json`` and the rename (tests kill -9 a run inside that window)."""
 
 
-def sharded_state(chunks: list[Any], optimizer: Any, is_loading: bool) -> dict[str, Any]:
+OPTIMIZER_FORMAT = "optimizer_format"
+"""A checkpoint's entry naming the optimizer that saved it: ``distributed`` (megatron-core's
+DistributedOptimizer, ``fully_reshardable``) or ``plain`` (its Float16/FP32 optimizer, used at
+DP = 1); checkpoints without it are ``distributed`` (the only kind before the plain one)."""
+
+_FP32_PARAM, _PARAM = "optimizer.state.fp32_param.", "optimizer.state.param."
+
+
+def sharded_state(
+    chunks: list[Any], optimizer: Any, is_loading: bool, saved_format: str | None = None
+) -> dict[str, Any]:
     """Model chunks (``model`` / ``model0..``) and optimizer as Megatron-LM lays them out
     (the optimizer's state of partly frozen stacked tensors: :func:`optimizer_template`).
-    Collective when there is an optimizer."""
+    Both optimizers name their tensors the same (:func:`_align_plain`), so a checkpoint of
+    either loads into the other; ``saved_format`` (loading: the checkpoint's
+    :data:`OPTIMIZER_FORMAT`) leaves out what that checkpoint does not hold. Collective when
+    there is an optimizer."""
     state: dict[str, Any] = {}
     for i, chunk in enumerate(chunks):
         module = getattr(chunk, "module", chunk)
@@ -58,7 +72,116 @@ def sharded_state(chunks: list[Any], optimizer: Any, is_loading: bool) -> dict[s
             is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": "fully_reshardable"},
         )
+        kind = optimizer_format(optimizer)
+        state[OPTIMIZER_FORMAT] = kind
+        parts = _parts(optimizer, state["optimizer"])
+        for sub, sub_state in parts:
+            if kind == "plain":
+                _align_plain(sub_state)
+            elif saved_format == "plain" and not sub.config.bf16:
+                _drop_fp32_params(sub_state)
+        if kind == "plain":
+            _share_step([part for _, part in parts])
     return state
+
+
+def _plain_inner(sub_state: dict[str, Any]) -> dict[str, Any]:
+    """The torch optimizer's part of a plain optimizer's state: megatron-core's Float16
+    optimizer nests it under ``optimizer``, its FP32 optimizer is that part."""
+    return sub_state["optimizer"] if "fp32_from_fp16_params" in sub_state else sub_state
+
+
+def _share_step(parts: list[dict[str, Any]]) -> None:
+    """Adam's step in every plain optimizer of a chain (megatron-core saves it as
+    ``common_step``, read from the optimizer's per-parameter states). An optimizer that holds
+    no parameter on this rank (stage S1.1 at EP=2: the rank of the frozen text experts) has
+    none, and rank 0's copy is the one the checkpoint keeps: give it the chain's step, which
+    all optimizers of a chain share (megatron-core synchronises them)."""
+    steps = [inner["state"]["common_step"] for inner in map(_plain_inner, parts)
+             if "common_step" in inner.get("state", {})]  # fmt: skip
+    if not steps:
+        return
+    for inner in map(_plain_inner, parts):
+        inner.setdefault("state", {}).setdefault("common_step", steps[0])
+
+
+def optimizer_format(optimizer: Any) -> str:
+    """``distributed`` or ``plain`` (:data:`OPTIMIZER_FORMAT`)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if isinstance(subs[0], DistributedOptimizer) else "plain"
+
+
+def _parts(optimizer: Any, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """(sub-optimizer, its part of ``state``) of a megatron-core optimizer: a ChainedOptimizer
+    of one optimizer lays out that optimizer's state, of several ``{index: state}``."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [(subs[0], state)] if len(subs) == 1 else [(sub, state[i]) for i, sub in enumerate(subs)]
+
+
+def _align_plain(sub_state: dict[str, Any]) -> None:
+    """The plain bf16 optimizer's fp32 master weights under the distributed optimizer's
+    name: megatron-core keys them ``optimizer.state.fp32_param.<key>`` in the first and
+    ``optimizer.state.param.<key>`` in the second (``fully_reshardable``); Adam's moments are
+    ``optimizer.state.exp_avg(_sq).<key>`` in both (model-space tensors of the parameter's
+    shape, each sharded like its parameter). The plain fp32 optimizer has no master copy (the
+    parameter is its own)."""
+    from dataclasses import replace
+
+    groups = sub_state.get("fp32_from_fp16_params")
+    if groups is None:
+        return
+    sub_state["fp32_from_fp16_params"] = [
+        [replace(t, key=t.key.replace(_FP32_PARAM, _PARAM, 1)) for t in group] for group in groups
+    ]
+
+
+def _drop_fp32_params(sub_state: dict[str, Any]) -> None:
+    """Loading a plain fp32 checkpoint into the distributed optimizer: leave its master
+    weights out of the request (the checkpoint has none). In fp32 they are views of the
+    parameters, which the model's own entries load."""
+    for tensors in (sub_state.get("param_state") or {}).values():
+        tensors.pop("param", None)
+
+
+def _load_across_formats(optimizer: Any, loaded: Any, saved_format: str) -> Any:
+    """The optimizer's part of a loaded checkpoint as ``optimizer.load_state_dict`` takes it,
+    when another kind of optimizer saved it (:data:`OPTIMIZER_FORMAT`). dist-checkpointing
+    returns the checkpoint's own non-tensor entries merged with the tensors asked for, so
+    the tensors are already this optimizer's; the rest (param groups, Adam's step) is
+    rebuilt from this optimizer's own state with the saved step: learning rate and weight
+    decay are the scheduler's, set again when it loads."""
+    for sub, part in _parts(optimizer, loaded):
+        if saved_format == "plain":  # into the distributed optimizer
+            inner = part.get("optimizer", part)  # Float16: {"optimizer": {...}}; FP32: {...}
+            step = inner.get("state", {}).get("common_step", 0)
+            own = sub.state_dict()["optimizer"]
+            for group in own["param_groups"]:
+                if "step" in group or not _apex_or_te():
+                    group["step"] = float(step) if torch.is_tensor(step) else step
+            for key in list(part):
+                if key not in ("param_state", "grad_scaler"):
+                    del part[key]
+            part.update(optimizer=own, param_state_sharding_type="fully_reshardable")
+        else:  # a distributed checkpoint into the plain optimizer
+            steps = {g["step"] for g in part["optimizer"]["param_groups"] if "step" in g}
+            step = max(steps) if steps else 0
+            own = sub.state_dict()
+            own_inner = own.get("optimizer", own)
+            target = part["optimizer"] if "fp32_from_fp16_params" in own else part
+            target["param_groups"] = own_inner["param_groups"]
+            target.setdefault("state", {})["common_step"] = torch.tensor(float(step))
+            part.pop("param_state_sharding_type", None)
+            if target is part:  # FP32: the saved {"optimizer": {param_groups}} is not its
+                part.pop("optimizer", None)
+    return loaded
+
+
+def _apex_or_te() -> bool:
+    from megatron.core.optimizer import distrib_optimizer
+
+    return bool(distrib_optimizer.HAVE_APEX_OR_TE)
 
 
 def _stacked(sh: Any) -> list[Any]:
@@ -352,7 +475,11 @@ def load(path: str | Path, chunks: list[Any], optimizer: Any) -> dict[str, Any]:
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     path = require_complete(path)
-    state = sharded_state(chunks, optimizer, is_loading=True)
+    saved_format = None
+    if optimizer is not None:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        saved_format = common.get(OPTIMIZER_FORMAT, "distributed")
+    state = sharded_state(chunks, optimizer, is_loading=True, saved_format=saved_format)
     dropped = _drop_unsaved_extra_state(state, path)
     try:
         loaded = dist_checkpointing.load(state, str(path))
@@ -373,7 +500,10 @@ def load(path: str | Path, chunks: list[Any], optimizer: Any) -> dict[str, Any]:
         ) from None
     _load_model_entries(chunks, loaded, dropped)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        state = loaded["optimizer"]
+        if saved_format != optimizer_format(optimizer):
+            state = _load_across_formats(optimizer, state, saved_format)
+        optimizer.load_state_dict(state)
     rng = path / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt"
     saved_ranks = len(list((path / "rng").glob("rank_*.pt")))
     if rng.is_file() and saved_ranks == torch.distributed.get_world_size():

@@ -23,6 +23,7 @@ targets so); the last stage returns the per-token loss ``[t]`` (0 where ignored)
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -209,6 +210,8 @@ class NaViLModel(MegatronModule):
                 raise ValueError(
                     f"{n_slots} <IMG_CONTEXT> tokens in input_ids but no patches were given"
                 )
+            if torch.is_grad_enabled():
+                emb = emb + self._vision_in_graph().to(emb.dtype)
             return emb
         if patch_positions is None or vision_cu_seqlens is None:
             raise ValueError("patches need patch_positions and vision_cu_seqlens")
@@ -242,6 +245,21 @@ class NaViLModel(MegatronModule):
             )
         emb = emb.masked_scatter(slots.view(-1, 1, 1), features.to(emb.dtype).unsqueeze(1))
         return emb
+
+    def _vision_in_graph(self) -> torch.Tensor:
+        """A zero that depends on every trainable vision and connector parameter (sums of
+        empty slices): a micro-batch without images still gives them a (zero) gradient, as
+        every micro-batch does on every rank. megatron-core DDP's overlapped grad reduce
+        starts a bucket's reduction when all its parameters have their gradient and checks
+        that the first batch gave each one; a parameter left out on some ranks would start
+        its bucket's collective in another order there (mismatched collectives). Adds an
+        exact 0: the numbers are unchanged."""
+        parts = [self.vision_model.parameters(), self.mlp1.parameters()]
+        zero = torch.zeros((), dtype=torch.float32, device=self.special_ids.device)
+        for param in itertools.chain(*parts):
+            if param.requires_grad:
+                zero = zero + param.reshape(-1)[:0].sum()
+        return zero
 
     def forward(
         self,

@@ -52,9 +52,11 @@ def check_group(group: ProcessGroup | None, name: str, where: str) -> None:
 
 def linear_config(mcore_config: Any) -> Any:
     """A shallow copy of an mcore TransformerConfig for the vision side's linears: no
-    sequence parallelism (inputs and outputs are replicated over the TP group)."""
+    sequence parallelism (inputs and outputs are replicated over the TP group), so no TP
+    communication overlap either (TransformerEngine's userbuffers are sized for the LLM)."""
     out = copy.copy(mcore_config)
     out.sequence_parallel = False
+    out.tp_comm_overlap = False
     return out
 
 

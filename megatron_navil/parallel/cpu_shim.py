@@ -1,9 +1,9 @@
 """Make megatron-core 0.16.1 run on CPU with torch.distributed's gloo backend.
 
 megatron-core assumes CUDA in a handful of places. Each assumption is patched here by one small,
-named, reversible :class:`Patch`, applied only when ``torch.cuda.is_available()`` is False (two
-patches fix upstream bugs that bite GPU installs without apex/TE too and are applied everywhere,
-see ``always``). Every patch states what megatron-core assumes, where, and why the replacement
+named, reversible :class:`Patch`, applied only when ``torch.cuda.is_available()`` is False (the
+patches marked ``always`` fix upstream bugs that bite GPU installs too and are applied
+everywhere). Every patch states what megatron-core assumes, where, and why the replacement
 is exact on CPU; ``tests/distributed/test_cpu_shim.py`` shows each one necessary by disabling it
 alone.
 
@@ -643,6 +643,50 @@ def _distopt_empty(set_: Callable) -> None:
     set_(dist_opt, "step_with_ready_grads", step_with_ready_grads_)
     set_(dist_opt, "load_state_dict", load_state_dict_)
     set_(dist_opt, "sharded_state_dict", sharded_state_dict_)
+
+
+# --------------------------------------------------------------------------------------------
+# distopt_buckets
+# --------------------------------------------------------------------------------------------
+@_patch(
+    "distopt_buckets",
+    assumes="DistributedOptimizer.sharded_param_state_fully_reshardable slices each "
+    "parameter's state out of get_parameter_state_dp_zero's world tensors at the parameter's "
+    "buffer offsets (buffer.param_index_map), which count the padding at the end of every "
+    "bucket, while the world tensors are built without that padding",
+    where="optimizer/distrib_optimizer.py: DistributedOptimizer."
+    "sharded_param_state_fully_reshardable",
+    why_safe="the offsets are moved into the world tensors' coordinates (less the end "
+    "padding of the buckets before the parameter's own) for the call, then restored; with "
+    "one bucket per buffer nothing moves. An upstream bug that bites GPU runs too: with "
+    "several buckets (overlap_grad_reduce with a model above bucket_size parameters) every "
+    "parameter after the first bucket saves a shifted slice of the buffer as its optimizer "
+    "state (master weight, Adam moments), and a resume silently trains from it",
+    always=True,
+)
+def _distopt_buckets(set_: Callable) -> None:
+    dist_opt = _mod("optimizer.distrib_optimizer").DistributedOptimizer
+    original = dist_opt.sharded_param_state_fully_reshardable
+
+    def sharded_param_state_fully_reshardable(self: Any, *args: Any, **kwargs: Any) -> Any:
+        saved = []
+        for buffer in self.buffers:
+            shifts, unpadded = [], 0
+            for bucket in buffer.buckets:
+                shifts.append(bucket.offset - unpadded)
+                unpadded += bucket.numel_unpadded
+            saved.append(buffer.param_index_map)
+            buffer.param_index_map = {
+                param: (start - shifts[b], end - shifts[b], b)
+                for param, (start, end, b) in buffer.param_index_map.items()
+            }
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            for buffer, index_map in zip(self.buffers, saved, strict=True):
+                buffer.param_index_map = index_map
+
+    set_(dist_opt, "sharded_param_state_fully_reshardable", sharded_param_state_fully_reshardable)
 
 
 # --------------------------------------------------------------------------------------------

@@ -211,12 +211,14 @@ def setup_run(
     stage: str | None = None,
     recompute: Recompute | None = None,
     moe_path: str = "auto",
+    overlap: Any = None,
 ) -> Run:
     """(Re)initialise the parallel state for ``layout`` and build the seeded model in it;
     ``stage`` (``s1.1`` ...) freezes what that training stage does not train; ``recompute``:
     activation recompute of the LLM layers / vision blocks (None: none); ``moe_path``: how
     the FFN reaches its experts (``build_model``); ``layout["vision_parallel"]``: ``tp`` or
-    ``dp`` (``build_model``)."""
+    ``dp`` (``build_model``); ``overlap``: the communication overlap
+    (``training.optim.Overlap``; None: none)."""
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
 
@@ -224,7 +226,7 @@ def setup_run(
     vision_parallel = layout.pop("vision_parallel", "tp")
     groups = initialize(**layout)
     layout.pop("seed", None)
-    config = transformer_config(cfg, **layout)
+    config = transformer_config(cfg, **layout, overlap_p2p_comm=bool(overlap and overlap.p2p))
     spec = spec or BatchSpec(special_ids=special_ids_for(cfg))
     chunks = build_model(
         cfg, config, groups, special_ids=spec.special_ids, first_stage_layers=first_stage_layers,
@@ -235,7 +237,7 @@ def setup_run(
         from megatron_navil.training.recipes import apply_freezing, get_stage
 
         apply_freezing(chunks, get_stage(stage))
-    chunks = T.wrap_ddp(chunks, config, distributed_optimizer)
+    chunks = T.wrap_ddp(chunks, config, distributed_optimizer, overlap)
     opt = T.build_optimizer(chunks, optimizer, distributed_optimizer, lr) if optimizer else None
     return Run(cfg, spec, chunks, config, groups, opt)
 

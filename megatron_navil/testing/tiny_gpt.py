@@ -246,11 +246,14 @@ def forward_step(data_iterator: Iterator, model: torch.nn.Module) -> tuple[torch
     return out, lambda output_tensor: loss_func(output_tensor)
 
 
-def wrap_ddp(chunks: list[torch.nn.Module], config: Any, distributed_optimizer: bool) -> list[Any]:
-    """megatron-core DDP around each chunk, wired into the schedule like Megatron-LM does."""
+def wrap_ddp(
+    chunks: list[torch.nn.Module], config: Any, distributed_optimizer: bool, overlap: Any = None
+) -> list[Any]:
+    """megatron-core DDP around each chunk, wired into the schedule like Megatron-LM does
+    (``overlap``: ``training.optim.Overlap``, None: none)."""
     from megatron_navil.training.optim import wrap_ddp as wrap
 
-    return wrap(chunks, config, distributed_optimizer)
+    return wrap(chunks, config, distributed_optimizer, overlap)
 
 
 def build_optimizer(chunks: list[Any], kind: str, distributed: bool, lr: float = 1e-2) -> Any:
@@ -405,9 +408,11 @@ def setup_run(
     distributed_optimizer: bool = False,
     lr: float = 1e-2,
     freeze: Callable[[torch.nn.Module], None] | None = None,
+    overlap: Any = None,
 ) -> Run:
     """(Re)initialise the parallel state for ``layout`` and build the seeded tiny GPT in it;
-    ``freeze`` is called on each model chunk before DDP (to set ``requires_grad``)."""
+    ``freeze`` is called on each model chunk before DDP (to set ``requires_grad``);
+    ``overlap``: DDP's communication overlap (``training.optim.Overlap``; None: none)."""
     from megatron_navil.parallel import initialize
 
     parallel = initialize(**(layout or {})).layout
@@ -416,6 +421,6 @@ def setup_run(
     set_global_params(chunks, seed)
     for chunk in chunks if freeze is not None else []:
         freeze(chunk)
-    chunks = wrap_ddp(chunks, config, distributed_optimizer)
+    chunks = wrap_ddp(chunks, config, distributed_optimizer, overlap)
     opt = build_optimizer(chunks, optimizer, distributed_optimizer, lr) if optimizer else None
     return Run(spec, chunks, config, opt)

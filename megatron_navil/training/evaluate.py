@@ -29,6 +29,7 @@ import torch
 
 from megatron_navil.parallel.groups import ParallelGroups
 from megatron_navil.training.microbatch import MicroBatch
+from megatron_navil.training.optim import sync_params
 from megatron_navil.training.step import collective_device
 
 
@@ -87,6 +88,7 @@ def eval_sums(
 
         return out, loss_func
 
+    sync_params(chunks)  # overlapped param gather: the weights of the last optimizer step
     iters = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
     with torch.no_grad():
         reports = get_forward_backward_func()(

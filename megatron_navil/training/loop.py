@@ -30,6 +30,7 @@ from megatron_navil.training.accounting import StepClock, dp_spread
 from megatron_navil.training.evaluate import evaluate
 from megatron_navil.training.manual_gc import ManualGC
 from megatron_navil.training.microbatch import MicroBatch
+from megatron_navil.training.optim import sync_params
 from megatron_navil.training.profiling import StepProfiler
 from megatron_navil.training.step import StepResult, collective_device, train_step
 
@@ -308,6 +309,7 @@ def train(
             "results_tail": [asdict(r) for r in results[-1:]],
             **cfg.extra_state,
         }
+        sync_params(chunks)  # overlapped param gather: the weights the optimizer made
         store.save(
             cfg.save_dir, iteration, chunks, optimizer, train_state, cfg.keep_last,
             model_config=cfg.model_config, async_saves=saves,

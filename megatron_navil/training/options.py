@@ -254,7 +254,8 @@ class RuntimeOptions:
 
 @dataclass
 class FastPathOptions:
-    """GPU kernels: the layer implementation and the attention backend."""
+    """The fast path: layer implementation, attention backend, the FFN experts' path, the
+    optimizer and communication overlap."""
 
     transformer_impl: str = option(
         "auto",
@@ -269,6 +270,44 @@ class FastPathOptions:
         "torch.nn.attention.varlen (CUDA), sdpa = bucketed scaled_dot_product_attention (any "
         "device); auto = the first of these that runs here in the model's dtype",
         choices=("auto", "flash", "torch", "sdpa"),
+    )
+    use_distributed_optimizer: str = option(
+        "auto",
+        "megatron-core's distributed optimizer (Adam state and fp32 master weights sharded "
+        "over data-parallel ranks) or the plain one; auto: on when DP > 1 or expert-DP > 1, "
+        "off otherwise (DP = 1: the same Adam, to rounding, without the flat-buffer copies). "
+        "Checkpoints of either resume with the other",
+        choices=("auto", "on", "off"),
+    )
+    overlap_grad_reduce: str = option(
+        "auto",
+        "overlap the DP gradient reduction with the backward (megatron-core DDP buckets); "
+        "auto: on with CUDA, off on CPU (gloo runs it on the compute cores)",
+        choices=("auto", "on", "off"),
+    )
+    overlap_param_gather: str = option(
+        "auto",
+        "overlap the distributed optimizer's parameter all-gather with the next forward "
+        "(needs the distributed optimizer and --overlap-grad-reduce); auto: on with CUDA when "
+        "both are on, off on CPU",
+        choices=("auto", "on", "off"),
+    )
+    overlap_p2p_comm: str = option(
+        "auto",
+        "overlap pipeline send/recv with compute in the interleaved schedule (--vpp > 1; no "
+        "effect otherwise); auto: on with CUDA, off on CPU",
+        choices=("auto", "on", "off"),
+    )
+    tp_comm_overlap: bool = option(
+        False,
+        "TransformerEngine's TP communication/GEMM overlap (userbuffers; needs "
+        "TransformerEngine, TP > 1 and its layers: an error without TransformerEngine)",
+    )
+    ddp_bucket_size: int | None = option(
+        None,
+        "parameters per DDP gradient bucket with --overlap-grad-reduce (default: "
+        "megatron-core's, max(4e7, 1e6 x DP))",
+        min=1,
     )
     moe_path: str = option(
         "auto",
@@ -300,7 +339,7 @@ class TrainConfig:
         default_factory=CheckpointOptions, metadata=_title("checkpoints")
     )
     fast: FastPathOptions = field(
-        default_factory=FastPathOptions, metadata=_title("fast path (GPU kernels)")
+        default_factory=FastPathOptions, metadata=_title("fast path (kernels, optimizer, overlap)")
     )
     log: LogOptions = field(default_factory=LogOptions, metadata=_title("logs"))
     runtime: RuntimeOptions = field(

@@ -22,6 +22,7 @@ import torch
 
 from megatron_navil.parallel.groups import ParallelGroups
 from megatron_navil.training.microbatch import MicroBatch
+from megatron_navil.training.optim import finish_param_gather, start_param_gather
 
 
 class TrainingDivergedError(RuntimeError):
@@ -105,6 +106,7 @@ def train_step(
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    start_param_gather(chunks)  # overlapped param gather: the forward waits per bucket
     iters = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -115,6 +117,7 @@ def train_step(
         micro_batch_size=1,
         forward_only=False,
     )
+    finish_param_gather(chunks)
     loss = torch.zeros(1, dtype=torch.float64, device=device)
     if groups.is_last_stage():
         loss += sum(float(r["loss"]) for r in reports)

@@ -3,7 +3,8 @@ patch disabled (``MEGATRON_NAVIL_SHIM_DISABLE=<name>``), for the reason the patc
 
 Scenarios are the smallest megatron-core use that reaches the patched code. The failures
 without a patch are errors raised by megatron-core/torch on every rank (or on one:
-distopt_empty), or (batch_p2p, distopt_ckpt) wrong numbers caught by the scenario's own comparison.
+distopt_empty), or (batch_p2p, distopt_ckpt, distopt_buckets) wrong numbers caught by the
+scenario's own comparison.
 """
 
 from __future__ import annotations
@@ -95,6 +96,29 @@ def _resume(directory: str) -> None:
         assert steps == {4.0}, f"Adam step counts after resume: {sorted(steps)}"
 
 
+def _resume_buckets(directory: str) -> None:
+    """:func:`_resume` with the gradient buffer in several buckets (overlapped grad reduce,
+    small buckets): every parameter's optimizer state must come back, not a shifted slice."""
+    from megatron_navil.training.optim import Overlap
+
+    opts = dict(ADAM, overlap=Overlap(grad_reduce=True, bucket_size=2000))
+    run = T.setup_run(DENSE, dict(), **opts)
+    assert len(run.chunks[0].bucket_groups) > 1
+    for s in range(4):
+        run.step(batch_seed=s)
+    expected = run.shards()
+    run = T.setup_run(DENSE, dict(), **opts)
+    for s in range(2):
+        run.step(batch_seed=s)
+    T.save_checkpoint(run.chunks, run.optimizer, directory)
+    run = T.setup_run(DENSE, dict(), seed=5, **opts)
+    T.load_checkpoint(run.chunks, run.optimizer, directory)
+    for s in range(2, 4):
+        run.step(batch_seed=s)
+    worst, where = T.max_rel_diff(run.shards(), T.full_tensors(expected))
+    assert worst < 1e-6, f"resumed bucketed Adam run differs at {where} by {worst:.2e}"
+
+
 def _freeze_first_experts(chunk: torch.nn.Module) -> None:
     """Freeze global experts 0 and 1 of every MoE layer (at EP=2: all of EP rank 0's)."""
     for module in chunk.modules():
@@ -150,6 +174,7 @@ SCENARIOS = {
     "distopt_gather": (2, _save, ("{tmp}",), NO_CUDA),
     "distopt_ckpt": (2, _resume, ("{tmp}",), "KeyError: 'step'"),
     "distopt_empty": (2, _resume_frozen_experts, ("{tmp}",), "assert len(steps) == 1"),
+    "distopt_buckets": (2, _resume_buckets, ("{tmp}",), "resumed bucketed Adam run differs"),
 }
 
 
