@@ -166,3 +166,43 @@ def test_checkpoints_load_across_cp_sizes(tmp_path):
             # a forward pass in another layout: the gradients' 1e-5
             assert got == pytest.approx(want, rel=TOL), (name, got, want)
             assert worst <= ADAM_TOL, f"{name}: resumed Adam step: {where} differs by {worst:.2e}"
+
+
+def _variants(layouts: list) -> dict:
+    """Two experts per modality with the per-modality load-balancing loss (megatron-core's
+    router reduces its token counts over TP x CP; its loss scale carries the same x CP as the
+    language-model loss), and full recompute of the LLM layers (the K/V all-gather runs again
+    in the backward)."""
+    import dataclasses
+
+    from megatron_navil.config.model import Recompute
+
+    warnings.filterwarnings("ignore")
+    base = N.windowed_tiny()
+    experts = dataclasses.replace(base.experts, per_modality=2, topk=1, aux_loss_coeff=0.1)
+    out = {}
+    for variant, cfg, recompute in (
+        ("aux", base.replace(experts=experts).validate(), None),
+        ("full", base, Recompute("full", "full")),
+    ):
+        spec = _spec(cfg)
+        ref = N.setup_run(cfg, spec=spec, recompute=recompute)
+        ref_loss = ref.step(batch_seed=3, full_batch=True, update=False)
+        ref_grads = T.full_tensors(ref.shards("grad"))
+        for name, layout in layouts:
+            run = N.setup_run(cfg, layout, spec=spec, recompute=recompute)
+            loss = run.step(batch_seed=3, update=False)
+            worst, where = T.max_rel_diff(run.shards("grad"), ref_grads)
+            out[variant, name] = (loss, ref_loss, worst, where)
+    return out
+
+
+@pytest.mark.slow
+def test_aux_loss_and_full_recompute_match_single_process():
+    layouts = [lay for lay in LAYOUTS if lay[0] in ("cp2", "cp2xtp2")]
+    results = run_distributed(_variants, 4, layouts, timeout=900)
+    for rank_result in results:
+        for key, (loss, ref_loss, worst, where) in rank_result.items():
+            assert abs(loss - ref_loss) <= TOL * abs(ref_loss), (key, loss, ref_loss)
+            assert worst <= TOL, f"{key}: {where} differs by {worst:.2e}"
+    print({f"{v}-{n}": f"{max(r[v, n][2] for r in results):.1e}" for v, n in results[0]})
