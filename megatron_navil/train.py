@@ -278,6 +278,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if latest(ck.init) is None:
             parser.error(f"--init {ck.init}: no complete checkpoint (iter_NNNNNNN) there")
+    from megatron_navil.parallel.context import split_problem
+
+    problem = split_problem(tc.data.seq_length, tc.layout.cp, tc.layout.tp)
+    if tc.layout.cp > 1 and problem:
+        parser.error(f"--seq-length {tc.data.seq_length} with --cp {tc.layout.cp}: {problem}")
+    if tc.layout.cp > 1 and tc.layout.vision_parallel == "dp":
+        parser.error("--cp runs the vision tower data-parallel over the CP ranks; it does not "
+                     "combine with --vision-parallel dp (use tp or auto)")  # fmt: skip
     from megatron_navil.training.profiling import check_profile_args
 
     rt = tc.runtime
@@ -379,7 +387,10 @@ def run(tc: TrainConfig, cfg: Any, recipe: Any, parser: argparse.ArgumentParser)
         cfg, **layout, dtype=dtype, overlap_p2p_comm=overlap.p2p, tp_comm_overlap=overlap.tp_comm
     )
     recompute = Recompute(llm=lay.recompute_llm, vision=lay.recompute_vision)
-    vision_parallel = resolve_vision_parallel(lay.vision_parallel, cfg, lay.tp)
+    # under --cp the CP ranks share the images (models/vision_dp.py), the TP ranks do not
+    vision_parallel = (
+        "tp" if lay.cp > 1 else resolve_vision_parallel(lay.vision_parallel, cfg, lay.tp)
+    )
     from megatron_navil.models.impl import (
         BackendUnavailable,
         resolve_attention_backend,

@@ -94,12 +94,16 @@ def transformer_config(
     vpp: int | None = None,
     etp: int | None = None,
     dtype: torch.dtype = torch.float32,
+    cp: int = 1,
     **overrides: Any,
 ) -> Any:
     """megatron-core TransformerConfig of the LLM (the vision tower derives its own from it).
 
     Sequence parallelism is on whenever TP > 1 (megatron-core's MoE requires it). Fusions that
-    need TransformerEngine/apex are off unless overridden; CPU-safe initialisation."""
+    need TransformerEngine/apex are off unless overridden; CPU-safe initialisation.
+    ``cp``: ``context_parallel_size`` (megatron-core's MoE router normalises its auxiliary
+    losses over TP x CP with it; its own CP attention, TransformerEngine's, is never built:
+    the attention is ``models.cp_attention``)."""
     from megatron.core.transformer import TransformerConfig
 
     lm, ex = cfg.language, cfg.experts
@@ -130,6 +134,7 @@ def transformer_config(
         virtual_pipeline_model_parallel_size=vpp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp or tp,
+        context_parallel_size=cp,
         sequence_parallel=tp > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -259,6 +264,7 @@ def build_model(
                 attention_backend=attention_backend,
                 moe_path=moe_path,
                 vision_dp_group=groups.tp if vision_dp else None,
+                cp_group=groups.cp,
             )
         )
     if init_seed is not None:

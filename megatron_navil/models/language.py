@@ -31,6 +31,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_navil.config.model import LanguageConfig
 from megatron_navil.models.attention import varlen_attention
+from megatron_navil.models.cp_attention import ContextParallel
 from megatron_navil.models.modality import ModalityMoELayer, ModalityRouter, ModalitySplit
 from megatron_navil.models.recompute import DropOutput, ModalitySequentialMLP, moe_config
 
@@ -42,6 +43,9 @@ class LayerInputs:
     ``split`` orders all ``t`` tokens; ``visual_mask_local`` is this rank's ``[s, 1]`` slice
     for the MoE router; ``cos``/``sin`` ``[t, head_dim]`` are the 1D RoPE tables at each
     token's per-sample position; ``cu_seqlens`` int32 delimits the packed samples.
+    ``context_parallel``: under context parallelism (``models.cp_attention``) ``split``,
+    the mask and the tables hold this CP rank's ``t / cp`` tokens and ``cu_seqlens`` is the
+    whole sequence's; None without.
     """
 
     split: ModalitySplit
@@ -49,6 +53,7 @@ class LayerInputs:
     cos: torch.Tensor
     sin: torch.Tensor
     cu_seqlens: torch.Tensor
+    context_parallel: ContextParallel | None = None
 
 
 def rope_tables(
@@ -211,9 +216,12 @@ class ModalityAttention(MegatronModule):
         q, k, v = split.unsort(q), split.unsort(k), split.unsort(v)
         q = apply_rope(q, inputs.cos, inputs.sin)
         k = apply_rope(k, inputs.cos, inputs.sin)
-        ctx = varlen_attention(
-            q, k, v, inputs.cu_seqlens, causal=True, backend=self.attention_backend
-        )
+        if inputs.context_parallel is not None:
+            ctx = inputs.context_parallel.attention(q, k, v, self.attention_backend)
+        else:
+            ctx = varlen_attention(
+                q, k, v, inputs.cu_seqlens, causal=True, backend=self.attention_backend
+            )
         ctx_sorted = split.sort(ctx.reshape(t, self.heads_local * lm.head_dim))
         if lm.wo_then_wo_ve:
             out_sorted = self._wo_then_wo_ve(ctx_sorted, split)

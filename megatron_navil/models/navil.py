@@ -32,6 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_navil.config.model import NaViLConfig, Recompute
 from megatron_navil.config.tokens import IGNORE_INDEX, SPECIAL_TOKENS, VISUAL_TOKENS
+from megatron_navil.models.cp_attention import ContextParallel
 from megatron_navil.models.language import (
     LayerInputs,
     ModalityDecoderLayer,
@@ -40,6 +41,7 @@ from megatron_navil.models.language import (
 )
 from megatron_navil.models.modality import ModalitySplit
 from megatron_navil.models.recompute import check_megatron_flags, checkpoint_full
+from megatron_navil.parallel.context import local_token_index, split_problem
 
 
 class LayerStack(MegatronModule):
@@ -76,6 +78,12 @@ class NaViLModel(MegatronModule):
             ``mcore_config`` must stay unset (ValueError).
         moe_path: how the FFN experts are reached (``modality.MOE_PATHS``, see
             ``modality.ModalityMoELayer``).
+        cp_group: the context-parallel group (``ParallelGroups.cp``; None or one rank: no
+            CP). The forward still takes the whole sequence: the first stage embeds it whole
+            (the vision tower data-parallel over the CP ranks), then every stage keeps this
+            rank's chunks (``parallel.context.local_token_index``), attends them against the
+            gathered keys (``models.cp_attention``) and returns their per-token loss
+            ``[t / cp]`` (or logits).
     """
 
     def __init__(
@@ -95,6 +103,7 @@ class NaViLModel(MegatronModule):
         attention_backend: str = "sdpa",
         moe_path: str = "auto",
         vision_dp_group: Any = None,
+        cp_group: Any = None,
     ) -> None:
         super().__init__(mcore_config)
         from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
@@ -114,6 +123,12 @@ class NaViLModel(MegatronModule):
         self.recompute = (recompute or Recompute()).validate()
         check_megatron_flags(mcore_config)
         self.tp_group = tp_group
+        self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
+        if self.cp_group is not None and vision_dp_group is not None:
+            raise ValueError(
+                "context parallelism runs the vision tower data-parallel over the CP ranks; "
+                "it does not combine with --vision-parallel dp (over TP)"
+            )
         self.pre_process, self.post_process = pre_process, post_process
         self.sequence_parallel = bool(mcore_config.sequence_parallel)
         if len(special_token_ids) != len(SPECIAL_TOKENS):
@@ -215,7 +230,8 @@ class NaViLModel(MegatronModule):
             return emb
         if patch_positions is None or vision_cu_seqlens is None:
             raise ValueError("patches need patch_positions and vision_cu_seqlens")
-        if self.vision_dp_group is not None:
+        dp_group = self.vision_dp_group if self.cp_group is None else self.cp_group
+        if dp_group is not None:
             from megatron_navil.models.vision_dp import encode_data_parallel
 
             v = self.cfg.vision
@@ -224,9 +240,10 @@ class NaViLModel(MegatronModule):
                 12 * v.depth * v.width,
             )
             features = encode_data_parallel(
-                self.vision_model, self.mlp1, self.vision_dp_group, patches, patch_positions,
+                self.vision_model, self.mlp1, dp_group, patches, patch_positions,
                 vision_cu_seqlens, vision_window_index, vision_window_cu_seqlens,
                 self.cfg.connector.merge, cost, self.cfg.language.hidden,
+                partial_grads=self.cp_group is not None,
             )  # fmt: skip
         else:
             features = self.mlp1(
@@ -274,7 +291,8 @@ class NaViLModel(MegatronModule):
         vision_window_cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states ``[s, 1, H]`` (not the last stage), else the per-token loss ``[t]``
-        (with ``labels``) or vocab-parallel logits ``[t, 1, V / tp]``."""
+        (with ``labels``) or vocab-parallel logits ``[t, 1, V / tp]``; under context
+        parallelism ``t / cp`` of this CP rank's tokens (``local_token_index`` order)."""
         from megatron.core import tensor_parallel as tpl
 
         t = input_ids.shape[0]
@@ -284,10 +302,20 @@ class NaViLModel(MegatronModule):
                 f"{tuple(position_ids.shape)} must both be [t] (one packed sequence)"
             )
         tp = self.tp_group.size()
-        if self.sequence_parallel and t % tp:
-            raise ValueError(f"packed length {t} must be a multiple of TP={tp} (sequence parallel)")
+        cp = 1 if self.cp_group is None else self.cp_group.size()
+        problem = split_problem(t, cp, tp if self.sequence_parallel else 1)
+        if problem:
+            raise ValueError(problem)
         visual = torch.isin(input_ids, self.visual_ids)
-        s = t // tp if self.sequence_parallel else t
+        index, context_parallel = None, None
+        if self.cp_group is not None:  # keep this CP rank's chunks of the whole sequence
+            index = local_token_index(t, cp, self.cp_group.rank(), input_ids.device)
+            visual, position_ids = visual[index], position_ids[index]
+            if labels is not None:
+                labels = labels[index]
+            context_parallel = ContextParallel.of(self.cp_group, cu_seqlens, t)
+        t_local = t // cp
+        s = t_local // tp if self.sequence_parallel else t_local
         rank = self.tp_group.rank() if self.sequence_parallel else 0
         lm = self.cfg.language
         cos, sin = rope_tables(position_ids, lm.head_dim, lm.rope_theta)
@@ -297,6 +325,7 @@ class NaViLModel(MegatronModule):
             cos=cos,
             sin=sin,
             cu_seqlens=cu_seqlens,
+            context_parallel=context_parallel,
         )
 
         if self.pre_process:
@@ -308,6 +337,8 @@ class NaViLModel(MegatronModule):
                 vision_window_index,
                 vision_window_cu_seqlens,
             )
+            if index is not None:
+                hidden = hidden.index_select(0, index)
             if self.sequence_parallel:
                 hidden = tpl.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
         else:

@@ -51,11 +51,16 @@ def assign_segments(
 
 class _GatherSegments(torch.autograd.Function):
     """All-gather of each rank's ``[n_r, H]`` rows over ``group`` (``counts[r] = n_r``) into
-    ``[sum n_r, H]`` in rank order; backward: this rank's rows of the gradient (module doc)."""
+    ``[sum n_r, H]`` in rank order; backward: this rank's rows of the gradient (module doc),
+    summed over ``group`` first when ``partial`` (context parallelism: each CP rank's loss
+    reaches only the image tokens of its own chunks)."""
 
     @staticmethod
-    def forward(ctx: Any, local: torch.Tensor, counts: list[int], group: Any) -> torch.Tensor:
+    def forward(
+        ctx: Any, local: torch.Tensor, counts: list[int], group: Any, partial: bool
+    ) -> torch.Tensor:
         rank = torch.distributed.get_rank(group)
+        ctx.group, ctx.partial = group, partial
         ctx.start, ctx.stop = sum(counts[:rank]), sum(counts[: rank + 1])
         width = max(counts)
         padded = local.new_zeros(width, local.shape[1])
@@ -65,8 +70,11 @@ class _GatherSegments(torch.autograd.Function):
         return torch.cat([g[:n] for g, n in zip(every, counts, strict=True)])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad[ctx.start : ctx.stop], None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        if ctx.partial:  # each rank holds part of the gradient: sum them first
+            grad = grad.contiguous()
+            torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad[ctx.start : ctx.stop], None, None, None
 
 
 def mark_tp_summed(*modules: torch.nn.Module) -> None:
@@ -88,10 +96,13 @@ def encode_data_parallel(
     merge: int,
     cost: tuple[float, float],
     out_features: int,
+    partial_grads: bool = False,
 ) -> torch.Tensor:
     """The connector's ``[patches / merge**2, out_features]`` features of every segment, in
     segment order, this rank encoding only its share (module doc). Collective over
-    ``group``."""
+    ``group``. ``partial_grads``: the features' gradient differs between the ranks and is
+    their sum (the CP group; False: the TP group, where every rank has the whole gradient);
+    the parameters' gradients are then summed by megatron-core's DDP over DP x CP."""
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in itertools.pairwise(bounds)]
     shares = assign_segments(lengths, torch.distributed.get_world_size(group), *cost)
@@ -112,7 +123,7 @@ def encode_data_parallel(
         weight = next(connector.parameters())
         local = weight.new_zeros(0, out_features, requires_grad=weight.requires_grad)
     counts = [sum(lengths[s] for s in share) // unit for share in shares]
-    gathered = _GatherSegments.apply(local, counts, group)
+    gathered = _GatherSegments.apply(local, counts, group, partial_grads)
     # rows of the gathered features per segment, then the segments in their packed order
     starts, offset = {}, 0
     for share in shares:

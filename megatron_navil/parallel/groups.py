@@ -18,8 +18,10 @@ class ParallelGroups:
     """The groups of one rank in the layout ``initialize()`` set up.
 
     ``tp``: the LLM's tensor-parallel group; ``pp``: pipeline; ``dp``: data-parallel (without
-    context parallelism, which this trainer does not use); ``ep`` / ``etp``: the MoE experts'
-    expert-parallel and expert-tensor-parallel groups. ``pp_rank`` / ``pp_size``: this rank's
+    context parallelism: the ranks that see different micro-batches); ``ep`` / ``etp``: the MoE
+    experts' expert-parallel and expert-tensor-parallel groups; ``cp``: context-parallel (the
+    ranks that share one packed sequence, ``models.context_parallel``); ``dp_cp``: DP x CP
+    (where megatron-core's DDP reduces gradients). ``pp_rank`` / ``pp_size``: this rank's
     pipeline stage and the number of stages (not counting virtual ones); ``vpp_size``: model
     chunks per rank (1 without interleaving).
     """
@@ -33,6 +35,16 @@ class ParallelGroups:
     pp_rank: int
     pp_size: int
     vpp_size: int
+    cp: Any = None
+    dp_cp: Any = None
+
+    @property
+    def cp_size(self) -> int:
+        return 1 if self.cp is None else self.cp.size()
+
+    @property
+    def cp_rank(self) -> int:
+        return 0 if self.cp is None else self.cp.rank()
 
     @property
     def dp_rank(self) -> int:
@@ -67,6 +79,7 @@ def current_groups() -> ParallelGroups:
         ep=ps.get_expert_model_parallel_world_size(),
         vpp=vpp,
         etp=None if etp == tp else etp,
+        cp=ps.get_context_parallel_world_size(),
     )
     return ParallelGroups(
         layout=layout,
@@ -78,6 +91,8 @@ def current_groups() -> ParallelGroups:
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         pp_size=ps.get_pipeline_model_parallel_world_size(),
         vpp_size=vpp or 1,
+        cp=ps.get_context_parallel_group(),
+        dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
     )
 
 

@@ -1,5 +1,5 @@
 """Process groups: torch.distributed from the launcher's environment, megatron-core's
-model-parallel state (TP, PP, virtual PP, EP, expert-TP, DP) and seeded RNG, in one call that
+model-parallel state (TP, PP, virtual PP, EP, expert-TP, CP, DP) and seeded RNG, in one call that
 returns this rank's groups (:mod:`.groups`).
 
 Launchers: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or SLURM
@@ -84,17 +84,20 @@ class ParallelLayout:
     ep: int = 1
     vpp: int | None = None
     etp: int | None = None  # expert tensor parallel; None = same as tp
+    cp: int = 1  # context parallel: each packed sequence split over this many ranks
 
     def dp(self, world_size: int) -> int:
-        """Data-parallel size for ``world_size`` ranks; ValueError when it does not divide."""
-        for name, value in (("tp", self.tp), ("pp", self.pp), ("ep", self.ep)):
+        """Data-parallel size for ``world_size`` ranks (without CP: the ranks that see
+        different micro-batches); ValueError when it does not divide."""
+        for name, value in (("tp", self.tp), ("pp", self.pp), ("ep", self.ep), ("cp", self.cp)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.vpp is not None and (self.vpp < 1 or (self.pp < 2 and self.vpp > 1)):
             raise ValueError(f"vpp={self.vpp} needs pp >= 2 (got pp={self.pp})")
-        model = self.tp * self.pp
+        model = self.tp * self.pp * self.cp
         if world_size % model:
-            raise ValueError(f"world size {world_size} is not divisible by tp*pp={model}")
+            what = "tp*pp*cp" if self.cp > 1 else "tp*pp"
+            raise ValueError(f"world size {world_size} is not divisible by {what}={model}")
         dp = world_size // model
         etp = self.etp or self.tp
         if world_size % (etp * self.ep * self.pp):
@@ -110,6 +113,7 @@ def initialize(
     ep: int = 1,
     vpp: int | None = None,
     etp: int | None = None,
+    cp: int = 1,
     *,
     seed: int = 1234,
     backend: str | None = None,
@@ -118,7 +122,9 @@ def initialize(
 ) -> ParallelGroups:
     """Initialise torch.distributed (if not yet) and megatron-core's parallel state; returns
     this rank's :class:`~megatron_navil.parallel.groups.ParallelGroups` (what the model and
-    the training step take).
+    the training step take). ``cp``: context parallelism (megatron-core's context-parallel
+    groups, so its DDP and distributed optimizer reduce over DP x CP; the split of each
+    sequence is ours: ``models.context_parallel``).
 
     Re-callable: an existing model-parallel state is destroyed first, so one process group can
     try several layouts in a row (the distributed tests do). Seeds Python, numpy, torch and
@@ -128,7 +134,7 @@ def initialize(
 
     cuda = torch.cuda.is_available()
     cpu_shim.apply(disable=shim_disable, cuda=cuda)
-    layout = ParallelLayout(tp, pp, ep, vpp, etp)
+    layout = ParallelLayout(tp, pp, ep, vpp, etp, cp)
 
     if not torch.distributed.is_initialized():
         env = launch_env()
@@ -152,6 +158,7 @@ def initialize(
         virtual_pipeline_model_parallel_size=vpp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
+        context_parallel_size=cp,
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_everything(seed)

@@ -310,6 +310,8 @@ def run_schedule(
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         loss += torch.stack([m["loss"] for m in losses]).mean()
     torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
+    # context parallelism: each CP rank's loss covers its own chunks of the sequences
+    torch.distributed.all_reduce(loss, group=ps.get_context_parallel_group())
     if not full_batch:
         torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
         loss /= ps.get_data_parallel_world_size()

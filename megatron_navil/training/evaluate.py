@@ -72,13 +72,14 @@ def eval_sums(
     seq_length: int,
 ) -> tuple[float, float, int]:
     """``(sum(w * l), sum(w), loss tokens)`` of one global batch (this rank's
-    ``micro_batches``), summed over the pipeline and data-parallel groups. Collective over the
+    ``micro_batches``), summed over the pipeline and data-parallel (x context-parallel)
+    groups. Collective over the
     whole world; no gradient is computed."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
-        weights = batch.loss_weights.to(torch.float64)
+        weights = batch.local_loss_weights(groups.cp).to(torch.float64)
         out = model(**batch.inputs)
 
         def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -105,11 +106,13 @@ def eval_sums(
     if groups.is_last_stage():
         for r in reports:
             sums[:2] += r["sums"].to(device)
-    # every stage holds the labels: count the loss tokens on the first, so the PP sum is once
-    if groups.is_first_stage():
+    # every stage (and CP rank) holds the labels: count the loss tokens on the first stage's
+    # first CP rank, so the sums count them once
+    if groups.is_first_stage() and groups.cp_rank == 0:
         sums[2] = float(sum(mb.loss_tokens for mb in micro_batches))
     torch.distributed.all_reduce(sums, group=groups.pp)
-    torch.distributed.all_reduce(sums, group=groups.dp)
+    # under CP each rank's weighted sums cover its own chunks: sum them over DP x CP
+    torch.distributed.all_reduce(sums, group=groups.dp_cp if groups.cp_size > 1 else groups.dp)
     return float(sums[0]), float(sums[1]), int(sums[2])
 
 

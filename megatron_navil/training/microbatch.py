@@ -34,6 +34,17 @@ class MicroBatch:
     def labels(self) -> torch.Tensor:
         return self.inputs["labels"]
 
+    def local_loss_weights(self, cp_group: Any = None) -> torch.Tensor:
+        """The loss weights of this context-parallel rank's tokens (the rows of its per-token
+        loss: ``parallel.context.local_token_index``); all of them without CP."""
+        if cp_group is None or cp_group.size() == 1:
+            return self.loss_weights
+        from megatron_navil.parallel.context import local_token_index
+
+        t = self.loss_weights.shape[0]
+        index = local_token_index(t, cp_group.size(), cp_group.rank(), self.loss_weights.device)
+        return self.loss_weights[index]
+
     @property
     def loss_tokens(self) -> int:
         """Tokens with a loss target."""

@@ -58,6 +58,13 @@ class LayoutOptions:
     vpp: int | None = option(None, "virtual stages per pipeline rank", min=1)
     ep: int = option(1, "expert-parallel size (modality experts)", min=1)
     etp: int | None = option(None, "expert tensor-parallel size (=tp)", min=1)
+    cp: int = option(
+        1,
+        "context-parallel size: each packed sequence split into 2*cp chunks over cp ranks "
+        "(rank r holds chunks r and 2cp-1-r), keys and values all-gathered, the vision tower "
+        "data-parallel over them; --seq-length must be a multiple of 2*cp",
+        min=1,
+    )
     recompute_llm: str = option(
         "none", "activation recompute of the LLM decoder layers", choices=RECOMPUTE_MODES
     )
@@ -86,7 +93,7 @@ class LayoutOptions:
 
     def as_layout(self) -> dict[str, int | None]:
         """The ``parallel.initialize`` / ``transformer_config`` keyword arguments."""
-        return dict(tp=self.tp, pp=self.pp, vpp=self.vpp, ep=self.ep, etp=self.etp)
+        return dict(tp=self.tp, pp=self.pp, vpp=self.vpp, ep=self.ep, etp=self.etp, cp=self.cp)
 
 
 @dataclass

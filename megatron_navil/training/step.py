@@ -7,7 +7,16 @@ token's loss weight (1 for per-token weighting, ``1/n`` or ``1/sqrt(n)`` for per
 square weighting of a sample with ``n`` loss tokens). The denominator is all-reduced over DP
 before the schedule runs; megatron-core then divides each micro-batch's loss by the number of
 micro-batches and DDP averages gradients over DP, so each micro-batch returns
-``sum(w l) * M * D / W`` and the gradients are exactly those of the objective. (megatron-core's
+``sum(w l) * M * D / W`` and the gradients are exactly those of the objective.
+
+Context parallelism (``groups.cp``, ``C`` ranks sharing each micro-batch): the weights and
+counts are those of the whole micro-batches, all-reduced over DP only (every CP rank of a
+replica holds the same ones, so that is the global denominator of DP x CP); each CP rank's
+micro-batch returns ``sum(w l)`` over its own chunks times the same ``M * D / W``.
+megatron-core's schedule multiplies a micro-batch's loss by ``C`` and DDP averages over
+DP x CP, which cancel; the per-rank gradients sum to those of the whole sequence (the keys'
+and values' gradients are summed over CP in the attention's backward), so the gradients are
+again exactly the objective's. The reported loss is summed over DP x CP. (megatron-core's
 own ``calculate_per_token_loss`` counts integer tokens only, so it cannot carry float weights.)
 """
 
@@ -92,7 +101,7 @@ def train_step(
 
     def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
-        weights = batch.loss_weights.to(torch.float32)
+        weights = batch.local_loss_weights(groups.cp).to(torch.float32)
         out = model(**batch.inputs)
 
         def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -122,7 +131,7 @@ def train_step(
     if groups.is_last_stage():
         loss += sum(float(r["loss"]) for r in reports)
     torch.distributed.all_reduce(loss, group=groups.pp)
-    torch.distributed.all_reduce(loss, group=dp_group)
+    torch.distributed.all_reduce(loss, group=groups.dp_cp if groups.cp_size > 1 else dp_group)
     value = float(loss)
     lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else 0.0
     base = dict(

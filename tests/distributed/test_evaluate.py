@@ -79,6 +79,8 @@ def test_held_out_loss_equal_across_layouts_and_is_the_objective():
         ("tp2xpp2", dict(tp=2, pp=2)),
         ("pp2xvpp2", dict(pp=2, vpp=2)),
         ("ep2", dict(ep=2)),
+        ("cp2", dict(cp=2)),  # and DP2
+        ("cp2xpp2", dict(cp=2, pp=2)),
     ]
     got = run_distributed(_layouts, 4, layouts, timeout=900)[0]
     ref_loss, ref_losses, ref_tokens = got["dp4"]["first"]

@@ -13,7 +13,15 @@ from megatron_navil.parallel.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-LAYOUTS = [{}, dict(tp=2), dict(pp=2, vpp=2), dict(tp=2, pp=2), dict(tp=2, ep=2, etp=1)]
+LAYOUTS = [
+    {},
+    dict(tp=2),
+    dict(pp=2, vpp=2),
+    dict(tp=2, pp=2),
+    dict(tp=2, ep=2, etp=1),
+    dict(cp=2),
+    dict(tp=2, cp=2),
+]
 
 
 def _check(layouts: list[dict]) -> list[str]:
@@ -36,6 +44,10 @@ def _check(layouts: list[dict]) -> list[str]:
             vpp_size=ps.get_virtual_pipeline_model_parallel_world_size() or 1,
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
+            cp=ps.get_context_parallel_group(),
+            cp_rank=ps.get_context_parallel_rank(),
+            cp_size=ps.get_context_parallel_world_size(),
+            dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
             is_first_stage=ps.is_pipeline_first_stage(ignore_virtual=True),
             is_last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
             layout=ParallelLayout(**layout),

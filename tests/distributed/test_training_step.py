@@ -78,7 +78,13 @@ def _curves(layouts: list) -> dict:
 
 
 def test_loss_curves_equal_across_layouts_and_decrease():
-    layouts = [("dp4", {}), ("tp2xpp2", dict(tp=2, pp=2)), ("ep2", dict(ep=2))]
+    layouts = [
+        ("dp4", {}),
+        ("tp2xpp2", dict(tp=2, pp=2)),
+        ("ep2", dict(ep=2)),
+        ("cp2", dict(cp=2)),  # DP2 x CP2: loss weights split, reported loss summed over CP
+        ("cp2xtp2", dict(cp=2, tp=2)),
+    ]
     curves = run_distributed(_curves, 4, layouts, timeout=900)[0]
     ref = curves["dp4"]
     assert ref[-1] < ref[0] - 0.5, ref  # it learns the (repeated) batch
@@ -89,28 +95,33 @@ def test_loss_curves_equal_across_layouts_and_decrease():
         assert worst <= 1e-6, (name, curve, ref)
 
 
-def _normalisation(modes: list[str]) -> dict:
+def _normalisation(modes: list[str], layout: dict) -> dict:
     from megatron_navil.training.step import train_step
 
     warnings.filterwarnings("ignore")
     out = {}
     for mode in modes:
-        cfg, spec, chunks, config, groups, opt, _ = _setup(dict(tp=1))  # DP = world size
+        cfg, spec, chunks, config, groups, opt, _ = _setup(layout)
         mine, everything = _my_batches(cfg, spec, mode)
         # Reference: the same (pre-step) model in this one process over the whole batch.
         num = den = 0.0
         with torch.no_grad():
             for b in everything:
-                w = b.loss_weights
-                num += float((chunks[0].module(**b.inputs) * w).sum())
-                den += float(w.sum())
+                # under CP the model returns this rank's tokens' losses: sum over the CP ranks
+                per_token = chunks[0].module(**b.inputs)
+                part = (per_token * b.local_loss_weights(groups.cp)).sum().reshape(1)
+                torch.distributed.all_reduce(part, group=groups.cp)
+                num += float(part)
+                den += float(b.loss_weights.sum())
         got = train_step(chunks, config, groups, opt, None, mine, spec.seq_length).loss
         out[mode] = (got, num / den)
     return out
 
 
-def test_step_loss_is_the_weighted_mean_over_the_global_batch():
-    results = run_distributed(_normalisation, 2, ["token", "sample", "square"])[0]
+@pytest.mark.parametrize("layout", [{}, dict(cp=2)], ids=["dp2", "cp2"])
+def test_step_loss_is_the_weighted_mean_over_the_global_batch(layout):
+    # DP = world size; CP2: both ranks share every micro-batch, each with its own chunks
+    results = run_distributed(_normalisation, 2, ["token", "sample", "square"], layout)[0]
     for mode, (got, want) in results.items():
         assert abs(got - want) <= 1e-6 * abs(want), (mode, got, want)
     # The modes weight differently, so the objectives differ.

@@ -59,6 +59,7 @@ def test_malformed_variables(env, match):
 def test_data_parallel_size():
     assert ParallelLayout(tp=2, pp=2).dp(8) == 2
     assert ParallelLayout(tp=2, ep=4).dp(8) == 4
+    assert ParallelLayout(tp=2, cp=2).dp(8) == 2  # CP ranks share micro-batches
 
 
 @pytest.mark.parametrize(
@@ -68,6 +69,8 @@ def test_data_parallel_size():
         (ParallelLayout(tp=2, ep=4), 4, "etp\\*ep\\*pp"),
         (ParallelLayout(tp=0), 4, "tp must be >= 1"),
         (ParallelLayout(vpp=2), 4, "vpp=2 needs pp >= 2"),
+        (ParallelLayout(tp=2, cp=4), 4, "not divisible by tp\\*pp\\*cp=8"),
+        (ParallelLayout(cp=0), 4, "cp must be >= 1"),
     ],
 )
 def test_bad_layouts(layout, world, match):

@@ -29,6 +29,26 @@ from megatron_navil.train import corpus_image_config, main
             ["--data", "x", "--steps", "5", "--warmup", "1", "--peak-tflops", "0"],
             "argument --peak-tflops: must be a finite number > 0",
         ),
+        (
+            ["--data", "x", "--steps", "5", "--warmup", "1", "--cp", "4", "--seq-length", "100"],
+            "--seq-length 100 with --cp 4: packed length 100 does not split into 2*cp=8 equal "
+            "chunks",
+        ),
+        (
+            [
+                "--data",
+                "x",
+                "--steps",
+                "5",
+                "--warmup",
+                "1",
+                "--cp",
+                "2",
+                "--vision-parallel",
+                "dp",
+            ],
+            "--cp runs the vision tower data-parallel over the CP ranks",
+        ),
     ],
 )
 def test_bad_arguments(args, message, capsys):
