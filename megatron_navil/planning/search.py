@@ -41,10 +41,13 @@ def candidates(
     gpus: int,
     gpus_per_node: int = 8,
     recompute: Sequence[str] = RECOMPUTE,
+    global_batch: int | None = None,
 ) -> list[Layout]:
     """Valid layouts for ``gpus`` GPUs: TP within a node, PP dividing the layers (or with the
     FLOP-balanced ``first_stage_layers``), VPP 1/2, EP dividing the experts, each of the
-    ``recompute`` modes for the LLM layers and for the vision blocks."""
+    ``recompute`` modes for the LLM layers and for the vision blocks. ``global_batch``
+    (sequences per step): each layout's micro-batches are ``global_batch / dp`` (at least 1)
+    instead of ``base.micro_batches``."""
     out: list[Layout] = []
     lm = cfg.language
     for tp in [d for d in _divisors(gpus) if d <= gpus_per_node]:
@@ -52,17 +55,20 @@ def candidates(
             if pp > lm.layers:
                 continue
             dp = gpus // (tp * pp)
+            m = base.micro_batches if global_batch is None else max(1, round(global_batch / dp))
             for vpp in (1, 2) if pp > 1 else (1,):
                 for ep in _divisors(2 * cfg.experts.per_modality):
                     firsts: list[int | None] = [None]
                     if pp > 1:
-                        trial = replace(base, tp=tp, pp=pp, vpp=vpp, ep=ep, dp=dp)
+                        trial = replace(base, tp=tp, pp=pp, vpp=vpp, ep=ep, dp=dp,
+                                        micro_batches=m)  # fmt: skip
                         firsts.append(balanced_first_stage_layers(cfg, trial))
                     for first in dict.fromkeys(firsts):
                         for rc in recompute:
                             for vrc in recompute:
                                 layout = replace(
                                     base, tp=tp, pp=pp, vpp=vpp, ep=ep, dp=dp, etp=None,
+                                    micro_batches=m,
                                     first_stage_layers=first, recompute=rc,
                                     vision_recompute=vrc,
                                 )  # fmt: skip
@@ -97,14 +103,15 @@ def search(
     recompute: Sequence[str] = RECOMPUTE,
     hw: Hardware | None = None,
     sample_length: int | None = None,
+    global_batch: int | None = None,
 ) -> list[SearchRow]:
     """Every candidate with its most loaded rank, sorted: fitting layouts first, by the
     predicted step time on ``hw`` (default H100; ``planning.predict``), then fewer
     model-parallel ranks (TP x PP), then less memory (the first row is the recommendation
-    when it fits)."""
+    when it fits); ``global_batch``: see :func:`candidates`."""
     hw = hw or get_gpu("h100")
     rows = []
-    for layout in candidates(cfg, base, gpus, gpus_per_node, recompute):
+    for layout in candidates(cfg, base, gpus, gpus_per_node, recompute, global_batch):
         peak = peak_rank(plan_memory(cfg, layout))
         fits = peak.total / GiB + reserve_gib <= gpu_mem_gib
         rows.append(SearchRow(layout, peak, fits, predict(cfg, layout, hw, sample_length)))
