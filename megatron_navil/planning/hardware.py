@@ -160,7 +160,7 @@ def cpu_preset(
     cal = Calibration(
         gemm_efficiency={"fp32": 1.0, "bf16": 1.0},
         gemm_half_dim=gemm_half_dim,
-        attention_efficiency=1.0,
+        attention_efficiency=128 / (128 + gemm_half_dim),  # attention runs at the GEMM rate
         memory_efficiency=1.0,
         link_efficiency=1.0,
         alltoall_efficiency=1.0,

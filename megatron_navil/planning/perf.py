@@ -48,13 +48,19 @@ ELEMENTWISE_FFN_PASSES = 4.0
 # Adam with fp32 master weights, per parameter of the optimizer shard: read + write master,
 # m, v (24 bytes), read the fp32 gradient (4), write the bf16 weight (2).
 OPTIMIZER_BYTES_PER_PARAM = 30.0
-# Operators one layer launches, forward + backward (counted with a TorchDispatchMode over one
-# tiny decoder layer / vision block / LM head + loss, ``benchmarks/bench_perf_model_cpu.py``);
-# only the CPU preset charges them (``Calibration.op_overhead_s``).
-OPS_PER_LLM_LAYER = 180
-OPS_PER_VISION_BLOCK = 120
-OPS_PER_HEAD = 40
-OPS_PER_MICRO_BATCH = 150  # embedding, packing, the vision kwargs, the schedule's own
+# Operators a training step dispatches (counted with a TorchDispatchMode over
+# ``training.step.train_step`` of the tiny model with doubled layers / blocks / micro-batches:
+# ``python benchmarks/bench_perf_model_cpu.py --count-ops``): per LLM layer and vision block
+# per micro-batch (forward + backward), per micro-batch (embedding, loss, the schedule), per
+# step (gradient buffers, clipping, the distributed optimizer; its per-tensor work grows with
+# the layers; the counts give 288 per LLM layer and -159 fixed, rounded to 250 per layer).
+# Only the CPU preset charges them (``Calibration.op_overhead_s``).
+OPS_PER_LLM_LAYER = 543
+OPS_PER_VISION_BLOCK = 391
+OPS_PER_MICRO_BATCH = 272
+OPS_PER_STEP = 0
+OPS_PER_STEP_PER_LLM_LAYER = 250
+OPS_PER_STEP_PER_VISION_BLOCK = 0
 
 
 @dataclass(frozen=True)
@@ -328,8 +334,7 @@ def head_time(
     flops = 6 * vocab * hidden * tokens / t
     gemm = flops / gemm_rate(hw, par.precision, min(tokens, hidden, vocab / t))
     mem = tokens * vocab / t * 4 * 4 / memory_rate(hw)  # fp32 softmax: ~4 passes
-    ops = OPS_PER_HEAD * hw.calibration.op_overhead_s
-    return Breakdown(llm_gemm=gemm, elementwise=mem, op_overhead=ops)
+    return Breakdown(llm_gemm=gemm, elementwise=mem)
 
 
 @dataclass(frozen=True)
@@ -443,7 +448,13 @@ def step_time(
             window = 0.0
         dp_s = max(dp_s, max(0.0, comm - cal.dp_overlap * window))
         shard = w.dense_params / par.dp + w.expert_params / edp
-        opt_s = max(opt_s, shard * OPTIMIZER_BYTES_PER_PARAM / memory_rate(hw) * share)
+        ops = OPS_PER_STEP + sum(
+            g.layers
+            * (OPS_PER_STEP_PER_VISION_BLOCK if g.part == "vision" else OPS_PER_STEP_PER_LLM_LAYER)
+            for g in w.groups
+        )
+        ops_s = ops * cal.op_overhead_s
+        opt_s = max(opt_s, (shard * OPTIMIZER_BYTES_PER_PARAM / memory_rate(hw) + ops_s) * share)
     out.dp_comm = dp_s
     out.optimizer = opt_s + cal.optimizer_fixed_s
     out.straggler = straggler_s * share

@@ -196,19 +196,20 @@ def predict(
     sample_length: int | None = None,
     image_distribution: bool = True,
     segments: Sequence[int] | None = None,
+    images: tuple[float, float] | None = None,
 ) -> Prediction:
     """Predicted step of ``layout`` (validated) on ``hw``; ``sample_length``: tokens per
     packed sample for the LLM attention (default: whole sequences, as ``plan_flops``).
     ``image_distribution``: the vision work is the expected micro-batch of
     ``planning.straggler``'s image sizes packed to the patch budget, plus the straggler term;
     off (or with explicit image ``segments``): these segments (default ``vmp_segments``), no
-    straggler. The MFU counts the same vision work (``flops``' formulas)."""
+    straggler; ``images``: (patches, attention pairs) of the mean micro-batch, given (measured
+    batches). The MFU counts the same vision work (``flops``' formulas)."""
     layout.validate(cfg)
     flops = plan_flops(cfg, layout, sample_length)
     m = micro_batches(layout)
     strag = Straggler(0.0, 0.0, 1.0)
-    images = None
-    if image_distribution and layout.patches and segments is None:
+    if image_distribution and layout.patches and segments is None and images is None:
         cap = min(STAGE_MAX_PATCHES[layout.stage], cfg.image.max_patches)
         a, b = vision_costs(cfg, layout, hw)
         strag = straggler(a, b, layout.patches, cfg.image.min_patches, cap, layout.dp, m)

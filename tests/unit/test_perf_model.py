@@ -177,3 +177,15 @@ def test_replicated_vision_tower_is_not_split_by_tp():
 def test_unknown_gpu():
     with pytest.raises(ValueError, match="known: h100, h200, a100, b200"):
         get_gpu("v100")
+
+
+def test_vmp_segments_fill_any_budget():
+    """A budget below ``min_patches`` (or one leaving such a remainder) looped forever; each
+    budget's segments now sum to it, largest image first."""
+    from megatron_navil.planning.flops import vmp_segments
+
+    assert vmp_segments(33, 1024) == [33]
+    for budget in (1, 33, 255, 257, 8200, 49152):
+        segs = vmp_segments(budget, 4096)
+        assert sum(segs) == budget and segs[0] == min(budget, 4096), (budget, segs)
+    assert vmp_segments(8192, 4096) == [4096, 2048, 1024, 512, 256, 256]  # as before
