@@ -189,3 +189,63 @@ def test_vmp_segments_fill_any_budget():
         segs = vmp_segments(budget, 4096)
         assert sum(segs) == budget and segs[0] == min(budget, 4096), (budget, segs)
     assert vmp_segments(8192, 4096) == [4096, 2048, 1024, 512, 256, 256]  # as before
+
+
+def _cpu_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_perf_model_cpu", ROOT / "benchmarks/bench_perf_model_cpu.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CAL = {  # a CPU core's rates of the kind the benchmark measures (fixed here: no timing in CI)
+    "gemm_peak_flops": 60e9, "gemm_half_dim": 40.0, "memory_bytes_per_s": 10e9,
+    "gloo_bytes_per_s": 1e9, "gloo_latency_s": 5e-5,
+}  # fmt: skip
+
+
+def test_cpu_predictor_runs_and_wires_each_layouts_terms():
+    """The benchmark's predictions (its layouts on the measured batches): every layout's own
+    term is there (TP collectives, the PP bubble, the EP all-to-all, DP's gradient sync), 4
+    ranks on 2 cores run their compute at half speed, and the op overhead is charged."""
+    bench = _cpu_bench()
+    p = {name: bench.predict_one(CAL, 5e-6, "small", name).breakdown for name in bench.LAYOUTS}
+    assert p["TP2"].tp_comm > 0 and p["1 process"].tp_comm == 0
+    assert p["PP2"].bubble > 0 and p["TP2"].bubble == 0
+    assert p["TP2xEP2"].ep_comm > 0 and p["TP2"].ep_comm == 0
+    assert p["DP2"].dp_comm > 0 and p["1 process"].dp_comm == 0
+    # DP2: each rank runs half the micro-batches on its own core
+    assert p["DP2"].llm_gemm == pytest.approx(p["1 process"].llm_gemm / 2)
+    # TP2xEP2 (4 ranks, 2 cores): TP2's per-rank compute at half speed, same micro-batches
+    assert p["TP2xEP2"].llm_attention == pytest.approx(p["TP2"].llm_attention, rel=1e-9)
+    assert p["TP2xPP2"].llm_attention == pytest.approx(p["TP2"].llm_attention, rel=1e-9)
+    slower = bench.predict_one(CAL, 10e-6, "small", "1 process").breakdown
+    assert slower.op_overhead == pytest.approx(2 * p["1 process"].op_overhead)
+    # the fit of the one CPU constant reproduces the row it is fitted on
+    target = p["1 process"].step_s * 1.3
+    op = bench.fit_op_overhead(CAL, "small", "1 process", target)
+    assert bench.predict_one(CAL, op, "small", "1 process").step_s == pytest.approx(target)
+
+
+def test_cpu_measured_table():
+    """benchmarks/results/perf_model_cpu.json (measured on a quiet machine): every row within
+    +-30% of its prediction, and for each model the layouts whose measured times differ by more
+    than 10% are predicted in the same order."""
+    path = ROOT / "benchmarks/results/perf_model_cpu.json"
+    if not path.exists():
+        pytest.skip("no CPU measurement committed (needs a quiet machine)")
+    rows = json.loads(path.read_text())["rows"]
+    measured = [r for r in rows if "measured_s" in r]
+    assert len(measured) == 12
+    for r in measured:
+        assert abs(r["predicted_s"] / r["measured_s"] - 1) <= 0.30, r
+    for model in {r["model"] for r in measured}:
+        mine = [r for r in measured if r["model"] == model]
+        for a in mine:
+            for b in mine:
+                if a["measured_s"] > 1.1 * b["measured_s"]:
+                    assert a["predicted_s"] > b["predicted_s"], (a["layout"], b["layout"])
