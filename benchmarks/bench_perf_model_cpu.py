@@ -370,6 +370,26 @@ def fit_op_overhead(cal: dict[str, Any], name: str, lname: str, measured_s: floa
     return max(0.0, (measured_s - p0) / (p1 - p0) * 1e-6)
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The doc's table of a result JSON: predicted vs measured per model and layout."""
+    lines = [
+        "| model | layout | predicted s/step | measured s/step | error | largest predicted parts |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        parts = sorted(
+            ((k, v) for k, v in r["breakdown"].items() if k not in
+             ("step_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu") and v > 0),
+            key=lambda kv: -kv[1],
+        )[:3]  # fmt: skip
+        share = ", ".join(f"{k} {v / r['predicted_s']:.0%}" for k, v in parts)
+        meas = f"{r['measured_s']:.3f} | {r['error']:+.1%}" if "measured_s" in r else "- | -"
+        lines.append(
+            f"| {r['model']} | {r['layout']} | {r['predicted_s']:.3f} | {meas} | {share} |"
+        )
+    return "\n".join(lines)
+
+
 def _load() -> float:
     return os.getloadavg()[0]
 
@@ -388,7 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         "--count-ops", action="store_true",
         help="only count the operators per layer / micro-batch / step (planning.perf.OPS_*)",
     )  # fmt: skip
+    p.add_argument("--table", action="store_true", help="print --json's markdown table, only")
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(Path(args.json).read_text())))
+        return 0
     from megatron_navil.parallel.spawn import run_distributed
 
     if args.count_ops:
