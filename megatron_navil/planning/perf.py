@@ -312,7 +312,9 @@ def layer_time(
     if recompute == "selective":
         rc = fwd_bytes / 2 / memory_rate(hw)
     elif recompute == "full":
-        rc = (gemm + attn_s * 0.3 + mem + ops) / 3 + tp_s * 0.4 + ep_s / 2
+        # the forward's share: a third of the GEMMs / element-wise ops / operators, 0.3 of
+        # flash attention (its backward does 2.5x the forward), 4 of the 10 TP collectives
+        rc = (gemm + mem + ops) / 3 + attn_s * 0.3 + tp_s * 0.4 + ep_s / 2
     if part == "vision":
         out.vision = gemm + attn_s + mem
     else:
