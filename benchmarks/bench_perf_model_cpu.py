@@ -2,9 +2,12 @@
 
 1. Calibrate a CPU preset (``planning.hardware.cpu_preset``) with microbenchmarks, one thread
    per process as the ranks run: fp32 GEMM rate against its smallest dimension (fit of
-   ``rate = peak x n / (n + n_half)``), memory bandwidth (a large add), the host cost of one
-   dispatched operator (a chain of small autograd ops, counted with a TorchDispatchMode), and
-   gloo's all-reduce between two processes (fit of ``t = latency + bytes / bandwidth``).
+   ``rate = peak x n / (n + n_half)``), memory bandwidth (a large add), and gloo between two
+   processes: bandwidth from all-reduces of 4 KiB..16 MiB, latency from activation-sized
+   all-gathers / reduce-scatters issued between bursts of small operators (the median: ranks
+   arrive unsynchronised, as in a step). One constant is fitted: the host time per dispatched
+   operator, on the tiny model's 1-process step (the dispatcher alone, timed on a chain of
+   small autograd ops, is recorded beside it).
 2. Count the operators a training step dispatches per LLM layer, vision block, micro-batch
    and step (TorchDispatchMode over ``training.step.train_step`` of the tiny model with more
    layers / blocks / micro-batches): the model's op-overhead term (``planning.perf.OPS_*``).
@@ -222,6 +225,32 @@ def _gloo(sizes: list[int], reps: int) -> list[float]:
     return out
 
 
+def _gloo_in_step(reps: int, elements: int = 8192) -> float:
+    """Median time of a TP-style collective (all-gather / reduce-scatter of ``elements``
+    floats, activation-sized) issued between bursts of small operators, as in a training step:
+    the ranks arrive unsynchronised and each wait includes the partner's wake-up."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_navil.parallel import initialize
+
+    initialize()
+    w = torch.randn(64, 64)
+    x, full = torch.randn(elements // 2), torch.empty(elements)
+    ts = []
+    for i in range(reps):
+        h = torch.randn(16, 64)
+        for _ in range(20):
+            h = torch.nn.functional.linear(h, w).relu()
+        t0 = time.perf_counter()
+        if i % 2:
+            dist.all_gather_into_tensor(full, x)
+        else:
+            dist.reduce_scatter_tensor(x, full)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 # ---- microbenchmarks -------------------------------------------------------------------------
 
 
@@ -285,8 +314,10 @@ def calibrate(reps: int = 5) -> dict[str, Any]:
     dispatch = _best_time(chain, reps * 4) / Count.n
     sizes = [1 << k for k in range(12, 25, 2)]  # 4 KiB .. 16 MiB
     times = run_distributed(_gloo, 2, sizes, reps * 2, timeout=600)[0]
-    lat = times[0] / 2  # the smallest message: latency-bound
-    per_byte = (times[-1] - 2 * lat) / sizes[-1]
+    per_byte = (times[-1] - times[0]) / (sizes[-1] - sizes[0])
+    # latency: a collective inside a step (unsynchronised ranks, wake-ups), less its bytes
+    in_step = run_distributed(_gloo_in_step, 2, reps * 40, timeout=600)[0]
+    lat = max(in_step - 8192 * 4 / 2 * per_byte, times[0] / 2)
     return {
         "gemm_flops_by_dim": {str(k): v for k, v in gemm.items()},
         "gemm_peak_flops": peak,
@@ -297,6 +328,8 @@ def calibrate(reps: int = 5) -> dict[str, Any]:
         "gloo_all_reduce_s_by_bytes": dict(zip(map(str, sizes), times, strict=True)),
         # a 2-rank ring all-reduce = reduce-scatter + all-gather, each n/2 bytes + a latency
         "gloo_bytes_per_s": 1 / per_byte,
+        "gloo_all_reduce_4k_s": times[0],
+        "gloo_collective_in_step_s": in_step,
         "gloo_latency_s": lat,
     }
 
