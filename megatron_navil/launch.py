@@ -276,7 +276,6 @@ def report(plan: Plan, gpu_mem_gib: float, reserve_gib: float) -> list[str]:
     """The dry run's lines: configuration, layout, parameter counts, memory per GPU."""
     from megatron_navil.config.params import param_counts
     from megatron_navil.config.registry import get_config
-    from megatron_navil.planning.flops import plan_flops
     from megatron_navil.planning.layout import GiB, Layout
     from megatron_navil.planning.memory import plan_memory
     from megatron_navil.planning.params import rank_params
@@ -290,7 +289,6 @@ def report(plan: Plan, gpu_mem_gib: float, reserve_gib: float) -> list[str]:
     layout = plan.planner_layout()
     ranks = plan_memory(cfg, layout)
     peak = max(ranks, key=lambda r: r.total)
-    flops = plan_flops(cfg, layout)
     fits = peak.total / GiB + reserve_gib <= gpu_mem_gib
     first = "" if plan.first_stage_layers is None else f", stage 0 {plan.first_stage_layers} layers"
     lines = [
@@ -324,11 +322,25 @@ def report(plan: Plan, gpu_mem_gib: float, reserve_gib: float) -> list[str]:
         f"peak {peak.total / GiB:.1f} GiB on pp rank {peak.pp_rank} + {reserve_gib:g} GiB "
         f"reserve {verdict} in {gpu_mem_gib:g} GiB"
     )
-    lines.append(
-        f"model FLOPs per step (planner, full sequences): {flops.per_step:.3e}; at 40% MFU of "
-        f"989 TFLOP/s: {flops.per_step / (0.4 * 989e12 * plan.gpus):.1f} s/step"
-    )
+    lines.append(predicted_line(cfg, plan, layout))
     return lines
+
+
+def predicted_line(cfg: Any, plan: Plan, layout: Any) -> str:
+    """The step-time model's figures for the plan on H100s (``planning.predict``): packed
+    samples of the paper's mean length, images from the straggler term's size distribution."""
+    from megatron_navil.planning.hardware import get_gpu
+    from megatron_navil.planning.predict import predict
+
+    hw = get_gpu("h100")
+    sample = round(plan.sample_tokens) if plan.sample_tokens else None
+    pred = predict(cfg, layout, hw, sample_length=min(sample or plan.seq_length, plan.seq_length))
+    return (
+        f"predicted on {hw.name} (planning/predict.py): {pred.step_s:.2f} s/step, "
+        f"{pred.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {pred.mfu:.1%} (vision + LLM "
+        f"model FLOPs / 989 TFLOP/s); {plan.steps * pred.step_s / 86400:.1f} days for "
+        f"{plan.steps:,} steps; time goes to {pred.breakdown.line(4)}"
+    )
 
 
 def torchrun_command(plan: Plan, args: argparse.Namespace) -> list[str]:

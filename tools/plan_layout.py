@@ -2,14 +2,15 @@
 
 Usage:
   python tools/plan_layout.py navil-9b --tp 4 --pp 2 --dp 8 --recompute selective
-  python tools/plan_layout.py navil-9b --search --gpus 64 --gpu-mem 79
+  python tools/plan_layout.py navil-9b --search --gpus 64 --gpu h100 --stage s2
   python tools/plan_layout.py tiny --dtype fp32 --seq-length 4096 --patches 2048 --json -
 
 One micro-batch is one packed sequence of --seq-length tokens carrying --patches vision
 patches. Memory per pipeline rank: weights, fp32 gradient buffers, distributed-optimizer state
 (fp32 master + Adam m, v sharded over data parallelism), activations of the micro-batches the
 (interleaved) 1F1B schedule keeps in flight, and short-lived peaks (logits; the recomputed
-layer). The formulas are in the module docs of megatron_navil/planning/. GiB = 2^30 bytes.
+layer). Time: the step-time model (planning/perf.py, predict.py; docs/performance.md) on a
+GPU preset. The formulas are in the module docs of megatron_navil/planning/. GiB = 2^30 bytes.
 """
 
 from __future__ import annotations
@@ -99,8 +100,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--search", action="store_true", help="list the layouts for --gpus GPUs")
     s.add_argument("--gpus", type=int, default=None, help="GPUs in the job (required by --search)")
     s.add_argument(
+        "--gpu", choices=("h100", "h200", "a100", "b200"), default=None,
+        help="GPU preset of the step-time model (planning/hardware.py: peaks, links, "
+        "calibration); also the default --gpu-mem. Default: h100 for the time, --gpu-mem "
+        "required",
+    )  # fmt: skip
+    s.add_argument(
         "--gpu-mem", type=float, default=None,
-        help="memory per GPU in GiB (an 80 GB H100 has 79.6 GiB; required by --search)",
+        help="memory per GPU in GiB (an 80 GB H100 has 79.6 GiB; default: --gpu's)",
+    )  # fmt: skip
+    s.add_argument(
+        "--breakdown", type=int, default=3,
+        help="fitting layouts whose predicted step-time breakdown --search prints",
     )  # fmt: skip
     s.add_argument(
         "--reserve", type=float, default=6.0,
@@ -160,7 +171,11 @@ def _one(cfg, layout, args) -> dict:
         f"{flops.vision_per_sequence:.3e} = {flops.per_sequence:.3e}; per step "
         f"({flops.sequences_per_step} sequences) {flops.per_step:.3e}"
     )
+    pred = _predict(cfg, layout, args)
+    print(_time_line(pred, _hw(args)))
+    print(f"  time by part: {_parts(pred)}")
     return {
+        "prediction": _prediction_json(pred, _hw(args)),
         "config": cfg.name,
         "layout": asdict(layout),
         "ranks": [r.as_gib() for r in ranks],
@@ -170,12 +185,50 @@ def _one(cfg, layout, args) -> dict:
     }
 
 
+def _hw(args):
+    from megatron_navil.planning.hardware import get_gpu
+
+    return get_gpu(args.gpu or "h100")
+
+
+def _predict(cfg, layout, args):
+    from megatron_navil.planning.predict import predict
+
+    return predict(cfg, layout, _hw(args), args.sample_length)
+
+
+def _time_line(pred, hw) -> str:
+    return (
+        f"predicted on {hw.name}: {pred.step_s:.2f} s/step, {pred.tokens_per_s_per_gpu:,.0f} "
+        f"tokens/s/GPU, MFU {pred.mfu:.1%} (vision + LLM model FLOPs over the bf16 peak; "
+        f"straggler factor {pred.straggler.ratio:.3f})"
+    )
+
+
+def _parts(pred) -> str:
+    bd = pred.breakdown
+    return ", ".join(f"{k} {v:.2f}s" for k, v in bd.as_dict().items() if k in bd.PARTS and v)
+
+
+def _prediction_json(pred, hw) -> dict:
+    return {
+        "gpu": hw.name,
+        "step_s": pred.step_s,
+        "tokens_per_s_per_gpu": pred.tokens_per_s_per_gpu,
+        "mfu": pred.mfu,
+        "straggler_ratio": pred.straggler.ratio,
+        "breakdown_s": {k: v for k, v in pred.breakdown.as_dict().items()},
+    }
+
+
 def _search(cfg, base, args) -> dict:
     from megatron_navil.planning.layout import GiB
     from megatron_navil.planning.search import search
 
     modes = tuple(args.search_recompute.split(","))
-    rows = search(cfg, base, args.gpus, args.gpu_mem, args.reserve, args.gpus_per_node, modes)
+    hw = _hw(args)
+    rows = search(cfg, base, args.gpus, args.gpu_mem, args.reserve, args.gpus_per_node, modes,
+                  hw, args.sample_length)  # fmt: skip
     fitting = [r for r in rows if r.fits]
     print(
         f"{cfg.name} on {args.gpus} GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB "
@@ -183,13 +236,13 @@ def _search(cfg, base, args) -> dict:
         f"{base.patches} patches per micro-batch: {len(fitting)} of {len(rows)} layouts fit"
     )
     print(
-        "sorted by relative step time (1 + recompute) x (1 + 0.08 log2 TP) x pipeline bubble "
-        "x expert imbalance, then fewer TP x PP ranks, then less memory; memory of the most "
+        f"sorted by the predicted step time on {hw.name} (planning/predict.py; s/step, "
+        "tokens/s/GPU, MFU), then fewer TP x PP ranks, then less memory; memory of the most "
         "loaded rank"
     )
     print(
         f"{'layout':34s} {'recompute':15s} {'rank':>4s} {'weights':>7s} {'grads':>7s} "
-        f"{'optim':>7s} {'acts':>7s} {'trans':>7s} {'total':>7s} fits  time"
+        f"{'optim':>7s} {'acts':>7s} {'trans':>7s} {'total':>7s} fits  s/step  tok/s/GPU   MFU"
     )
     shown = rows[: args.top]
     for i, r in enumerate(shown):
@@ -198,8 +251,11 @@ def _search(cfg, base, args) -> dict:
         print(
             f"{r.layout.name():34s} {_rc(r.layout):15s} {m.pp_rank:4d} {_gib(m.weights)} "
             f"{_gib(m.grads)} {_gib(m.optimizer)} {_gib(m.activations)} {_gib(m.transient)} "
-            f"{_gib(m.total)} {'yes ' if r.fits else 'no  '} {r.step_time:5.3f}{mark}"
+            f"{_gib(m.total)} {'yes ' if r.fits else 'no  '} {r.step_time:7.2f} "
+            f"{r.prediction.tokens_per_s_per_gpu:10,.0f} {r.prediction.mfu:5.1%}{mark}"
         )
+    for r in fitting[: args.breakdown]:
+        print(f"{r.layout.name()} {_rc(r.layout)}: {_parts(r.prediction)}")
     from megatron_navil.planning.memory import SCOPE
 
     print(SCOPE)
@@ -216,7 +272,8 @@ def _search(cfg, base, args) -> dict:
                 "layout": asdict(r.layout),
                 "name": r.layout.name(),
                 "fits": r.fits,
-                "relative_step_time": r.step_time,
+                "step_s": r.step_time,
+                "prediction": _prediction_json(r.prediction, hw),
                 "most_loaded": r.peak.as_gib(),
                 "peak_gib": r.peak.total / GiB,
             }
@@ -235,12 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args.config)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.gpu_mem is None and args.gpu is not None:
+        args.gpu_mem = _hw(args).memory_gib
     for name in ("gpus", "gpu_mem", "seq_length", "gpus_per_node", "top"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if args.search and (args.gpus is None or args.gpu_mem is None):
-        parser.error("--search needs --gpus and --gpu-mem")
+        parser.error("--search needs --gpus and --gpu-mem (or --gpu)")
     bad = set(args.search_recompute.split(",")) - {"none", "selective", "full"}
     if bad:
         parser.error(f"--search-recompute: unknown mode(s) {sorted(bad)}")

@@ -60,13 +60,14 @@ def vmp_segments(patches: int, max_image_patches: int, min_patches: int = 256) -
     left = patches
     while left > 0:
         scale = min(max_image_patches, left)
+        out.append(scale)  # the base scale, even below min_patches (a budget's remainder)
+        left -= scale
+        scale //= 2
         while scale >= min(min_patches, max_image_patches) and left > 0:
             take = min(scale, left)
             out.append(take)
             left -= take
             scale //= 2
-        if scale < 1:
-            break
     return out
 
 

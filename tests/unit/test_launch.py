@@ -6,6 +6,7 @@ variables give the rendezvous; the batch conversion; shellcheck-clean."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,13 @@ def test_2b_dry_run_on_cpu():
         "stage sees its 67,020,000 samples"
     )
     assert "weight decay 0.01" in _line(out, "recipe:")
+    # the step-time model's figures, not a fixed MFU guess
+    assert "at 40% MFU" not in out
+    assert re.match(
+        r"predicted on H100 SXM 80GB \(planning/predict.py\): [\d.]+ s/step, [\d,]+ tokens/s/GPU, "
+        r"MFU [\d.]+% \(vision \+ LLM model FLOPs / 989 TFLOP/s\)",
+        _line(out, "predicted on"),
+    )
     cmd = _line(out, "command:")
     for part in ("--nnodes 8 --nproc-per-node 8", "--global-batch 128", "--steps 34475",
                  "--max-patches 49152", "--stage s2", "-m megatron_navil.train",
@@ -155,6 +163,27 @@ def test_batch_conversion_and_layout_errors():
         L.resolve(_args(nnodes=1, tp=3))
     with pytest.raises(ValueError, match="--tp 16 does not divide the LLM's 8 kv_heads"):
         L.resolve(_args(config="navil-9b", nnodes=2, tp=16))
+
+
+def test_dry_run_prints_the_models_prediction():
+    """The dry run's "predicted" line carries planning.predict's numbers for the plan's layout
+    (the paper's mean sample length for the LLM attention); a wrongly wired line (another
+    layout, the fixed 40% guess) would differ."""
+    from megatron_navil.config.registry import get_config
+    from megatron_navil.planning.hardware import get_gpu
+    from megatron_navil.planning.predict import predict
+
+    plan = L.resolve(_args(nnodes=8, stage="s2"))
+    lines = L.report(plan, 79.6, 6.0)
+    found = [x for x in lines if x.startswith("predicted on")]
+    assert len(found) == 1 and not any("40% MFU" in x for x in lines)
+    cfg = get_config("navil-2b")
+    pred = predict(cfg, plan.planner_layout(), get_gpu("h100"), round(plan.sample_tokens))
+    line = found[0]
+    assert f" {pred.step_s:.2f} s/step, {pred.tokens_per_s_per_gpu:,.0f} tokens/s/GPU" in line
+    assert f"MFU {pred.mfu:.1%}" in line and pred.breakdown.line(4) in line
+    other = L.resolve(_args(nnodes=8, stage="s2", tp=2))
+    assert L.predicted_line(cfg, other, other.planner_layout()) != line
 
 
 def test_round_batch():

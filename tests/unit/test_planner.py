@@ -392,8 +392,9 @@ def test_cli_search_json_recommends_a_fitting_layout():
     assert rec["fits"] and rec["peak_gib"] + 6 <= 79
     assert "<- recommended" in proc.stderr  # the table goes to stderr with --json -
     assert "scope: device memory of the model's tensors" in proc.stderr  # what it counts
-    times = [r["relative_step_time"] for r in out["rows"] if r["fits"]]
+    times = [r["step_s"] for r in out["rows"] if r["fits"]]
     assert times == sorted(times)
+    assert "sorted by the predicted step time on H100" in proc.stderr
 
 
 @pytest.mark.slow
@@ -403,7 +404,7 @@ def test_cli_search_json_recommends_a_fitting_layout():
         (["navil-7b"], "unknown config 'navil-7b'"),
         (["navil-9b", "--tp", "3"], "--tp 3 does not divide the LLM's 32 heads"),
         (["navil-2b", "--pp", "5"], "pass first_stage_layers"),
-        (["navil-2b", "--search", "--gpus", "8"], "--search needs --gpus and --gpu-mem"),
+        (["navil-2b", "--search", "--gpus", "8"], "--search needs --gpus and --gpu-mem (or --gpu)"),
         (["tiny", "--patches", "99999", "--seq-length", "128"], "more than --seq-length"),
         (
             ["tiny", "--search", "--gpus", "2", "--gpu-mem", "9", "--search-recompute", "most"],
