@@ -125,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
         "'none' alone: layouts that need no activation checkpointing",
     )  # fmt: skip
     s.add_argument("--top", type=int, default=15, help="rows of the search table")
+    s.add_argument(
+        "--cp-table", action="store_true",
+        help="the longest --seq-length this layout fits with context parallelism 1, 2, 4, 8 "
+        "(train's --cp; multiples of 8,192 tokens, the patches per token kept) on --gpus "
+        "GPUs of --gpu-mem minus --reserve (planning/context_parallel.py)",
+    )  # fmt: skip
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-': stdout)")
     return p
 
@@ -282,6 +288,27 @@ def _search(cfg, base, args) -> dict:
     }
 
 
+def _cp_table(cfg, layout, args) -> dict:
+    """The longest sequence of ``layout`` at CP 1, 2, 4, 8 (where CP divides its DP)."""
+    from megatron_navil.planning.context_parallel import longest_sequence
+
+    capacity = args.gpu_mem - args.reserve
+    row = {}
+    for cp in (1, 2, 4, 8):
+        if layout.dp % cp:
+            continue
+        trial = replace(layout, dp=layout.dp // cp)
+        row[cp] = longest_sequence(cfg, trial, cp, capacity)
+    name = f"TP{layout.tp} PP{layout.pp}" + (f" VPP{layout.vpp}" if layout.vpp > 1 else "")
+    print(f"{cfg.name}, stage {layout.stage}, {name} on {layout.tp * layout.pp * layout.dp} "
+          f"GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB reserved), recompute "
+          f"{_rc(layout)}: longest --seq-length")  # fmt: skip
+    for cp, length in row.items():
+        shown = "nothing fits" if length is None else f"{length:,}"
+        print(f"  --cp {cp} (DP {layout.dp // cp}): {shown}")
+    return {"layout": name, "longest_seq_length": {str(k): v for k, v in row.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -337,7 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     table = contextlib.redirect_stdout(sys.stderr) if args.json == "-" else contextlib.nullcontext()
     try:
         with table:
-            if args.search:
+            if args.cp_table:
+                if args.gpu_mem is None:
+                    raise ValueError("--cp-table needs --gpu-mem (or --gpu)")
+                result = _cp_table(cfg, layout, args)
+            elif args.search:
                 result = _search(cfg, replace(layout, tp=1, pp=1, vpp=1, ep=1, dp=1), args)
             else:
                 layout.validate(cfg)

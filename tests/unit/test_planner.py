@@ -417,3 +417,18 @@ def test_cli_bad_input_exits_2_with_one_line(args, message):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cp_table_shows_the_longest_sequence_per_cp(tmp_path):
+    """``--cp-table``: the longest --seq-length navil-9b's S2 layout fits at CP 1..8 (the table
+    in docs/training.md), each longer than the last, and the JSON has the same numbers."""
+    out = tmp_path / "cp.json"
+    proc = _cli("navil-9b", "--tp", "4", "--gpus", "64", "--gpu", "h100", "--stage", "s2",
+                "--recompute", "selective", "--recompute-vision", "full", "--cp-table",
+                "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(out.read_text())["longest_seq_length"]
+    assert got == {"1": 16384, "2": 32768, "4": 73728, "8": 139264}
+    assert "--cp 4 (DP 4): 73,728" in proc.stdout
+    bad = _cli("navil-9b", "--tp", "4", "--cp-table")
+    assert bad.returncode == 2 and "--cp-table needs --gpu-mem" in bad.stderr
