@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from megatron_navil.data.packing import SequenceStream, StreamPosition
+from megatron_navil.ops.balance import lpt
 
 STATE_FORMAT = "megatron_navil.sampler"
 STATE_VERSION = 1
@@ -70,15 +71,9 @@ class SequenceRef:
 
 def balanced_shares(costs: list[int], ranks: int) -> list[list[int]]:
     """Indices of ``costs`` for each of ``ranks`` ranks, ``len(costs) / ranks`` each, dealt
-    longest-processing-time first (module doc); each rank's indices ascending. Integer costs:
-    the same split on every machine."""
-    per = len(costs) // ranks
-    totals, shares = [0] * ranks, [[] for _ in range(ranks)]
-    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
-        r = min((r for r in range(ranks) if len(shares[r]) < per), key=lambda r: (totals[r], r))
-        shares[r].append(j)
-        totals[r] += costs[j]
-    return [sorted(s) for s in shares]
+    longest-processing-time first (module doc; ``ops.balance.lpt``); each rank's indices
+    ascending. Integer costs: the same split on every machine."""
+    return lpt(costs, ranks, capacity=len(costs) // ranks)
 
 
 class PackedSampler:

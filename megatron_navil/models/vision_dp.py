@@ -33,20 +33,16 @@ from typing import Any
 
 import torch
 
+from megatron_navil.ops.balance import lpt
+
 
 def assign_segments(
     lengths: list[int], ranks: int, linear: float, square: float
 ) -> list[list[int]]:
     """Segment indices for each of ``ranks`` ranks (ascending), dealt costliest first to the
-    least loaded rank (lowest rank on a tie); a segment of ``p`` patches costs
+    least loaded rank (``ops.balance.lpt``); a segment of ``p`` patches costs
     ``linear * p + square * p**2``."""
-    cost = [linear * p + square * p * p for p in lengths]
-    totals, shares = [0.0] * ranks, [[] for _ in range(ranks)]
-    for s in sorted(range(len(lengths)), key=lambda s: (-cost[s], s)):
-        r = min(range(ranks), key=lambda r: (totals[r], r))
-        shares[r].append(s)
-        totals[r] += cost[s]
-    return [sorted(share) for share in shares]
+    return lpt([linear * p + square * p * p for p in lengths], ranks)
 
 
 class _GatherSegments(torch.autograd.Function):
