@@ -9,6 +9,7 @@ nccl when CUDA is available, gloo otherwise; on CPU the shim in :mod:`.cpu_shim`
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import os
@@ -148,6 +149,11 @@ def initialize(
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
+        # A process that exits with its groups alive lets gloo's worker threads outlive the
+        # interpreter: a rank can abort at exit ("terminate called without an active
+        # exception", pytorch/pytorch#190489) after a run that succeeded. Tear down while
+        # Python is still whole; a no-op where the caller already did.
+        atexit.register(destroy)
     layout.dp(torch.distributed.get_world_size())  # validate before megatron asserts
 
     if parallel_state.model_parallel_is_initialized():

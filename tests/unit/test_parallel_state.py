@@ -121,3 +121,31 @@ def test_refuses_another_megatron_core(monkeypatch):
     monkeypatch.setattr(megatron.core, "__version__", "0.99.0")
     with pytest.raises(RuntimeError, match=r"megatron-core==0\.16\.1"):
         cpu_shim.apply()
+
+
+def test_process_groups_are_destroyed_before_the_interpreter_exits():
+    """A process that returns without destroying its groups (train.py's main, the tools) has
+    them torn down by an exit hook while Python is whole: gloo's threads outliving the
+    interpreter aborted a rank at exit after a successful run (CI, SIGABRT, "terminate called
+    without an active exception"). atexit runs hooks last-registered first, so a hook
+    registered before ``initialize`` sees the state the exit hook left."""
+    import os
+    import subprocess
+    import sys
+
+    from megatron_navil.parallel.spawn import free_port
+
+    script = (
+        "import atexit, torch\n"
+        "from megatron_navil.parallel import initialize\n"
+        "atexit.register(lambda: print('alive at exit:', torch.distributed.is_initialized()))\n"
+        "initialize()\n"
+        "print('alive after initialize:', torch.distributed.is_initialized())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "alive after initialize: True" in proc.stdout
+    assert "alive at exit: False" in proc.stdout, proc.stdout
