@@ -8,7 +8,7 @@ indexer; sequences of 2,048 tokens, 4 micro-batches per rank, ``--nproc`` proces
 (``torchrun --nproc-per-node``) on this machine. The two modes run alternately
 ``--rounds`` times, ``--steps`` steps each; per run the mean ``step_seconds`` of the steps
 after the first two, and the mean ``dp_spread`` (slowest rank's compute over the mean, from
-``progress.txt``). Writes benchmarks/results/dp_balance_run.json.
+``progress.txt``). Writes benchmarks/results/dp_balance_run_dp<nproc>.json.
 
 Example: ``python benchmarks/bench_dp_balance_run.py``
 """
@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--nproc", type=int, default=4, help="data-parallel ranks (processes)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/dp_balance_run.json"))
+    p.add_argument("--out", help="JSON result (default: benchmarks/results/"
+                   "dp_balance_run_dp<nproc>.json)")  # fmt: skip
     args = p.parse_args(argv)
+    args.out = args.out or str(ROOT / f"benchmarks/results/dp_balance_run_dp{args.nproc}.json")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config, photos, text = corpus(root)
