@@ -1,16 +1,24 @@
 """The step-time model against measured training steps on this CPU machine (issue 19, item 3).
 
 1. Calibrate a CPU preset (``planning.hardware.cpu_preset``) with microbenchmarks, one thread
-   per process as the ranks run: fp32 GEMM rate against its smallest dimension (fit of
-   ``rate = peak x n / (n + n_half)``), memory bandwidth (a large add), and gloo between two
-   processes: bandwidth from all-reduces of 4 KiB..16 MiB, latency from activation-sized
-   all-gathers / reduce-scatters issued between bursts of small operators (the median: ranks
-   arrive unsynchronised, as in a step). One constant is fitted: the host time per dispatched
-   operator, on the tiny model's 1-process step (the dispatcher alone, timed on a chain of
-   small autograd ops, is recorded beside it).
-2. Count the operators a training step dispatches per LLM layer, vision block, micro-batch
-   and step (TorchDispatchMode over ``training.step.train_step`` of the tiny model with more
-   layers / blocks / micro-batches): the model's op-overhead term (``planning.perf.OPS_*``).
+   per process as the ranks run: fp32 GEMM rate of a linear layer's forward + backward
+   against its smallest dimension (fit of ``rate = peak x n / (n + n_half)``), the CPU flash
+   attention kernel's rate (forward + backward, head dim 64, 256 tokens; causal takes as
+   long as full: the kernel computes the masked half), memory bandwidth (a large add), and
+   gloo between two processes: bandwidth from all-reduces of 4 KiB..16 MiB, latency: the mean
+   wall time of megatron-core's collectives inside the tiny model's TP2 step (the mean: ranks
+   arrive unsynchronised and the tail counts; the same collectives issued between bursts of
+   small operators in a microbenchmark take ~25% less, recorded beside it). One constant is
+   fitted: the host time per dispatched operator, on the tiny model's 1-process step (the
+   dispatcher alone, timed on a chain of small autograd ops, is recorded beside it).
+2. Count what a training step dispatches (TorchDispatchMode over ``training.step.train_step``
+   of the tiny model with more layers / blocks / micro-batches): the operators per LLM
+   layer, vision block, micro-batch and step (``--count-ops``: ``planning.perf.OPS_*``) and,
+   each run, the bytes the element-wise operators move, per token and width of a layer and
+   per parameter of the optimizer step (``count_bytes``: the CPU preset's
+   ``elementwise_passes`` and ``optimizer_bytes_per_param``; GPU presets assume TE's fused
+   kernels), and the collectives a rank issues at TP2 and at EP2 (``tp_collectives``,
+   ``ep_collectives``).
 3. Predict, then measure, the step time of the ``tiny`` config (its test batches: 4 packed
    micro-batches of 128 tokens) and of ``small`` (a ~60M NaViL: vision 4 x 256, LLM 8 x 512
    with a text and a visual expert each, vocab 8192; 4 micro-batches of 512 tokens) in six
@@ -54,7 +62,9 @@ CORES = 2
 # ---- the two models and their batches ---------------------------------------------------------
 
 
-def model_config(name: str, layers: int | None = None, depth: int | None = None):
+def model_config(
+    name: str, layers: int | None = None, depth: int | None = None, ffn_factor: int = 1
+):
     from megatron_navil.config.model import LanguageConfig, VisionConfig
     from megatron_navil.config.registry import get_config
 
@@ -76,10 +86,11 @@ def model_config(name: str, layers: int | None = None, depth: int | None = None)
                 qk_norm=True,
             ),
         ).validate()
-    if layers or depth:
+    if layers or depth or ffn_factor != 1:
+        lm, v = cfg.language, cfg.vision
         cfg = cfg.replace(
-            language=dataclasses.replace(cfg.language, layers=layers or cfg.language.layers),
-            vision=dataclasses.replace(cfg.vision, depth=depth or cfg.vision.depth),
+            language=dataclasses.replace(lm, layers=layers or lm.layers, ffn=lm.ffn * ffn_factor),
+            vision=dataclasses.replace(v, depth=depth or v.depth, mlp=v.mlp * ffn_factor),
         ).validate()
     return cfg
 
@@ -125,13 +136,14 @@ def batch_shape(name: str) -> dict[str, float]:
         "sample_length": statistics.fmean(lengths),
         "seq_length": spec.seq_length,
         "micro_batches": n,
+        "image_share": sum(any(x.images for x in mb) for mb in spec.micro_batches) / n,
     }
 
 
 # ---- ranks -----------------------------------------------------------------------------------
 
 
-def _setup(name: str, layout: dict, cfg=None, micro_batches: int = 4):
+def _setup(name: str, layout: dict, cfg=None, micro_batches: int = 4, spec=None):
     from megatron_navil.models.build import build_model, transformer_config
     from megatron_navil.parallel import initialize
     from megatron_navil.testing import navil_run as N
@@ -144,7 +156,7 @@ def _setup(name: str, layout: dict, cfg=None, micro_batches: int = 4):
     cfg = cfg or model_config(name)
     groups = initialize(**layout)
     config = transformer_config(cfg, **layout)
-    spec = batch_spec(name, cfg, micro_batches)
+    spec = spec or batch_spec(name, cfg, micro_batches)
     chunks = build_model(cfg, config, groups, special_ids=spec.special_ids)
     T.set_global_params(chunks, 7)
     chunks = wrap_ddp(chunks, config, distributed_optimizer=True)
@@ -173,9 +185,13 @@ def _time_layout(name: str, layout: dict, warmup: int, steps: int) -> list[float
     return times
 
 
-def _count_step_ops(name: str, variants: list[tuple[int, int, int]]) -> list[int]:
+def _count_step_ops(
+    name: str, variants: list[tuple[int, int, int]], layout: dict | None = None,
+    collectives: bool = False,
+) -> list[int]:  # fmt: skip
     """Operators dispatched by one train_step (after a warm-up step) for each (LLM layers,
-    vision blocks, micro-batches) of the ``name`` config, one process."""
+    vision blocks, micro-batches) of the ``name`` config in ``layout`` (default: one
+    process); ``collectives``: count only the collectives (c10d operators)."""
     import torch.distributed as dist
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -185,13 +201,19 @@ def _count_step_ops(name: str, variants: list[tuple[int, int, int]]) -> list[int
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
+            if not collectives or func.namespace == "c10d":
+                Count.n += 1
             return func(*args, **(kwargs or {}))
+
+    from megatron_navil.testing import navil_run as N
 
     out = []
     for layers, depth, m in variants:
         cfg = model_config(name, layers, depth)
-        chunks, config, groups, opt, mine, seq = _setup(name, {}, cfg, m)
+        # collectives: micro-batches alike (with images), else the tiny test batch's first m
+        spec = N.BatchSpec(micro_batches=(N.MIXED,) * m, special_ids=N.special_ids_for(cfg))
+        spec = spec if collectives else None
+        chunks, config, groups, opt, mine, seq = _setup(name, layout or {}, cfg, m, spec)
         train_step(chunks, config, groups, opt, None, mine, seq)
         Count.n = 0
         with Count():
@@ -202,6 +224,129 @@ def _count_step_ops(name: str, variants: list[tuple[int, int, int]]) -> list[int
         parallel_state.destroy_model_parallel()
         dist.barrier()
     return out
+
+
+GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def _moved_bytes(func, args, out) -> int:
+    """Bytes an element-wise / data-movement operator reads and writes (inputs + outputs);
+    0 for GEMMs and attention (their own terms), collectives (the communication terms),
+    views and allocations (they move nothing)."""
+    import torch
+
+    name = func.overloadpacket.__name__
+    if name in GEMM_OPS or "attention" in name or func.namespace == "c10d":
+        return 0
+    if name.startswith("empty") or name in ("_local_scalar_dense",):
+        return 0
+    returns = func._schema.returns
+    if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+        return 0  # a view
+
+    def size(x) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, list | tuple):
+            return sum(size(y) for y in x)
+        return 0
+
+    return size(args) + size(out)
+
+
+# The two micro-batches the byte counts use: (recipe, sequence length); their LLM tokens and
+# vision patches differ, which separates per-token bytes from per-parameter ones.
+COUNT_BATCHES = {"mixed": ("MIXED", 128), "heavy": ("IMAGE_HEAVY", 256)}
+
+
+def _count_step_bytes(variants: list[tuple[int, int, int, int, str]]) -> list[dict]:
+    """Element-wise bytes of one train_step of the tiny config (after a warm-up step) for
+    each (LLM layers, vision blocks, micro-batches, FFN / MLP width factor, batch of
+    ``COUNT_BATCHES``), the micro-batches all alike, one process; with the model's trainable
+    parameters and the micro-batch's tokens and patches."""
+    import torch.distributed as dist
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_navil.testing import navil_run as N
+    from megatron_navil.training.step import train_step
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Count.n += _moved_bytes(func, args, out)
+            return out
+
+    rows = []
+    for layers, depth, m, factor, kind in variants:
+        cfg = model_config("tiny", layers, depth, factor)
+        recipe, seq_length = COUNT_BATCHES[kind]
+        spec = N.BatchSpec(micro_batches=(getattr(N, recipe),) * m, seq_length=seq_length,
+                           special_ids=N.special_ids_for(cfg))  # fmt: skip
+        chunks, config, groups, opt, mine, seq = _setup("tiny", {}, cfg, spec=spec)
+        train_step(chunks, config, groups, opt, None, mine, seq)
+        Count.n = 0
+        with Count():
+            train_step(chunks, config, groups, opt, None, mine, seq, step=1)
+        params = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+        patches = mine[0].inputs["patches"].shape[0]
+        rows.append({"bytes": Count.n, "params": params, "tokens": seq, "patches": patches})
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.barrier()
+    return rows
+
+
+def count_bytes() -> dict[str, Any]:
+    """The CPU path's element-wise bytes, counted on the tiny config (no timing):
+    ``Calibration.elementwise_passes`` from the bytes per LLM layer and vision block per
+    micro-batch (variants with doubled layers / blocks / micro-batches), at two micro-batches
+    (other tokens and patches) and two FFN / MLP widths, least squares of
+    ``3 b T (p_h H + p_f F)`` (a forward and a backward of twice its bytes, as
+    ``planning.perf.layer_time`` charges; the per-micro-batch gradient accumulation, which
+    scales with the parameters, is too small a part at these widths to separate and rides
+    along); ``optimizer_bytes_per_param``: the rest of a step (gradient buffers, clipping,
+    Adam) per trainable parameter, the slope between the variants with L and 2L layers."""
+    import numpy as np
+
+    from megatron_navil.parallel.spawn import run_distributed
+
+    base = model_config("tiny")
+    lm, v = base.language, base.vision
+    L, D = lm.layers, v.depth
+    variants = []
+    for kind in COUNT_BATCHES:
+        for f in (1, 2):
+            variants += [(L, D, 1, f, kind), (L, D, 2, f, kind), (2 * L, D, 1, f, kind),
+                         (2 * L, D, 2, f, kind), (L, 2 * D, 1, f, kind),
+                         (L, 2 * D, 2, f, kind)]  # fmt: skip
+    rows = run_distributed(_count_step_bytes, 1, variants, timeout=1800)[0]
+    b = 4  # fp32
+    eqs: dict[str, tuple[list, list]] = {"llm": ([], []), "vision": ([], [])}
+    for o in range(0, len(rows), 6):
+        c = [r["bytes"] for r in rows[o : o + 6]]
+        f, t, p = variants[o][3], rows[o]["tokens"], rows[o]["patches"]
+        a, bb, cc = c[1] - c[0], c[3] - c[2], c[5] - c[4]  # a micro-batch at (L,D) (2L,D) (L,2D)
+        eqs["llm"][0].append([3 * b * t * lm.hidden, 3 * b * t * lm.ffn * f])
+        eqs["llm"][1].append((bb - a) / L)
+        eqs["vision"][0].append([3 * b * p * v.width, 3 * b * p * v.mlp * f])
+        eqs["vision"][1].append((cc - a) / D)
+    passes, residual = {}, 0.0
+    for part, (A, y) in eqs.items():
+        sol, *_ = np.linalg.lstsq(np.array(A), np.array(y), rcond=None)
+        passes[part] = (float(sol[0]), float(sol[1]))
+        residual = max(residual, float(max(abs(np.array(A) @ sol / np.array(y) - 1))))
+    step = [rows[i]["bytes"] - (rows[i + 1]["bytes"] - rows[i]["bytes"]) for i in (0, 2)]
+    per_param = (step[1] - step[0]) / (rows[2]["params"] - rows[0]["params"])
+    return {
+        "elementwise_passes": passes,
+        "optimizer_bytes_per_param": per_param,
+        "max_relative_residual": residual,
+        "rows": rows,
+        "variants": variants,
+    }
 
 
 def _gloo(sizes: list[int], reps: int) -> list[float]:
@@ -226,9 +371,11 @@ def _gloo(sizes: list[int], reps: int) -> list[float]:
 
 
 def _gloo_in_step(reps: int, elements: int = 8192) -> float:
-    """Median time of a TP-style collective (all-gather / reduce-scatter of ``elements``
-    floats, activation-sized) issued between bursts of small operators, as in a training step:
-    the ranks arrive unsynchronised and each wait includes the partner's wake-up."""
+    """Mean time of a TP-style collective (all-gather / reduce-scatter of ``elements``
+    floats, activation-sized) issued after a burst of ~120 small operators, as a layer issues
+    them: each wait includes the partner's late arrival. The mean, not the median: the
+    distribution has a long tail (median ~0.4-0.5 ms, p90 ~1.5 ms here) and a step pays
+    every collective's time, tail included."""
     import torch
     import torch.distributed as dist
 
@@ -240,7 +387,7 @@ def _gloo_in_step(reps: int, elements: int = 8192) -> float:
     ts = []
     for i in range(reps):
         h = torch.randn(16, 64)
-        for _ in range(20):
+        for _ in range(60):
             h = torch.nn.functional.linear(h, w).relu()
         t0 = time.perf_counter()
         if i % 2:
@@ -248,21 +395,63 @@ def _gloo_in_step(reps: int, elements: int = 8192) -> float:
         else:
             dist.reduce_scatter_tensor(x, full)
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return statistics.fmean(ts)
+
+
+def _gloo_in_tp_step(steps: int) -> float:
+    """Mean wall time of a tensor-parallel collective inside the tiny model's TP2 training
+    step (megatron-core's all-gathers, reduce-scatters and all-reduces, timed from the call
+    to its return; after two warm-up steps)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    from megatron_navil.training.step import train_step
+
+    torch.set_num_threads(1)
+    chunks, config, groups, opt, mine, seq = _setup("tiny", dict(tp=2))
+    for i in range(2):
+        train_step(chunks, config, groups, opt, None, mine, seq, step=i)
+    times: list[float] = []
+
+    def timed(fn):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if not kwargs.get("async_op"):
+                times.append(time.perf_counter() - t0)
+            return out
+
+        return call
+
+    names = ("dist_all_gather_func", "dist_reduce_scatter_func")
+    saved = [getattr(mappings, n) for n in names] + [dist.all_reduce]
+    for n in names:
+        setattr(mappings, n, timed(getattr(mappings, n)))
+    dist.all_reduce = timed(dist.all_reduce)
+    try:
+        for i in range(steps):
+            train_step(chunks, config, groups, opt, None, mine, seq, step=2 + i)
+    finally:
+        for n, fn in zip(names, saved, strict=False):
+            setattr(mappings, n, fn)
+        dist.all_reduce = saved[-1]
+    return statistics.fmean(times)
 
 
 # ---- microbenchmarks -------------------------------------------------------------------------
 
 
-def _best_time(fn, reps: int) -> float:
-    """Fastest of ``reps`` runs (after one warm-up): the least disturbed by other load."""
+def _median_time(fn, reps: int) -> float:
+    """Median of ``reps`` runs after one warm-up: the sustained rate a training step sees
+    (the fastest run overstated it by 5-15% here, varying with the host's clock)."""
     fn()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return min(ts)
+    return statistics.median(ts)
 
 
 def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -282,17 +471,40 @@ def calibrate(reps: int = 5) -> dict[str, Any]:
     from megatron_navil.parallel.spawn import run_distributed
 
     torch.set_num_threads(1)
-    rows = 4096
-    gemm = {}
-    for n in (16, 32, 64, 128, 256, 512, 1024):
-        a, b = torch.randn(rows, n), torch.randn(n, n)
-        gemm[n] = 2 * rows * n * n / _best_time(lambda a=a, b=b: a @ b, reps)
+    rows = 512  # a micro-batch's tokens
+
+    def linear_s(n: int) -> float:
+        # a linear layer's forward and backward (dgrad and wgrad run on transposed operands,
+        # ~15% below a plain matmul of the same size here)
+        x, w = torch.randn(rows, n, requires_grad=True), torch.randn(n, n, requires_grad=True)
+        g = torch.ones(rows, n)
+        return _median_time(
+            lambda: torch.autograd.grad(torch.nn.functional.linear(x, w), (x, w), g), reps * 4
+        )
+
+    # the host time of the call (autograd, dispatch: the op-overhead term's) off every size
+    host = linear_s(1)
+    # from 64 up: below it the call's host time is most of the time and the difference noise
+    gemm = {n: 6 * rows * n * n / (linear_s(n) - host) for n in (64, 128, 256, 512, 1024)}
     # 1 / rate = 1 / peak + n_half / (peak n): a line in 1 / n
     inv0, slope = _fit_line([1 / n for n in gemm], [1 / r for r in gemm.values()])
     peak, half = 1 / inv0, max(0.0, slope / inv0)
+    # attention: torch's CPU flash kernel, forward + backward, 8 heads of 64, 256 tokens
+    heads, head_dim, seq = 8, 64, 256
+    qkv = [torch.randn(1, heads, seq, head_dim, requires_grad=True) for _ in range(3)]
+
+    def attention(causal: bool) -> float:
+        def run():
+            o = torch.nn.functional.scaled_dot_product_attention(*qkv, is_causal=causal)
+            torch.autograd.grad(o, qkv, torch.ones_like(o))
+
+        return _median_time(run, reps * 2)
+
+    full, causal = attention(False), attention(True)
+    attn_rate = 12 * heads * head_dim * seq * seq / full
     big = 1 << 24
     x, y, z = torch.randn(big), torch.randn(big), torch.empty(big)
-    mem = 3 * 4 * big / _best_time(lambda: torch.add(x, y, out=z), reps)
+    mem = 3 * 4 * big / _median_time(lambda: torch.add(x, y, out=z), reps)
 
     w = torch.randn(16, 16, requires_grad=True)
 
@@ -311,17 +523,31 @@ def calibrate(reps: int = 5) -> dict[str, Any]:
 
     with Count():
         chain()
-    dispatch = _best_time(chain, reps * 4) / Count.n
+    dispatch = _median_time(chain, reps * 4) / Count.n
     sizes = [1 << k for k in range(12, 25, 2)]  # 4 KiB .. 16 MiB
     times = run_distributed(_gloo, 2, sizes, reps * 2, timeout=600)[0]
     per_byte = (times[-1] - times[0]) / (sizes[-1] - sizes[0])
     # latency: a collective inside a step (unsynchronised ranks, wake-ups), less its bytes
-    in_step = run_distributed(_gloo_in_step, 2, reps * 40, timeout=600)[0]
-    lat = max(in_step - 8192 * 4 / 2 * per_byte, times[0] / 2)
+    in_step = run_distributed(_gloo_in_step, 2, reps * 80, timeout=600)[0]
+    in_tp_step = run_distributed(_gloo_in_tp_step, 2, reps, timeout=600)[0]
+    counted = count_bytes()
+    tp2, ep2 = count_ops(dict(tp=2)), count_ops(dict(ep=2))
+    tp_collectives = {  # (the per-step counts do not grow with the layers: 0 per layer)
+        "llm": tp2["llm_layer"], "vision": tp2["vision_block"], "micro_batch": tp2["micro_batch"],
+        "step": tp2["step"],
+    }  # fmt: skip
+    # latency: a collective inside the tiny model's TP2 step (its activations: 128 x 64 fp32)
+    # less its bytes; the microbenchmark's figure (in_step) is ~25% lower and kept beside it
+    lat = max(in_tp_step - 128 * 64 * 4 / 2 * per_byte, times[0] / 2)
+    shape = (head_dim / (head_dim + half)) / (128 / (128 + half))  # perf.attention_rate's
     return {
         "gemm_flops_by_dim": {str(k): v for k, v in gemm.items()},
         "gemm_peak_flops": peak,
         "gemm_half_dim": half,
+        "linear_host_s": host,
+        "attention_flops": attn_rate,
+        "attention_efficiency": attn_rate / peak / shape,
+        "attention_causal_over_full_time": causal / full,
         "memory_bytes_per_s": mem,
         "dispatch_overhead_s": dispatch,
         "chain_ops": Count.n,
@@ -331,19 +557,33 @@ def calibrate(reps: int = 5) -> dict[str, Any]:
         "gloo_all_reduce_4k_s": times[0],
         "gloo_collective_in_step_s": in_step,
         "gloo_latency_s": lat,
+        "gloo_collective_in_tp_step_s": in_tp_step,
+        "elementwise_passes": counted["elementwise_passes"],
+        "optimizer_bytes_per_param": counted["optimizer_bytes_per_param"],
+        "byte_count_residual": counted["max_relative_residual"],
+        "tp_collectives": tp_collectives,
+        "ep_collectives": ep2["llm_layer"],
     }
 
 
-def count_ops() -> dict[str, float]:
+def count_ops(layout: dict[str, int] | None = None) -> dict[str, float]:
     """Operators per LLM layer and vision block (per micro-batch and per step), per
     micro-batch and per step (tiny, one process): counts ``c(L, D, m)`` of 6 variants solve
-    ``c = S + L s_l + D s_d + m (M + L l + D d)``."""
+    ``c = S + L s_l + D s_d + m (M + L l + D d)``. With a ``layout`` (``tp``, ``ep``; the
+    world its TP x EP, so data-parallel when EP > 1): the collectives one rank issues, counted
+    alike over the rank's own micro-batches (``Calibration.tp_collectives``,
+    ``ep_collectives``)."""
     from megatron_navil.parallel.spawn import run_distributed
 
     base = model_config("tiny")
     L, D = base.language.layers, base.vision.depth
+    layout = layout or {}
+    world = layout.get("tp", 1) * layout.get("ep", 1)
+    dp = world // layout.get("tp", 1)
     variants = [(L, D, 1), (L, D, 2), (2 * L, D, 1), (2 * L, D, 2), (L, 2 * D, 1), (L, 2 * D, 2)]
-    c = run_distributed(_count_step_ops, 1, "tiny", variants, timeout=1800)[0]
+    variants = [(x, y, m * dp) for x, y, m in variants]  # m micro-batches per rank
+    c = run_distributed(_count_step_ops, world, "tiny", variants, layout, world > 1,
+                        timeout=1800)[0]  # fmt: skip
     a, b, cc = c[1] - c[0], c[3] - c[2], c[5] - c[4]  # per micro-batch at (L,D), (2L,D), (L,2D)
     llm, vis = (b - a) / L, (cc - a) / D
     step0, step_l, step_d = c[0] - a, c[2] - b, c[4] - cc
@@ -367,6 +607,10 @@ def preset(cal: dict[str, Any], op_overhead_s: float):
         gemm_flops=cal["gemm_peak_flops"], gemm_half_dim=cal["gemm_half_dim"],
         memory_bytes_per_s=cal["memory_bytes_per_s"], link_bytes_per_s=cal["gloo_bytes_per_s"],
         latency_s=cal["gloo_latency_s"], op_overhead_s=op_overhead_s, cores=CORES,
+        attention_efficiency=cal.get("attention_efficiency"),
+        elementwise_passes=cal.get("elementwise_passes"),
+        optimizer_bytes_per_param=cal.get("optimizer_bytes_per_param"),
+        tp_collectives=cal.get("tp_collectives"), ep_collectives=cal.get("ep_collectives"),
     )  # fmt: skip
 
 
@@ -391,7 +635,7 @@ def predict_one(cal: dict[str, Any], op_overhead_s: float, name: str, lname: str
     return predict(
         model_config(name), lay, preset(cal, op_overhead_s),
         sample_length=round(shape["sample_length"]), image_distribution=False,
-        images=(shape["patches"], shape["pairs"]),
+        images=(shape["patches"], shape["pairs"]), image_share=shape["image_share"],
     )  # fmt: skip
 
 

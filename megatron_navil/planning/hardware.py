@@ -36,8 +36,26 @@ class Calibration:
     # the fp8 recipes): assumed 0.45 (FlashAttention-3 / cuDNN reach 60-75% forward and
     # 40-50% backward at head dim 128; the backward does 2.5x the forward's work).
     attention_efficiency: float = 0.45
+    # Flash attention skips the key blocks a causal mask hides (FlashAttention, cuDNN): a
+    # causal segment costs half the pairs. torch's CPU flash kernel was measured to run a
+    # causal segment in the time of a full one (benchmarks/bench_perf_model_cpu.py).
+    attention_skips_masked: bool = True
     # Fraction of the HBM bandwidth element-wise kernels reach: assumed 0.8 (STREAM-like).
     memory_efficiency: float = 0.8
+    # Element-wise bytes per token per layer, forward, in units of (element bytes x width), by
+    # tower: (hidden-width passes, FFN-width passes); the backward moves twice the forward's.
+    # GPUs (TE's fused kernels): two RMSNorms (read + write: 4), two residual adds (read 2 +
+    # write 1: 6), RoPE on q and k (about 2 for GQA), the attention output's layout copies
+    # (2): 14 hidden-widths; SwiGLU reads 2F and writes F, plus the probability-scaled
+    # product: 4 FFN-widths. Counted from the layer's ops, not fitted. The CPU preset's are
+    # counted from the unfused torch operators a training step dispatches.
+    elementwise_passes: dict[str, tuple[float, float]] = field(
+        default_factory=lambda: {"llm": (14.0, 4.0), "vision": (14.0, 4.0)}
+    )
+    # Optimizer bytes per parameter of the rank's shard: Adam with fp32 master weights reads
+    # and writes master, m, v (24 bytes), reads the fp32 gradient (4), writes the bf16 weight
+    # (2): 30 on GPUs (fused multi-tensor kernels); the CPU preset's are counted.
+    optimizer_bytes_per_param: float = 30.0
     # NCCL ring collectives' bus bandwidth over the link's per-direction peak: assumed 0.8
     # (nccl-tests on DGX-H100: ~360 GB/s of 450 intra-node; ~40-45 GB/s of 50 per NIC).
     link_efficiency: float = 0.8
@@ -48,6 +66,16 @@ class Calibration:
     # reduce-scatter / parameter all-gather (megatron-core's overlap_grad_reduce /
     # overlap_param_gather): assumed 0.8.
     dp_overlap: float = 0.8
+    # Tensor-parallel collectives a rank issues per LLM layer and vision block per micro-batch
+    # ("llm", "vision"), per micro-batch outside the layers ("micro_batch": embedding, loss)
+    # and per step ("step": gradient norm, layer-norm gradients); None: sequence parallelism's
+    # 4 forward + 6 backward per layer (TE re-gathers the input for the weight gradient) and
+    # nothing else. The CPU preset's are counted on the megatron-core path it runs.
+    tp_collectives: dict[str, float] | None = None
+    # Expert-parallel collectives per LLM layer per micro-batch: None: the 4 token all-to-alls
+    # (dispatch and combine, forward and backward); counted, the ones beyond those 4 (token
+    # counts, routing maps) are charged their latency.
+    ep_collectives: float | None = None
     # Fraction of the TP/SP collectives hidden behind GEMMs: assumed 0.5 (Megatron-Bridge turns
     # on TE's userbuffer TP-communication overlap for TP > 1 recipes).
     tp_overlap: float = 0.5
@@ -152,16 +180,32 @@ def cpu_preset(
     latency_s: float,
     op_overhead_s: float,
     cores: int,
+    attention_efficiency: float | None = None,
+    elementwise_passes: dict[str, tuple[float, float]] | None = None,
+    optimizer_bytes_per_param: float | None = None,
+    tp_collectives: dict[str, float] | None = None,
+    ep_collectives: float | None = None,
 ) -> Hardware:
     """A CPU host as a 'device' of one core per process (fp32, gloo): the rates measured by
-    ``benchmarks/bench_perf_model_cpu.py`` (one thread's GEMM rate and half-rate dimension,
-    memory bandwidth, gloo's bandwidth and latency, the per-operator host overhead);
-    ``cores``: ranks beyond it share the cores (their rates divide)."""
+    ``benchmarks/bench_perf_model_cpu.py`` (one thread's GEMM rate and half-rate dimension on
+    a linear layer's forward + backward, memory bandwidth, gloo's bandwidth and latency, the
+    per-operator host overhead, the attention rate as a fraction of the GEMM peak at head dim
+    128, the element-wise and optimizer bytes the unfused torch path moves); ``cores``: ranks
+    beyond it share the cores (their rates divide). Left out, the attention runs at the GEMM
+    rate and the bytes are the GPU presets'."""
+    base = Calibration()
     cal = Calibration(
         gemm_efficiency={"fp32": 1.0, "bf16": 1.0},
         gemm_half_dim=gemm_half_dim,
-        attention_efficiency=128 / (128 + gemm_half_dim),  # attention runs at the GEMM rate
+        attention_efficiency=(
+            128 / (128 + gemm_half_dim) if attention_efficiency is None else attention_efficiency
+        ),
+        attention_skips_masked=False,
         memory_efficiency=1.0,
+        elementwise_passes=elementwise_passes or base.elementwise_passes,
+        optimizer_bytes_per_param=optimizer_bytes_per_param or base.optimizer_bytes_per_param,
+        tp_collectives=tp_collectives,
+        ep_collectives=ep_collectives,
         link_efficiency=1.0,
         alltoall_efficiency=1.0,
         dp_overlap=0.0,  # gloo collectives block the (single) compute thread

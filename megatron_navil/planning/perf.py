@@ -11,7 +11,7 @@ Per micro-batch and pipeline rank, for every layer the rank holds:
   ``s w``), x3 for forward + backward, at the flash-attention rate, from the per-sample /
   per-image segment lengths;
 * element-wise ops: bytes moved (norms, residual adds, RoPE, SwiGLU/GELU, casts; backward 2x
-  the forward) over the achieved memory bandwidth;
+  the forward; ``Calibration.elementwise_passes``) over the achieved memory bandwidth;
 * TP with sequence parallelism: all-gathers / reduce-scatters of the ``tokens x hidden``
   activations (4 forward, 6 backward per layer, the backward re-gathers for the weight
   gradients), the part not hidden (``tp_overlap``) over the intra-node link;
@@ -38,16 +38,6 @@ from dataclasses import asdict, dataclass, field
 
 from megatron_navil.planning.hardware import Hardware
 
-# Element-wise bytes per token per layer, forward, in units of (element bytes x width): two
-# RMSNorms (read + write: 4), two residual adds (read 2 + write 1: 6), RoPE on q and k (about
-# 2 for GQA), the attention output's layout copies (2): 14 hidden-widths; SwiGLU reads 2F and
-# writes F, plus the probability-scaled product: 4 FFN-widths. The backward moves about twice
-# the forward's bytes. Counted from the layer's ops, not fitted.
-ELEMENTWISE_HIDDEN_PASSES = 14.0
-ELEMENTWISE_FFN_PASSES = 4.0
-# Adam with fp32 master weights, per parameter of the optimizer shard: read + write master,
-# m, v (24 bytes), read the fp32 gradient (4), write the bf16 weight (2).
-OPTIMIZER_BYTES_PER_PARAM = 30.0
 # Operators a training step dispatches (counted with a TorchDispatchMode over
 # ``training.step.train_step`` of the tiny model with doubled layers / blocks / micro-batches:
 # ``python benchmarks/bench_perf_model_cpu.py --count-ops``): per LLM layer and vision block
@@ -284,24 +274,23 @@ def layer_time(
     pairs = tower.pairs(segments) if pairs is None else pairs
     attn = 12 * tower.heads * tower.head_dim / t * pairs
     attn_s = attn / attention_rate(hw, tower.head_dim, par.precision)
-    fwd_bytes = (
-        b
-        * tokens
-        / t
-        * (
-            ELEMENTWISE_HIDDEN_PASSES * tower.hidden
-            + ELEMENTWISE_FFN_PASSES * tower.ffn * tower.topk * expert_load * t / etp
-        )
-    )
+    if tower.causal and not cal.attention_skips_masked:
+        attn_s *= 2  # the masked half is computed too
+    hidden_passes, ffn_passes = cal.elementwise_passes[part]
+    ffn_width = tower.ffn * tower.topk * expert_load * t / etp
+    fwd_bytes = b * tokens / t * (hidden_passes * tower.hidden + ffn_passes * ffn_width)
     mem = 3 * fwd_bytes / memory_rate(hw)
-    # TP / SP: 4 collectives forward, 6 backward, of tokens x hidden.
+    # TP / SP: 4 collectives forward, 6 backward, of tokens x hidden (or as counted).
     act = tokens * tower.hidden * b
-    tp_s = 10 * collective_s(hw, act, t, t <= hw.gpus_per_node) * (1 - cal.tp_overlap)
+    n_tp = cal.tp_collectives[part] if cal.tp_collectives else 10
+    tp_s = n_tp * collective_s(hw, act, t, t <= hw.gpus_per_node) * (1 - cal.tp_overlap)
     ep_s = moe_s = 0.0
     if ep > 1:
         intra = ep * t <= hw.gpus_per_node
         routed = tokens / t * tower.topk * tower.hidden * b
         ep_s = 4 * collective_s(hw, routed, ep, intra, alltoall=True) * expert_load
+        extra = (cal.ep_collectives or 4) - 4
+        ep_s += max(0.0, extra) * collective_s(hw, 0.0, ep, intra)
     if tower.experts > 1:
         moe_s = cal.moe_seconds_per_routed_token * tokens / t * tower.topk
         moe_s *= expert_load
@@ -353,6 +342,10 @@ class LayerGroup:
     wgrad: float = 1.0  # share of the GEMM FLOPs whose weights are trained (frozen: no wgrad)
     recompute: str | None = None  # None: Parallel.recompute
     pairs: float | None = None  # attention pairs per layer (None: from the segments)
+    # share of the micro-batches the tower runs on (the vision tower skips text-only ones):
+    # ``tokens`` and ``pairs`` are means over all micro-batches; an active one carries
+    # ``1 / active`` of them, and only active ones pay the operators and collectives
+    active: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -368,24 +361,40 @@ class RankWork:
     boundary_bytes: float  # activation sent to the next stage per micro-batch per chunk
     chunks: int = 1
     extra_gemms: tuple[tuple[float, float, str], ...] = ()  # (FLOPs, smallest dim, part)
+    first_stage: bool = True
+    last_stage: bool = True
 
 
 def rank_time(work: RankWork, par: Parallel, hw: Hardware) -> Breakdown:
     """Per micro-batch time of one pipeline rank (all its chunks)."""
     out = Breakdown(op_overhead=OPS_PER_MICRO_BATCH * hw.calibration.op_overhead_s)
+    # the embedding's and the loss's: on the first and the last stage, half each
+    ends = (work.first_stage + work.last_stage) / 2
+    out.tp_comm = _small_collectives_s(hw, par.tp, "micro_batch") * ends
     for g in work.groups:
-        if g.layers:
+        if g.layers and g.active > 0:
+            pairs = None if g.pairs is None else g.pairs / g.active
             lt = layer_time(
-                g.tower, g.tokens, g.segments, par, hw, tp=g.tp, expert_load=g.expert_load,
-                part=g.part, wgrad=g.wgrad, recompute=g.recompute, pairs=g.pairs,
+                g.tower, round(g.tokens / g.active), g.segments, par, hw, tp=g.tp,
+                expert_load=g.expert_load, part=g.part, wgrad=g.wgrad, recompute=g.recompute,
+                pairs=pairs,
             )  # fmt: skip
-            out = out.add(lt.scaled(g.layers))
+            out = out.add(lt.scaled(g.layers * g.active))
     for flops, n, part in work.extra_gemms:
         name = "vision" if part == "vision" else "llm_gemm"
         setattr(out, name, getattr(out, name) + flops / gemm_rate(hw, par.precision, n))
     if work.head:
         out = out.add(head_time(*work.head, par, hw))
     return out
+
+
+def _small_collectives_s(hw: Hardware, tp: int, where: str) -> float:
+    """The counted TP collectives outside the layers (``Calibration.tp_collectives``:
+    "micro_batch" or "step"): scalars and norms, their latency only."""
+    counts = hw.calibration.tp_collectives
+    if not counts or tp <= 1:
+        return 0.0
+    return counts.get(where, 0.0) * collective_s(hw, 0.0, tp, tp <= hw.gpus_per_node)
 
 
 def _share_cores(hw: Hardware, processes: int) -> float:
@@ -410,18 +419,18 @@ def step_time(
     cal = hw.calibration
     gpus = par.tp * par.pp * par.dp
     share = _share_cores(hw, gpus)
-    per_rank = [rank_time(w, par, hw) for w in ranks]
-    comm_parts = ("tp_comm", "ep_comm")
-    for r in per_rank:  # time-shared cores slow the compute, not the wire
-        for k in Breakdown.PARTS:
-            if k not in comm_parts:
-                setattr(r, k, getattr(r, k) * share)
+    # Time-shared cores (CPU preset) slow all a rank does, its collectives too: gloo runs on
+    # the cores, and a partner waiting for one arrives late (measured: a TP collective takes
+    # 2-3x as long with 4 ranks on 2 cores as with 2).
+    per_rank = [rank_time(w, par, hw).scaled(share) for w in ranks]
     slowest = max(range(len(ranks)), key=lambda i: per_rank[i].step_s)
     t_mb = per_rank[slowest].step_s
     m = par.micro_batches
     out = per_rank[slowest].scaled(m)
     if par.pp > 1:
-        out.bubble = (par.pp - 1) / par.vpp * t_mb
+        # in the bubble one stage's ranks run while the others wait: they share less
+        bubble_share = _share_cores(hw, gpus // par.pp) / share
+        out.bubble = (par.pp - 1) / par.vpp * t_mb * bubble_share
         w = ranks[slowest]
         p2p = (
             2
@@ -456,9 +465,11 @@ def step_time(
             for g in w.groups
         )
         ops_s = ops * cal.op_overhead_s
-        opt_s = max(opt_s, (shard * OPTIMIZER_BYTES_PER_PARAM / memory_rate(hw) + ops_s) * share)
+        opt_bytes = shard * cal.optimizer_bytes_per_param
+        opt_s = max(opt_s, (opt_bytes / memory_rate(hw) + ops_s) * share)
     out.dp_comm = dp_s
     out.optimizer = opt_s + cal.optimizer_fixed_s
+    out.tp_comm += _small_collectives_s(hw, par.tp, "step")
     out.straggler = straggler_s * share
     out.model_flops, out.gpus, out.tokens = model_flops, gpus, tokens
     return out

@@ -100,6 +100,7 @@ def rank_work(
     sample_length: int | None = None,
     segments: Sequence[int] | None = None,
     images: tuple[float, float] | None = None,
+    image_share: float = 1.0,
 ) -> list[RankWork]:
     """Per pipeline rank: its LLM layers, the vision tower and connector on rank 0, the LM
     head on the last; trainable parameters of the EP rank with the visual experts. The
@@ -128,7 +129,7 @@ def rank_work(
             patches, pairs = (layout.patches, None) if images is None else images
             groups.append(LayerGroup(vis, vis.layers, round(patches), tuple(segments), vt,
                                      part="vision", recompute=layout.vision_rc,
-                                     pairs=pairs))  # fmt: skip
+                                     pairs=pairs, active=image_share))  # fmt: skip
             extra = vision_extra(cfg, round(patches), vt)
         p = rank_params(cfg, layout, r, layout.ep - 1)
         dense, expert = p.trainable(layout.stage)
@@ -138,7 +139,7 @@ def rank_work(
                 head=(lm.vocab, lm.hidden, seq) if r == layout.pp - 1 else None,
                 dense_params=dense, expert_params=expert, total_params=p.total,
                 boundary_bytes=seq * lm.hidden * b / layout.tp, chunks=layout.vpp,
-                extra_gemms=extra,
+                extra_gemms=extra, first_stage=r == 0, last_stage=r == layout.pp - 1,
             )
         )  # fmt: skip
     return out
@@ -197,6 +198,7 @@ def predict(
     image_distribution: bool = True,
     segments: Sequence[int] | None = None,
     images: tuple[float, float] | None = None,
+    image_share: float = 1.0,
 ) -> Prediction:
     """Predicted step of ``layout`` (validated) on ``hw``; ``sample_length``: tokens per
     packed sample for the LLM attention (default: whole sequences, as ``plan_flops``).
@@ -204,7 +206,9 @@ def predict(
     ``planning.straggler``'s image sizes packed to the patch budget, plus the straggler term;
     off (or with explicit image ``segments``): these segments (default ``vmp_segments``), no
     straggler; ``images``: (patches, attention pairs) of the mean micro-batch, given (measured
-    batches). The MFU counts the same vision work (``flops``' formulas)."""
+    batches); ``image_share``: the share of micro-batches with images (the vision tower's
+    operators and collectives run on those only). The MFU counts the same vision work
+    (``flops``' formulas)."""
     layout.validate(cfg)
     flops = plan_flops(cfg, layout, sample_length)
     m = micro_batches(layout)
@@ -219,7 +223,8 @@ def predict(
     if images is not None:  # the expected micro-batch's vision FLOPs, as the time uses
         per_sequence = flops.llm_per_sequence + expected_vision_flops(cfg, *images)
     bd = step_time(
-        rank_work(cfg, layout, sample_length, segments, images), parallel(layout), hw,
+        rank_work(cfg, layout, sample_length, segments, images, image_share), parallel(layout),
+        hw,
         model_flops=per_sequence * m * layout.dp, tokens=layout.seq_length * m * layout.dp,
         straggler_s=extra,
     )  # fmt: skip

@@ -231,15 +231,59 @@ def test_cpu_predictor_runs_and_wires_each_layouts_terms():
     assert bench.predict_one(CAL, op, "small", "1 process").step_s == pytest.approx(target)
 
 
+def test_cpu_preset_charges_what_it_counted():
+    """The CPU preset's counted figures reach the model: element-wise passes per tower, the
+    optimizer's bytes per parameter, the TP collectives per layer / micro-batch / step, and a
+    causal segment costing as much as a full one (the CPU kernel computes the masked half)."""
+    from megatron_navil.planning.hardware import cpu_preset
+
+    bench = _cpu_bench()
+    base = dict(gemm_flops=60e9, gemm_half_dim=40.0, memory_bytes_per_s=10e9,
+                link_bytes_per_s=1e9, latency_s=5e-5, op_overhead_s=0.0, cores=2)  # fmt: skip
+    gpu_like = cpu_preset(**base)
+    counted = cpu_preset(
+        **base, elementwise_passes={"llm": (28.0, 8.0), "vision": (14.0, 4.0)},
+        optimizer_bytes_per_param=60.0,
+        tp_collectives={"llm": 5.0, "vision": 10.0, "micro_batch": 3.0, "step": 2.0},
+    )  # fmt: skip
+
+    def run(hw, layout):
+        lay, shape = bench.planner_layout("small", *bench.LAYOUTS[layout])
+        from megatron_navil.planning.predict import predict
+
+        return predict(bench.model_config("small"), lay, hw, image_distribution=False,
+                       sample_length=round(shape["sample_length"]),
+                       images=(shape["patches"], shape["pairs"])).breakdown  # fmt: skip
+
+    a, b = run(gpu_like, "1 process"), run(counted, "1 process")
+    head = 4 * 512 * 8192 * 4 * 4 / 10e9  # the LM head's fp32 softmax, 4 micro-batches
+    assert b.elementwise - a.elementwise == pytest.approx(a.elementwise - head)  # layers 2x
+    assert b.vision == pytest.approx(a.vision)  # the vision passes are the defaults
+    assert b.optimizer == pytest.approx(2 * a.optimizer)
+    assert gpu_like.calibration.attention_skips_masked is False
+    skipping = with_calibration(gpu_like, attention_skips_masked=True)
+    assert run(skipping, "1 process").llm_attention == pytest.approx(a.llm_attention / 2)
+    # TP2, 4 micro-batches: 5 instead of 10 collectives per LLM layer (8 layers, 512 tokens of
+    # 512), the vision blocks' 10 as before, plus 3 latencies per micro-batch and 2 per step
+    from megatron_navil.planning.perf import collective_s
+
+    lat = collective_s(counted, 0.0, 2, True)
+    per_llm = collective_s(counted, 512 * 512 * 4, 2, True)
+    fewer = 4 * (8 * 5 * per_llm - 3 * lat) - 2 * lat
+    assert run(gpu_like, "TP2").tp_comm - run(counted, "TP2").tp_comm == pytest.approx(fewer)
+
+
 CPU_JSON = ROOT / "benchmarks/results/perf_model_cpu.json"
-# Rows the CPU model misses by more than 30% (docs/performance.md says why): every layout with
-# TP (gloo collectives inside a step cost ~1 ms each, the microbenchmark 0.4 ms) and every
-# small-model row (its element-wise ops and CPU attention run far below the modelled rates).
-CPU_MISSES = {
-    ("tiny", "TP2"), ("tiny", "TP2xPP2"), ("tiny", "TP2xEP2"), ("small", "1 process"),
-    ("small", "TP2"), ("small", "PP2"), ("small", "DP2"), ("small", "TP2xPP2"),
-    ("small", "TP2xEP2"),
-}  # fmt: skip
+
+
+def test_cpu_table_is_the_models():
+    """Every predicted step in the committed JSON is what the model gives today from the
+    JSON's own calibration and fitted op overhead (the table cannot drift from the code)."""
+    result, bench = json.loads(CPU_JSON.read_text()), _cpu_bench()
+    for r in result["rows"]:
+        p = bench.predict_one(result["calibration"], result["op_overhead_s"], r["model"],
+                              r["layout"])  # fmt: skip
+        assert p.step_s == pytest.approx(r["predicted_s"], rel=1e-9), (r["model"], r["layout"])
 
 
 def _cpu_rows() -> list[dict]:
@@ -247,20 +291,11 @@ def _cpu_rows() -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "row",
-    [
-        pytest.param(
-            r, id=f"{r['model']}-{r['layout']}",
-            marks=[pytest.mark.xfail(strict=True, reason="known miss (docs/performance.md)")]
-            if (r["model"], r["layout"]) in CPU_MISSES else [],
-        )
-        for r in _cpu_rows()
-    ],
-)  # fmt: skip
+    "row", [pytest.param(r, id=f"{r['model']}-{r['layout']}") for r in _cpu_rows()]
+)
 def test_cpu_measured_row_within_30_percent(row):
     """benchmarks/results/perf_model_cpu.json (measured on a quiet machine): the prediction
-    within +-30% of the measured median step (strict xfail for the known misses, so a fix
-    shows up)."""
+    within +-30% of the measured median step (the rows' differences: docs/performance.md)."""
     assert abs(row["predicted_s"] / row["measured_s"] - 1) <= 0.30, row
 
 
