@@ -419,9 +419,10 @@ def step_time(
     cal = hw.calibration
     gpus = par.tp * par.pp * par.dp
     share = _share_cores(hw, gpus)
-    # Time-shared cores (CPU preset) slow all a rank does, its collectives too: gloo runs on
-    # the cores, and a partner waiting for one arrives late (measured: a TP collective takes
-    # 2-3x as long with 4 ranks on 2 cores as with 2).
+    # Time-shared cores (CPU preset) slow all a rank does per micro-batch, its TP / EP
+    # collectives too: gloo runs on the cores, and a partner waiting for one arrives late
+    # (measured: a TP collective takes 2-3x as long with 4 ranks on 2 cores as with 2). The
+    # step's data-parallel sync is left unscaled (small in every measured layout).
     per_rank = [rank_time(w, par, hw).scaled(share) for w in ranks]
     slowest = max(range(len(ranks)), key=lambda i: per_rank[i].step_s)
     t_mb = per_rank[slowest].step_s
