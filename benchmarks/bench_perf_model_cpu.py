@@ -527,7 +527,7 @@ def calibrate(reps: int = 5) -> dict[str, Any]:
     sizes = [1 << k for k in range(12, 25, 2)]  # 4 KiB .. 16 MiB
     times = run_distributed(_gloo, 2, sizes, reps * 2, timeout=600)[0]
     per_byte = (times[-1] - times[0]) / (sizes[-1] - sizes[0])
-    # latency: a collective inside a step (unsynchronised ranks, wake-ups), less its bytes
+    # a collective's time: between bursts of small operators (recorded), inside a TP2 step (used)
     in_step = run_distributed(_gloo_in_step, 2, reps * 80, timeout=600)[0]
     in_tp_step = run_distributed(_gloo_in_tp_step, 2, reps, timeout=600)[0]
     counted = count_bytes()
