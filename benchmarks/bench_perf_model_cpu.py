@@ -8,7 +8,7 @@
    gloo between two processes: bandwidth from all-reduces of 4 KiB..16 MiB, latency: the mean
    wall time of megatron-core's collectives inside the tiny model's TP2 step (the mean: ranks
    arrive unsynchronised and the tail counts; the same collectives issued between bursts of
-   small operators in a microbenchmark take ~25% less, recorded beside it). One constant is
+   small operators in a microbenchmark take 5-25% less, recorded beside it). One constant is
    fitted: the host time per dispatched operator, on the tiny model's 1-process step (the
    dispatcher alone, timed on a chain of small autograd ops, is recorded beside it).
 2. Count what a training step dispatches (TorchDispatchMode over ``training.step.train_step``
@@ -444,7 +444,7 @@ def _gloo_in_tp_step(steps: int) -> float:
 
 def _median_time(fn, reps: int) -> float:
     """Median of ``reps`` runs after one warm-up: the sustained rate a training step sees
-    (the fastest run overstated it by 5-15% here, varying with the host's clock)."""
+    (the fastest run overstated it by 2-19% here, varying with the host's clock)."""
     fn()
     ts = []
     for _ in range(reps):
@@ -537,7 +537,7 @@ def calibrate(reps: int = 5) -> dict[str, Any]:
         "step": tp2["step"],
     }  # fmt: skip
     # latency: a collective inside the tiny model's TP2 step (its activations: 128 x 64 fp32)
-    # less its bytes; the microbenchmark's figure (in_step) is ~25% lower and kept beside it
+    # less its bytes; the microbenchmark's figure (in_step) is 5-25% lower and kept beside it
     lat = max(in_tp_step - 128 * 64 * 4 / 2 * per_byte, times[0] / 2)
     shape = (head_dim / (head_dim + half)) / (128 / (128 + half))  # perf.attention_rate's
     return {
