@@ -185,45 +185,43 @@ def _time_layout(name: str, layout: dict, warmup: int, steps: int) -> list[float
     return times
 
 
-def _count_step_ops(
-    name: str, variants: list[tuple[int, int, int]], layout: dict | None = None,
-    collectives: bool = False,
-) -> list[int]:  # fmt: skip
-    """Operators dispatched by one train_step (after a warm-up step) for each (LLM layers,
-    vision blocks, micro-batches) of the ``name`` config in ``layout`` (default: one
-    process); ``collectives``: count only the collectives (c10d operators)."""
+def _count_in_step(cases: list[tuple[Any, Any]], layout: dict | None, what: str) -> list[dict]:
+    """One count per (config, batch spec) in ``cases``, over one train_step after a warm-up
+    step, in ``layout`` (default: one process): ``what`` = "ops" (operators dispatched),
+    "collectives" (c10d operators only) or "bytes" (``_moved_bytes``); with the model's
+    trainable parameters and the first micro-batch's tokens and patches."""
     import torch.distributed as dist
+    from megatron.core import parallel_state
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from megatron_navil.training.step import train_step
+
+    def weight(func, args, out) -> int:
+        if what == "bytes":
+            return _moved_bytes(func, args, out)
+        return int(what == "ops" or func.namespace == "c10d")
 
     class Count(TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not collectives or func.namespace == "c10d":
-                Count.n += 1
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            Count.n += weight(func, args, out)
+            return out
 
-    from megatron_navil.testing import navil_run as N
-
-    out = []
-    for layers, depth, m in variants:
-        cfg = model_config(name, layers, depth)
-        # collectives: micro-batches alike (with images), else the tiny test batch's first m
-        spec = N.BatchSpec(micro_batches=(N.MIXED,) * m, special_ids=N.special_ids_for(cfg))
-        spec = spec if collectives else None
-        chunks, config, groups, opt, mine, seq = _setup(name, layout or {}, cfg, m, spec)
+    rows = []
+    for cfg, spec in cases:
+        chunks, config, groups, opt, mine, seq = _setup("tiny", layout or {}, cfg, spec=spec)
         train_step(chunks, config, groups, opt, None, mine, seq)
         Count.n = 0
         with Count():
             train_step(chunks, config, groups, opt, None, mine, seq, step=1)
-        out.append(Count.n)
-        from megatron.core import parallel_state
-
+        params = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+        patches = mine[0].inputs["patches"].shape[0] if "patches" in mine[0].inputs else 0
+        rows.append({"count": Count.n, "params": params, "tokens": seq, "patches": patches})
         parallel_state.destroy_model_parallel()
         dist.barrier()
-    return out
+    return rows
 
 
 GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm")
@@ -259,46 +257,6 @@ def _moved_bytes(func, args, out) -> int:
 COUNT_BATCHES = {"mixed": ("MIXED", 128), "heavy": ("IMAGE_HEAVY", 256)}
 
 
-def _count_step_bytes(variants: list[tuple[int, int, int, int, str]]) -> list[dict]:
-    """Element-wise bytes of one train_step of the tiny config (after a warm-up step) for
-    each (LLM layers, vision blocks, micro-batches, FFN / MLP width factor, batch of
-    ``COUNT_BATCHES``), the micro-batches all alike, one process; with the model's trainable
-    parameters and the micro-batch's tokens and patches."""
-    import torch.distributed as dist
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from megatron_navil.testing import navil_run as N
-    from megatron_navil.training.step import train_step
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            Count.n += _moved_bytes(func, args, out)
-            return out
-
-    rows = []
-    for layers, depth, m, factor, kind in variants:
-        cfg = model_config("tiny", layers, depth, factor)
-        recipe, seq_length = COUNT_BATCHES[kind]
-        spec = N.BatchSpec(micro_batches=(getattr(N, recipe),) * m, seq_length=seq_length,
-                           special_ids=N.special_ids_for(cfg))  # fmt: skip
-        chunks, config, groups, opt, mine, seq = _setup("tiny", {}, cfg, spec=spec)
-        train_step(chunks, config, groups, opt, None, mine, seq)
-        Count.n = 0
-        with Count():
-            train_step(chunks, config, groups, opt, None, mine, seq, step=1)
-        params = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
-        patches = mine[0].inputs["patches"].shape[0]
-        rows.append({"bytes": Count.n, "params": params, "tokens": seq, "patches": patches})
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
-        dist.barrier()
-    return rows
-
-
 def count_bytes() -> dict[str, Any]:
     """The CPU path's element-wise bytes, counted on the tiny config (no timing):
     ``Calibration.elementwise_passes`` from the bytes per LLM layer and vision block per
@@ -322,11 +280,20 @@ def count_bytes() -> dict[str, Any]:
             variants += [(L, D, 1, f, kind), (L, D, 2, f, kind), (2 * L, D, 1, f, kind),
                          (2 * L, D, 2, f, kind), (L, 2 * D, 1, f, kind),
                          (L, 2 * D, 2, f, kind)]  # fmt: skip
-    rows = run_distributed(_count_step_bytes, 1, variants, timeout=1800)[0]
+    from megatron_navil.testing import navil_run as N
+
+    cases = []
+    for layers, depth, m, factor, kind in variants:
+        cfg = model_config("tiny", layers, depth, factor)
+        recipe, seq_length = COUNT_BATCHES[kind]
+        spec = N.BatchSpec(micro_batches=(getattr(N, recipe),) * m, seq_length=seq_length,
+                           special_ids=N.special_ids_for(cfg))  # fmt: skip
+        cases.append((cfg, spec))
+    rows = run_distributed(_count_in_step, 1, cases, None, "bytes", timeout=1800)[0]
     b = 4  # fp32
     eqs: dict[str, tuple[list, list]] = {"llm": ([], []), "vision": ([], [])}
     for o in range(0, len(rows), 6):
-        c = [r["bytes"] for r in rows[o : o + 6]]
+        c = [r["count"] for r in rows[o : o + 6]]
         f, t, p = variants[o][3], rows[o]["tokens"], rows[o]["patches"]
         a, bb, cc = c[1] - c[0], c[3] - c[2], c[5] - c[4]  # a micro-batch at (L,D) (2L,D) (L,2D)
         eqs["llm"][0].append([3 * b * t * lm.hidden, 3 * b * t * lm.ffn * f])
@@ -338,7 +305,7 @@ def count_bytes() -> dict[str, Any]:
         sol, *_ = np.linalg.lstsq(np.array(A), np.array(y), rcond=None)
         passes[part] = (float(sol[0]), float(sol[1]))
         residual = max(residual, float(max(abs(np.array(A) @ sol / np.array(y) - 1))))
-    step = [rows[i]["bytes"] - (rows[i + 1]["bytes"] - rows[i]["bytes"]) for i in (0, 2)]
+    step = [rows[i]["count"] - (rows[i + 1]["count"] - rows[i]["count"]) for i in (0, 2)]
     per_param = (step[1] - step[0]) / (rows[2]["params"] - rows[0]["params"])
     return {
         "elementwise_passes": passes,
@@ -582,8 +549,17 @@ def count_ops(layout: dict[str, int] | None = None) -> dict[str, float]:
     dp = world // layout.get("tp", 1)
     variants = [(L, D, 1), (L, D, 2), (2 * L, D, 1), (2 * L, D, 2), (L, 2 * D, 1), (L, 2 * D, 2)]
     variants = [(x, y, m * dp) for x, y, m in variants]  # m micro-batches per rank
-    c = run_distributed(_count_step_ops, world, "tiny", variants, layout, world > 1,
-                        timeout=1800)[0]  # fmt: skip
+    from megatron_navil.testing import navil_run as N
+
+    cases = []
+    for x, y, m in variants:
+        cfg = model_config("tiny", x, y)
+        # collectives: micro-batches alike (with images); operators: the test batch's first m
+        alike = N.BatchSpec(micro_batches=(N.MIXED,) * m, special_ids=N.special_ids_for(cfg))
+        cases.append((cfg, alike if world > 1 else batch_spec("tiny", cfg, m)))
+    what = "collectives" if world > 1 else "ops"
+    rows = run_distributed(_count_in_step, world, cases, layout, what, timeout=1800)[0]
+    c = [r["count"] for r in rows]
     a, b, cc = c[1] - c[0], c[3] - c[2], c[5] - c[4]  # per micro-batch at (L,D), (2L,D), (L,2D)
     llm, vis = (b - a) / L, (cc - a) / D
     step0, step_l, step_d = c[0] - a, c[2] - b, c[4] - cc

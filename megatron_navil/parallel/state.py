@@ -153,6 +153,7 @@ def initialize(
         # interpreter: a rank can abort at exit ("terminate called without an active
         # exception", pytorch/pytorch#190489) after a run that succeeded. Tear down while
         # Python is still whole; a no-op where the caller already did.
+        atexit.unregister(destroy)  # once, however often groups are created and torn down
         atexit.register(destroy)
     layout.dp(torch.distributed.get_world_size())  # validate before megatron asserts
 

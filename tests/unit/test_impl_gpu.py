@@ -45,13 +45,18 @@ def _run(backend: str, qkv, cu, causal: bool, dtype=None):
     return [t.detach().float() for t in (out, q.grad, k.grad, v.grad)]
 
 
-@pytest.mark.parametrize("backend", ["flash", "torch"])
+def _backend(name: str):
+    """``name`` as a parameter, skipped where it cannot run: no CUDA GPU, or its package
+    (flash-attn; torch's ``varlen_attn``) missing (``attention_problem`` says which)."""
+    problem = attention_problem(name, CUDA, torch.bfloat16)
+    reason = f"needs a CUDA GPU with the {name} backend: {problem}"
+    return pytest.param(name, marks=pytest.mark.skipif(problem is not None, reason=reason))
+
+
+@pytest.mark.parametrize("backend", [_backend("flash"), _backend("torch")])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(8, 8), (8, 2)])
 def test_fused_backend_matches_sdpa_in_bf16(backend, causal, heads, kv_heads):
-    problem = attention_problem(backend, True, torch.bfloat16)
-    if problem is not None:  # no CUDA GPU, or the backend's package is not installed
-        pytest.skip(f"needs a CUDA GPU with the {backend} backend: {problem}")
     qkv, cu = _inputs(heads, kv_heads, seed=heads + kv_heads)
     reference = _run("sdpa", qkv, cu, causal, dtype=torch.float32)
     sdpa = _run("sdpa", qkv, cu, causal)
